@@ -1,0 +1,28 @@
+# liver-fcn: the two commands of the README, and their set-up.
+#   make demo   set up .venv, write phantom patients, prepare them, train FCN-8s on the CPU (~6 min)
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed before the project so that pip keeps this build instead of resolving its own
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: setup demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash workflows/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) data/phantoms bundle/models bundle/eval .pytest_cache

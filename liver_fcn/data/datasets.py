@@ -1,0 +1,123 @@
+"""Datalist loading and the 3D -> 2D slice dataset used for training.
+
+MONAI's ``load_decathlon_datalist`` resolves only ``image``/``label`` paths; our entries also hold
+per-class lists of mask folders, so :func:`load_datalist` resolves those too and checks that the
+file exists and has the asked split.
+
+:class:`SliceDataset` complements :class:`monai.data.CacheDataset`: the volumes are decoded and
+preprocessed once and cached in 3D, and every axial slice of every cached volume becomes one
+training item (as in the paper, an epoch visits each training slice once), to which a 2D random
+transform chain (scale augmentation, flips) is applied. The cache is read without copying.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from torch.utils.data import Dataset
+
+from liver_fcn.errors import InputError
+
+__all__ = ["SliceDataset", "load_datalist"]
+
+
+def load_datalist(
+    path: str | os.PathLike, split: str = "training", base_dir: str | None = None, required: bool = True
+) -> list[dict]:
+    """Entries of one split of a ``liver-fcn prepare`` datalist, with absolute paths that exist.
+
+    ``required``: an empty split is an error (training and validation need patients).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: datalist not found; run `liver-fcn prepare` (or set --dataset_dir)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: datalist is not valid JSON ({e})") from None
+    if split not in data:
+        raise InputError(f"{path}: datalist has no {split!r} split (has {', '.join(k for k in data if isinstance(data[k], list))})")
+    base = Path(base_dir) if base_dir else path.parent
+
+    def resolve(p: str) -> str:
+        return str(p if os.path.isabs(p) else (base / p))
+
+    out = []
+    for entry in data[split]:
+        e = dict(entry)
+        e["image"] = resolve(e["image"])
+        if "masks" in e:
+            e["masks"] = {c: [resolve(f) for f in fs] for c, fs in e["masks"].items()}
+        for p in [e["image"], *[f for fs in e.get("masks", {}).values() for f in fs]]:
+            if not Path(p).exists():
+                raise InputError(f"{p}: listed in {path} ({split}) but does not exist; run `liver-fcn prepare` again")
+        out.append(e)
+    if required and not out:
+        raise InputError(f"{path}: the {split!r} split is empty")
+    return out
+
+
+class SliceDataset(Dataset):
+    """Every slice along ``axis`` of every volume of a cached 3D dataset, as a 2D item.
+
+    Args:
+        volumes: a :class:`monai.data.CacheDataset` (``copy_cache=False``, deterministic transforms
+            only) or any sequence of dicts holding channel-first 3D tensors.
+        transform: random 2D transform applied to each slice dict.
+        keys: keys of the 3D arrays to slice; other keys are passed through (the ``annotated`` vector).
+        axis: spatial axis to slice along (-1: the last one, axial after RAS orientation).
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[dict] | CacheDataset,
+        transform: Callable | None = None,
+        keys: Sequence[str] = ("image", "label"),
+        axis: int = -1,
+        pass_keys: Sequence[str] = ("annotated",),
+    ) -> None:
+        self.volumes = volumes
+        self.transform = transform
+        self.keys = tuple(keys)
+        self.axis = axis
+        self.pass_keys = tuple(pass_keys)
+        if isinstance(volumes, CacheDataset) and volumes.copy_cache:
+            raise ValueError("SliceDataset needs CacheDataset(copy_cache=False) to read the cache without copies")
+        depths = [int(self._volume(i)[self.keys[0]].shape[axis]) for i in range(len(volumes))]
+        if not depths or sum(depths) == 0:
+            raise InputError("training set has no slices; check the datalist's training split")
+        self._offsets = np.cumsum([0] + depths)
+
+    def _volume(self, i: int) -> dict:
+        return self.volumes[i]
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(volume index, slice index) of a dataset index."""
+        if index < 0:
+            index += len(self)
+        v = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return v, index - int(self._offsets[v])
+
+    def __getitem__(self, index: int) -> dict:
+        v, k = self.locate(index)
+        vol = self._volume(v)
+        item = {}
+        for key in self.keys:
+            arr = vol[key]
+            arr = arr.as_tensor() if hasattr(arr, "as_tensor") else torch.as_tensor(arr)
+            item[key] = arr.select(self.axis if self.axis >= 0 else arr.ndim + self.axis, k).clone()
+        for key in self.pass_keys:
+            if key in vol:
+                item[key] = vol[key]
+        item["slice_index"] = k
+        item["volume_index"] = v
+        return self.transform(item) if self.transform is not None else item

@@ -1,0 +1,123 @@
+"""The bundle as users run it: `python -m monai.bundle ...` subprocesses on small phantom data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from .conftest import REPO
+
+CONFIGS = REPO / "bundle" / "configs"
+TINY = {
+    "width": "0.0625",
+    "image_size": "64",
+    "epochs": "2",
+    "batch_size": "8",
+    "num_workers": "0",
+    "cache_workers": "0",
+    "val_slice_batch": "12",
+}
+
+
+def bundle(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def train(prepared: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    overrides = [x for k, v in TINY.items() for x in (f"--{k}", v)]
+    return bundle(
+        "run", "training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(prepared),
+        "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"), *overrides, *extra, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle_run")
+    r = train(prepared, out, "--network_def#variant", "4s")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r
+
+
+def only_run(uri: str, experiment: str = "liver-fcn"):
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+@pytest.mark.slow
+def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, prepared):
+    out, r = trained
+    uri = f"sqlite:///{out / 'eval' / 'mlruns.db'}"  # the default store, under output_dir
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("fcn4s-w0.0625-64px-")
+    for cls in ("liver", "bone", "kidney"):
+        for kind in ("iou", "dice"):
+            hist = client.get_metric_history(run.info.run_id, f"val_{kind}_{cls}")
+            assert [m.step for m in hist] == [1, 2]
+            assert all(0.0 <= m.value <= 1.0 for m in hist)
+    for key in ("val_mean_iou", "val_mean_dice", "train_loss"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2
+    assert len(client.get_metric_history(run.info.run_id, "train_loss_step")) >= 2
+    p = run.data.params
+    assert p["variant"] == "4s" and float(p["width"]) == 0.0625 and p["image_size"] == "64"
+    assert float(p["lr"]) == 3e-4 and p["betas"] == "[0.9, 0.99]" and p["batch_size"] == "8"
+    assert p["hu_window"] == "[-250, 450]" and p["epochs"] == "2" and p["seed"] == "0"
+    assert "zoom" in p["augmentation"] and p["dataset"].endswith("datalist.json")
+    assert p["train_patients"] == "3" and p["val_patients"] == "1" and int(p["train_slices"]) == 36
+    assert run.data.tags["variant"] == "4s"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model.pt" in artifacts and any(a.endswith(".json") for a in artifacts)
+    local = Path(client.download_artifacts(run.info.run_id, next(a for a in artifacts if a.endswith(".json"))))
+    cfg = json.loads(local.read_text())
+    assert cfg["epochs"] == 2 and cfg["network_def"]["variant"] == "4s"  # the config as run, overrides applied
+    ckpt = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert "score_pool2.weight" in ckpt and ckpt["score_fr.weight"].shape[0] == 4
+    assert "val_iou_liver" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_crashing_run_is_marked_failed(prepared, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    r = train(prepared, tmp_path, "--loss#num_classes", "3", env={"MLFLOW_TRACKING_URI": uri})
+    assert r.returncode != 0
+    client, run = only_run(uri)
+    assert run.info.status == "FAILED"
+    assert "logits have 4 channels, expected 3" in run.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_bad_dataset_dir_fails_before_any_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    r = train(tmp_path / "nothing", tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert r.returncode != 0
+    assert "datalist.json: datalist not found; run `liver-fcn prepare`" in r.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_metadata_verifies_offline_and_network_matches_it():
+    r = bundle(
+        "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+        "--filepath", str(REPO / "bundle" / "docs" / "meta_schema.json"),
+    )
+    assert r.returncode == 0 and "metadata is verified with no error" in r.stdout + r.stderr, r.stderr[-2000:]
+    r = bundle(
+        "verify_net_in_out", "--net_id", "network_def", "--meta_file", str(CONFIGS / "metadata.json"),
+        "--config_file", str(CONFIGS / "train.json"), "--width", "0.0625", "--n", "3",
+    )
+    assert r.returncode == 0 and "data shape of network is verified" in r.stdout + r.stderr, r.stderr[-2000:]

@@ -1,0 +1,134 @@
+"""Strict CT series reading: slice order, rescale, and one clear error per kind of bad series."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+
+from liver_fcn.data.dicom import inspect_series
+from liver_fcn.data.dicom_write import SeriesGeometry, SeriesTags, write_series
+from liver_fcn.errors import InputError
+from liver_fcn.transforms import load_ct
+
+
+def volume(n=6, rows=40, cols=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(-1000, 1500, size=(n, rows, cols)).astype(np.int16)
+
+
+def load(folder, **kw):
+    """Through the bundle's loading path (no fallback reader); drop the channel axis."""
+    return load_ct(folder, **kw)[0]
+
+
+@pytest.fixture
+def series(tmp_path):
+    vol = volume()
+    geo = SeriesGeometry(pixel_spacing=(0.7, 0.8), slice_spacing=2.5, origin=(-100.0, -120.0, 300.0))
+    folder = write_series(tmp_path / "ct", vol, geo, SeriesTags(series_description="abdomen"), rescale_intercept=-1024)
+    return folder, vol, geo
+
+
+def test_reads_values_after_rescale_and_orders_by_position(series, tmp_path):
+    folder, vol, geo = series
+    # rename the files in shuffled order and scramble InstanceNumber: only positions tell the order
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    for i, k in enumerate([3, 0, 5, 1, 4, 2]):
+        ds = pydicom.dcmread(folder / f"image_{k}")
+        ds.InstanceNumber = 7 * i + 1
+        ds.save_as(shuffled / f"slice{i:02d}.dcm")
+    for f in (folder, shuffled):
+        img = load(f)
+        assert img.shape == (48, 40, 6)
+        np.testing.assert_array_equal(img.numpy(), np.transpose(vol, (2, 1, 0)).astype(np.float32))
+        # LPS -> RAS: x and y flip sign; origin is the first slice's position
+        np.testing.assert_allclose(img.affine.numpy()[:3, 3], [100.0, 120.0, 300.0])
+        np.testing.assert_allclose(np.diag(img.affine.numpy())[:3], [-0.8, -0.7, 2.5])
+
+
+def test_descending_positions_keep_the_geometry(tmp_path):
+    vol = volume()
+    geo = SeriesGeometry(slice_spacing=3.0, row_cosine=(1, 0, 0), col_cosine=(0, 0, -1))  # coronal slices
+    folder = write_series(tmp_path / "cor", vol, geo, SeriesTags())
+    info = inspect_series(folder)
+    assert info.slice_spacing == pytest.approx(3.0)
+    img = load(folder)
+    first = np.array([*pydicom.dcmread(info.files[0]).ImagePositionPatient])
+    np.testing.assert_allclose(img.affine.numpy()[:3, 3], first * [-1, -1, 1])
+
+
+def expect_error(folder, match, **kw):
+    with pytest.raises(InputError, match=match) as e:
+        load(folder, **kw)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match=match):
+        inspect_series(folder, **kw)
+
+
+def test_missing_slice(series):
+    folder, *_ = series
+    (folder / "image_3").unlink()
+    expect_error(folder, r"image_4: missing slice")
+
+
+def test_uneven_spacing(series):
+    folder, *_ = series
+    ds = pydicom.dcmread(folder / "image_5")
+    ds.ImagePositionPatient = [-100.0, -120.0, 300.0 + 2.5 * 4 + 1.2]
+    ds.save_as(folder / "image_5")
+    expect_error(folder, r"image_5: uneven slice spacing")
+
+
+def test_two_series_are_listed(series, tmp_path):
+    folder, vol, geo = series
+    write_series(tmp_path / "other", vol[:3], geo, SeriesTags(series_description="bone kernel"))
+    for k in range(3):
+        shutil.copy(tmp_path / "other" / f"image_{k}", folder / f"other_{k}")
+    expect_error(folder, r"holds 2 series: .*abdomen, 6 files.*bone kernel, 3 files")
+    uid = pydicom.dcmread(folder / "image_0").SeriesInstanceUID
+    assert load(folder, series_uid=uid).shape == (48, 40, 6)
+
+
+def test_mr_scan_is_refused(tmp_path):
+    folder = write_series(tmp_path / "mr", volume(), SeriesGeometry(), SeriesTags(modality="MR"))
+    expect_error(folder, r"image_\d: modality is MR, expected CT")
+
+
+def test_truncated_file(series):
+    folder, *_ = series
+    data = (folder / "image_2").read_bytes()
+    (folder / "image_2").write_bytes(data[: len(data) - 500])
+    expect_error(folder, r"image_2: truncated DICOM file")
+
+
+def test_not_dicom_and_empty_and_missing(series, tmp_path):
+    folder, *_ = series
+    (folder / "notes.txt").write_text("hello")
+    expect_error(folder, r"notes.txt: not a DICOM file")
+    (tmp_path / "empty").mkdir()
+    expect_error(tmp_path / "empty", r"empty: folder is empty")
+    with pytest.raises(InputError, match="does not exist"):
+        load(tmp_path / "nowhere")
+
+
+def test_hidden_files_are_ignored(series):
+    folder, *_ = series
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    assert inspect_series(folder).shape == (40, 48, 6)
+
+
+def test_mixed_sizes_and_duplicates(series, tmp_path):
+    folder, vol, geo = series
+    write_series(tmp_path / "small", volume(rows=20), geo, SeriesTags())
+    ds = pydicom.dcmread(tmp_path / "small" / "image_0")
+    ref = pydicom.dcmread(folder / "image_0")
+    ds.SeriesInstanceUID = ref.SeriesInstanceUID
+    ds.save_as(folder / "intruder")
+    expect_error(folder, r"(intruder|image_0): slice is")
+    (folder / "intruder").unlink()
+    shutil.copy(folder / "image_1", folder / "copy_of_1")
+    expect_error(folder, r"same slice position")

@@ -1,0 +1,139 @@
+"""Transforms, partial-label loss, slice dataset and per-class metrics of the training chain."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine
+from monai.data import CacheDataset
+from monai.transforms import Compose
+
+from liver_fcn.data import SliceDataset, load_datalist
+from liver_fcn.errors import InputError
+from liver_fcn.losses import PartialLabelCrossEntropyLoss, admissible_mask
+from liver_fcn.metrics import ClassIoU, segmentation_metrics
+from liver_fcn.transforms import AdjacentSlicesd, EncodePartialLabeld, LoadCTd, LoadOrganMasksd
+
+CLASSES = ["background", "liver", "bone", "kidney"]
+
+
+@pytest.fixture(scope="module")
+def volumes(prepared):
+    files = load_datalist(prepared / "datalist.json", "training")
+    chain = Compose([LoadCTd(keys="image"), LoadOrganMasksd(keys="masks", class_names=CLASSES)])
+    return files, CacheDataset(files, chain, cache_rate=1.0, num_workers=0, copy_cache=False, progress=False)
+
+
+def test_organ_masks_merge_into_one_class_map(volumes):
+    files, ds = volumes
+    for entry, item in zip(files, ds):
+        img, lab = item["image"], item["label"]
+        assert lab.shape == img.shape and lab.dtype == torch.uint8
+        assert torch.allclose(lab.affine, img.affine)
+        present = set(torch.unique(lab).tolist())
+        expected = {0} | {c for c, a in enumerate(entry["annotated"]) if a and c > 0}
+        assert present == expected, entry["patient"]
+        assert item["annotated"].tolist() == entry["annotated"]
+        liver_ml = float((lab == 1).sum()) * float(np.prod(entry["spacing"])) / 1000
+        assert liver_ml <= entry["volumes_ml"]["liver"] + 0.01  # bone/kidney painted later may win a few voxels
+
+
+def test_mask_of_another_shape_is_refused(volumes, prepared):
+    files, _ = volumes
+    entry = dict(files[0])
+    other = next(e for e in load_datalist(prepared / "datalist.json", "validation"))
+    load = Compose([LoadCTd(keys="image"), LoadOrganMasksd(keys="masks", class_names=CLASSES)], log_stats=False)
+    entry["masks"] = {"liver": [str(prepared / "x")]}
+    with pytest.raises(RuntimeError) as e:  # MONAI's Compose wraps what a transform raises
+        load(entry)
+    assert isinstance(e.value.__cause__, InputError) and "x: input does not exist" in str(e.value.__cause__)
+    entry["masks"] = {"spleen": other["masks"]["liver"]}
+    with pytest.raises(InputError, match=r"unknown classes \['spleen'\]"):
+        LoadOrganMasksd(keys="masks", class_names=CLASSES)(LoadCTd(keys="image")(entry))
+    small = dict(files[0], masks={"liver": [str(prepared / other["image"])]})
+    img = LoadCTd(keys="image")(small)
+    img["image"] = img["image"][:, :40]
+    with pytest.raises(InputError, match=r"PATIENT_DICOM: mask shape \(64, 64, 12\) differs from the CT's \(40, 64, 12\)"):
+        LoadOrganMasksd(keys="masks", class_names=CLASSES)(img)
+
+
+def test_encoded_partial_label_and_marginal_loss():
+    label = torch.tensor([[[0, 1], [2, 3]]])
+    full = EncodePartialLabeld(num_classes=4)({"label": label, "annotated": torch.tensor([1, 1, 1, 1])})["label"]
+    assert torch.equal(full, label.long())
+    part = EncodePartialLabeld(num_classes=4)({"label": label[:, :, :1], "annotated": torch.tensor([1, 1, 1, 0])})
+    assert part["label"].tolist() == [[[0 + 4 * 8], [2]]]
+    allowed = admissible_mask(part["label"][None], 4)[0, :, :, 0]
+    assert allowed[:, 0].tolist() == [True, False, False, True]  # background or kidney
+    assert allowed[:, 1].tolist() == [False, False, True, False]
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 8, 8)
+    target = torch.randint(0, 4, (3, 1, 8, 8))
+    loss = PartialLabelCrossEntropyLoss(4)
+    assert torch.allclose(loss(logits, target), F.cross_entropy(logits, target[:, 0]), atol=1e-6)
+    # a kidney-less patient: a background pixel predicted as kidney costs little, as liver a lot
+    bg_missing_kidney = torch.full((1, 1, 1, 1), 0 + 4 * 8)
+    kidney_logits = torch.tensor([-5.0, -5.0, -5.0, 5.0]).view(1, 4, 1, 1)
+    liver_logits = torch.tensor([-5.0, 5.0, -5.0, -5.0]).view(1, 4, 1, 1)
+    assert loss(kidney_logits, bg_missing_kidney) < 0.01
+    assert loss(liver_logits, bg_missing_kidney) > 5
+    expected = -math.log(torch.softmax(kidney_logits.flatten(), 0)[[0, 3]].sum().item())
+    assert loss(kidney_logits, bg_missing_kidney).item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_slice_dataset_visits_every_slice_without_copying_the_cache(volumes):
+    files, ds = volumes
+    slices = SliceDataset(ds)
+    assert len(slices) == sum(e["shape"][2] for e in files)
+    v, k = slices.locate(len(slices) - 1)
+    assert (v, k) == (len(files) - 1, files[-1]["shape"][2] - 1)
+    item = slices[13]
+    assert item["image"].shape == (1, 64, 64) and item["label"].shape == (1, 64, 64)
+    assert (item["volume_index"], item["slice_index"]) == (1, 1)
+    assert torch.equal(item["image"], ds[1]["image"][..., 1].as_tensor())
+    item["image"] += 1  # the cache is not modified through an item
+    assert not torch.equal(item["image"], ds[1]["image"][..., 1].as_tensor())
+    with pytest.raises(ValueError, match="copy_cache=False"):
+        SliceDataset(CacheDataset([], Compose([]), copy_cache=True))
+
+
+def test_adjacent_slices_become_channels():
+    vol = torch.arange(5.0).view(1, 1, 1, 5).expand(1, 2, 2, 5).clone()
+    out = AdjacentSlicesd(keys="image", context=1)({"image": vol})["image"]
+    assert out.shape == (3, 2, 2, 5)
+    assert out[:, 0, 0].tolist() == [[0, 0, 1, 2, 3], [0, 1, 2, 3, 4], [1, 2, 3, 4, 4]]
+    assert AdjacentSlicesd(keys="image", context=0)({"image": vol})["image"] is vol
+
+
+def test_class_metrics_against_hand_computed_values():
+    # two cases, one-hot over 4 classes on a 4x4 grid; case 2 has no kidney
+    def onehot(m):
+        return F.one_hot(torch.as_tensor(m), 4).permute(2, 0, 1).float()
+
+    gt1 = [[1, 1, 0, 0], [1, 1, 0, 2], [0, 0, 0, 2], [3, 3, 0, 0]]
+    pr1 = [[1, 1, 1, 0], [1, 0, 0, 2], [0, 0, 0, 2], [3, 0, 0, 0]]
+    gt2 = [[1, 1, 1, 1], [0, 0, 0, 0], [2, 2, 0, 0], [0, 0, 0, 0]]
+    pr2 = [[1, 1, 1, 1], [1, 1, 0, 0], [2, 0, 0, 0], [0, 0, 0, 3]]
+    engine = Engine(lambda e, batch: batch)  # an evaluator whose output is the decollated batch
+    for name, h in segmentation_metrics(CLASSES).items():
+        h.attach(engine, name)
+    engine.run([[{"pred": onehot(pr1), "label": onehot(gt1)}, {"pred": onehot(pr2), "label": onehot(gt2)}]])
+    got = {k: float(v) for k, v in engine.state.metrics.items()}
+    liver = (3 / 5 + 4 / 6) / 2  # case 1: |A∩B|=3, |A∪B|=5; case 2: 4 and 6
+    bone = (2 / 2 + 1 / 2) / 2
+    kidney = 1 / 2  # case 2 has no kidney in the ground truth: left out, not counted as 0
+    assert got["val_iou_liver"] == pytest.approx(liver)
+    assert got["val_iou_bone"] == pytest.approx(bone)
+    assert got["val_iou_kidney"] == pytest.approx(kidney)
+    assert got["val_dice_liver"] == pytest.approx((2 * 3 / 8 + 2 * 4 / 10) / 2)
+    # MONAI's "mean": the mean over cases of each case's mean over its measured classes
+    assert got["val_mean_iou"] == pytest.approx(((3 / 5 + 1 + 1 / 2) / 3 + (4 / 6 + 1 / 2) / 2) / 2)
+    # a class that no case has is NaN (not measured), where MONAI's own aggregate gives 0
+    m = ClassIoU(include_background=True, ignore_empty=True)
+    m(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    assert math.isnan(float(m.aggregate()))
