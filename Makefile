@@ -1,6 +1,7 @@
 # liver-fcn: the two commands of the README, and their set-up.
 #   make demo   set up .venv, write phantom patients, prepare them, train FCN-8s on the CPU (~6 min)
 #   make test   set up .venv and run the test suite
+#   make bench  print training speed (s/slice) and peak memory of the quick and paper configs
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/train_speed.py
 
 clean:
 	rm -rf $(VENV) data/phantoms bundle/models bundle/eval .pytest_cache

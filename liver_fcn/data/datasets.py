@@ -36,7 +36,7 @@ def load_datalist(
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: datalist not found; run `liver-fcn prepare` (or set --dataset_dir)")
+        raise InputError(f"{path}: datalist not found; run `liver-fcn prepare --out <dataset_dir>` or pass --dataset_dir")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
