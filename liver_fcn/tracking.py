@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
@@ -108,18 +109,43 @@ def _find_bundle_parser() -> ConfigParser | None:
     return None
 
 
-def export_bundle_config(path: str | os.PathLike) -> str:
-    """Save the config being run (files merged, overrides applied) as JSON; returns the path.
+def _plain(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
-    Call it from a config expression, e.g. ``"$liver_fcn.tracking.export_bundle_config(@config_copy)"``.
+
+def export_bundle_config(path: str | os.PathLike) -> str:
+    """Save the config being run as JSON; returns the path.
+
+    The file holds the config with all files merged and command-line overrides applied, and under
+    ``"_resolved_"`` the value every top-level setting took (``"$@bundle_root + '/models'"`` ->
+    ``"bundle/models"``, the run name, ...), for those already evaluated and plain (numbers,
+    strings, lists). Call it from a config expression, e.g.
+    ``"$liver_fcn.tracking.export_bundle_config(@config_copy)"``, once the components are built.
     """
     parser = _find_bundle_parser()
     if parser is None:
         raise RuntimeError("export_bundle_config must be called from a config evaluated by monai.bundle")
+    content = dict(parser.get())
+    done = parser.ref_resolver.resolved_content
+    resolved = {}
+    for k, v in done.items():
+        if "#" in k or k == "_meta_":
+            continue
+        if isinstance(v, torch.device):
+            v = str(v)
+        if _plain(v):
+            resolved[k] = v
+    content["_resolved_"] = resolved
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    ConfigParser.export_config_file(parser.get(), str(tmp), fmt="json", indent=2)
+    ConfigParser.export_config_file(content, str(tmp), fmt="json", indent=2)
     os.replace(tmp, path)
     return str(path)
 

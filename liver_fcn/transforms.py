@@ -181,17 +181,18 @@ class EncodePartialLabeld(MapTransform):
 
 
 class AdjacentSlicesd(MapTransform):
-    """Replace a channel-first 3D image by ``2 * context + 1`` channels: each slice and its neighbours.
+    """Give each axial slice its neighbours as channels (2.5D input for a network of ``channels`` inputs).
 
-    The volume's ends are repeated. With ``context=0`` it returns the data unchanged. Used for a
-    2.5D network (``in_channels = 2 * context + 1``); slicing then gives each 2D item its context.
+    A channel-first 3D image ``(1, X, Y, Z)`` becomes ``(channels, X, Y, Z)``: channel ``i`` holds the
+    volume shifted by ``i - channels // 2`` slices along ``axis``, the ends repeated, so slice ``k``
+    of the result carries slices ``k - c .. k + c``. ``channels=1`` returns the data unchanged.
     """
 
-    def __init__(self, keys: KeysCollection = "image", context: int = 0, axis: int = -1) -> None:
+    def __init__(self, keys: KeysCollection = "image", channels: int = 1, axis: int = -1) -> None:
         super().__init__(keys)
-        if context < 0:
-            raise ValueError("context must be >= 0")
-        self.context, self.axis = context, axis
+        if channels < 1 or channels % 2 == 0:
+            raise ValueError(f"adjacent-slice input needs an odd number of channels (1, 3, 5 ...), got {channels}")
+        self.context, self.axis = channels // 2, axis
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

@@ -86,6 +86,9 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
     local = Path(client.download_artifacts(run.info.run_id, next(a for a in artifacts if a.endswith(".json"))))
     cfg = json.loads(local.read_text())
     assert cfg["epochs"] == 2 and cfg["network_def"]["variant"] == "4s"  # the config as run, overrides applied
+    resolved = cfg["_resolved_"]
+    assert resolved["ckpt_dir"] == str(out / "models") and resolved["run_name"] == run.info.run_name
+    assert resolved["num_classes"] == 4 and resolved["device"] == "cpu"
     ckpt = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert "score_pool2.weight" in ckpt and ckpt["score_fr.weight"].shape[0] == 4
     assert "val_iou_liver" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
@@ -106,7 +109,7 @@ def test_bad_dataset_dir_fails_before_any_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     r = train(tmp_path / "nothing", tmp_path, env={"MLFLOW_TRACKING_URI": uri})
     assert r.returncode != 0
-    assert "datalist.json: datalist not found; run `liver-fcn prepare`" in r.stderr
+    assert "datalist.json: datalist not found; run `liver-fcn prepare --out <dataset_dir>`" in r.stderr
     assert not (tmp_path / "models").exists()
 
 

@@ -104,10 +104,12 @@ def test_slice_dataset_visits_every_slice_without_copying_the_cache(volumes):
 
 def test_adjacent_slices_become_channels():
     vol = torch.arange(5.0).view(1, 1, 1, 5).expand(1, 2, 2, 5).clone()
-    out = AdjacentSlicesd(keys="image", context=1)({"image": vol})["image"]
+    out = AdjacentSlicesd(keys="image", channels=3)({"image": vol})["image"]
     assert out.shape == (3, 2, 2, 5)
     assert out[:, 0, 0].tolist() == [[0, 0, 1, 2, 3], [0, 1, 2, 3, 4], [1, 2, 3, 4, 4]]
-    assert AdjacentSlicesd(keys="image", context=0)({"image": vol})["image"] is vol
+    assert torch.equal(AdjacentSlicesd(keys="image", channels=1)({"image": vol})["image"], vol)
+    with pytest.raises(ValueError, match="odd number of channels"):
+        AdjacentSlicesd(keys="image", channels=2)
 
 
 def test_class_metrics_against_hand_computed_values():

@@ -17,3 +17,7 @@ fi
 python -m monai.bundle run training \
     --config_file "['bundle/configs/train.json','bundle/configs/quick.json']" \
     --dataset_dir "$DATA/prepared" "$@"
+
+# a picture of the best checkpoint's prediction on the validation patient
+python workflows/overlay.py --config "['bundle/configs/train.json','bundle/configs/quick.json']" \
+    --dataset_dir "$DATA/prepared" --out bundle/eval/overlay.png

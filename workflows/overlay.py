@@ -1,0 +1,53 @@
+"""Draw the trained bundle's prediction on a validation patient: an overlay montage PNG.
+
+Uses the bundle's own config (same preprocessing, network and slice inferer as validation) and its
+best checkpoint. Run after training, e.g. after `make demo`:
+
+    python workflows/overlay.py --dataset_dir data/phantoms/prepared --out bundle/eval/overlay.png \
+        --config "['bundle/configs/train.json','bundle/configs/quick.json']"
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+
+import torch
+from monai.bundle import ConfigParser
+
+from liver_fcn.visualize import overlay_montage
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="bundle/configs/train.json", help="config file, or a Python list of them")
+    p.add_argument("--dataset_dir", required=True)
+    p.add_argument("--checkpoint", default="bundle/models/model.pt")
+    p.add_argument("--case", type=int, default=0, help="index in the validation split")
+    p.add_argument("--out", default="bundle/eval/overlay.png")
+    args = p.parse_args()
+
+    files = ast.literal_eval(args.config) if args.config.startswith("[") else args.config
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser["dataset_dir"] = args.dataset_dir
+    parser["device"] = "$torch.device('cpu')"
+    item = parser.get_parsed_content("validate#dataset")[args.case]
+    net = parser.get_parsed_content("network")
+    net.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    net.eval()
+    with torch.no_grad():
+        logits = parser.get_parsed_content("validate#inferer")(item["image"][None], net)
+    pred = logits.argmax(1)[0].numpy()
+    image = item["image"][0].numpy()
+    truth = item["label"][0].numpy()
+    names = parser.get_parsed_content("class_names")
+    out = overlay_montage(
+        image, args.out, pred=pred, truth=truth, class_names=names,
+        title=f"{parser.get_parsed_content('validate#files')[args.case]['patient']}: prediction and reference",
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
