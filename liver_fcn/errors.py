@@ -1,8 +1,11 @@
-"""The one exception type the project raises for bad input."""
+"""The one exception type the project raises for bad input, and its reporting under the bundle CLI."""
 
 from __future__ import annotations
 
-__all__ = ["InputError"]
+import functools
+import sys
+
+__all__ = ["InputError", "reported"]
 
 
 class InputError(ValueError):
@@ -10,3 +13,30 @@ class InputError(ValueError):
 
     It is raised before any output is written. The command-line tools print it without a traceback.
     """
+
+
+def _bundle_cli() -> bool:
+    """True when the process is ``python -m monai.bundle ...``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", "") == "monai.bundle.__main__"
+
+
+def reported(func):
+    """Decorate a function that bundle configs call on user input.
+
+    Under ``python -m monai.bundle``, an :class:`InputError` ends the process with exit status 2
+    and the one-line message on stderr, instead of MONAI's chained traceback of config
+    expressions. Called from Python (a notebook, the tests), the InputError is raised as usual.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except InputError as e:
+            if not _bundle_cli():
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper

@@ -208,5 +208,7 @@ class AdjacentSlicesd(MapTransform):
                 idx = torch.clamp(torch.arange(n) + off, 0, n - 1)
                 chans.append(torch.index_select(torch.as_tensor(img[0]), self.axis, idx.to(img.device)))
             out = torch.stack(chans)
-            d[key] = MetaTensor(out, meta=dict(img.meta)) if isinstance(img, MetaTensor) else out
+            if isinstance(img, MetaTensor):  # keep the metadata and the record of applied transforms
+                out = MetaTensor(out, meta=dict(img.meta), applied_operations=list(img.applied_operations))
+            d[key] = out
         return d

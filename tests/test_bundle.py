@@ -52,10 +52,11 @@ def trained(prepared, tmp_path_factory):
 
 
 def only_run(uri: str, experiment: str = "liver-fcn"):
+    """The one training run of the store (evaluation runs, tagged kind=evaluation, left aside)."""
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") != "evaluation"]
+    assert len(runs) == 1, [r.info.run_name for r in runs]
     return client, runs[0]
 
 
@@ -90,7 +91,9 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
     assert resolved["ckpt_dir"] == str(out / "models") and resolved["run_name"] == run.info.run_name
     assert resolved["num_classes"] == 4 and resolved["device"] == "cpu"
     ckpt = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
-    assert "score_pool2.weight" in ckpt and ckpt["score_fr.weight"].shape[0] == 4
+    assert "score_pool2.weight" in ckpt["model"] and ckpt["model"]["score_fr.weight"].shape[0] == 4
+    assert ckpt["settings"]["variant"] == "4s" and ckpt["settings"]["image_size"] == 64
+    assert ckpt["settings"]["run_name"] == run.info.run_name
     assert "val_iou_liver" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
 
 
@@ -108,8 +111,9 @@ def test_a_crashing_run_is_marked_failed(prepared, tmp_path):
 def test_bad_dataset_dir_fails_before_any_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     r = train(tmp_path / "nothing", tmp_path, env={"MLFLOW_TRACKING_URI": uri})
-    assert r.returncode != 0
-    assert "datalist.json: datalist not found; run `liver-fcn prepare --out <dataset_dir>`" in r.stderr
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "datalist.json: datalist not found; run `liver-fcn prepare --out <dataset_dir>`" in r.stderr.splitlines()[-1]
     assert not (tmp_path / "models").exists()
 
 
@@ -124,3 +128,44 @@ def test_metadata_verifies_offline_and_network_matches_it():
         "--config_file", str(CONFIGS / "train.json"), "--width", "0.0625", "--n", "3",
     )
     assert r.returncode == 0 and "data shape of network is verified" in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_inference_with_the_trained_checkpoint(trained, prepared, tmp_path):
+    out, _ = trained
+    patient = json.loads((prepared / "datalist.json").read_text())["test"][0]
+    r = bundle(
+        "run", "inference", "--config_file", str(CONFIGS / "inference.json"),
+        "--input", str(prepared / patient["image"]), "--output_dir", str(tmp_path / "pred"),
+        "--checkpoint", str(out / "models" / "model.pt"), "--dicom_seg", "true",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    name = patient["patient"]
+    files = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    assert files == [f"{name}_overlay.png", f"{name}_report.json", f"{name}_seg.dcm", f"{name}_seg.nii.gz"]
+    report = json.loads((tmp_path / "pred" / f"{name}_report.json").read_text())
+    assert report["shape"] == patient["shape"] and report["spacing_mm"] == pytest.approx(patient["spacing"], abs=1e-3)
+    assert f"{name}: " in r.stdout and "1 case written to" in r.stdout
+
+
+@pytest.mark.slow
+def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
+    out, _ = trained
+    r = bundle(
+        "run", "evaluating", "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
+        "--dataset_dir", str(prepared), "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"),
+        "--eval_split", "validation",
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    folders = list((out / "eval" / "evaluation").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("eval-fcn4s-w0.0625-64px-")
+    rows = (folders[0] / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("patient,class,annotated,dice,iou,voe,rvd,assd,mssd,slice_iou")
+    assert len(rows) == 1 + 3  # one validation patient x three classes
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'eval' / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("liver-fcn")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'evaluation'")
+    assert run.info.status == "FINISHED" and run.data.params["split"] == "validation"
+    assert {"test_dice_liver", "test_assd_liver", "test_mssd_bone", "test_slice_iou_liver"} <= set(run.data.metrics)
+    assert run.data.tags["trained_run"].startswith("fcn4s-")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.csv", "summary.csv", "summary.json"}

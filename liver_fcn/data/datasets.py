@@ -22,11 +22,12 @@ import torch
 from monai.data import CacheDataset
 from torch.utils.data import Dataset
 
-from liver_fcn.errors import InputError
+from liver_fcn.errors import InputError, reported
 
 __all__ = ["SliceDataset", "load_datalist"]
 
 
+@reported
 def load_datalist(
     path: str | os.PathLike, split: str = "training", base_dir: str | None = None, required: bool = True
 ) -> list[dict]:

@@ -165,7 +165,9 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
     bad = np.flatnonzero(np.abs(gaps - step) > SPACING_TOLERANCE * step)
     if bad.size:
         i = bad[0]
-        what = "missing slice" if gaps[i] > step else "uneven slice spacing"
+        ratio = gaps[i] / step
+        missing = ratio > 1.5 and abs(ratio - round(ratio)) <= SPACING_TOLERANCE * round(ratio)
+        what = f"missing slice{'s' if round(ratio) > 2 else ''}" if missing else "uneven slice spacing"
         raise InputError(
             f"{files[i + 1]}: {what} - {gaps[i]:.3f} mm from {files[i].name}, the series' spacing is {step:.3f} mm"
         )

@@ -94,7 +94,14 @@ def dicom_slices(
         ds.StudyInstanceUID = tags.study_uid
         ds.SeriesInstanceUID = tags.series_uid
         ds.FrameOfReferenceUID = tags.frame_of_reference_uid
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.StudyID = "1"
+        ds.AccessionNumber = ""
+        ds.ReferringPhysicianName = ""
+        ds.Manufacturer = "liver-fcn"
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = tags.study_date
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
         ds.SeriesDescription = tags.series_description
         ds.SeriesNumber = tags.series_number
         ds.InstanceNumber = k

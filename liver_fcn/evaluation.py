@@ -1,0 +1,181 @@
+"""3D evaluation per patient and per class: Dice, IoU, VOE, RVD, ASSD, MSSD and the paper's slice IoU.
+
+The overlap and surface-distance computations are MONAI's (``compute_dice``, ``compute_iou``,
+``compute_average_surface_distance``, ``compute_hausdorff_distance`` with the voxel spacing, so
+distances are in mm). Added here: the SLIVER07 conventions around them (VOE and RVD in percent,
+MSSD as the maximum symmetric surface distance), the 2D slice IoU of the paper, the handling of
+classes a patient has no masks for (left out, not scored as 0), and :class:`EvaluationReport`, an
+Ignite handler that writes the per-patient CSV and the summary and puts the summary means into
+``engine.state.metrics`` for MLFlowHandler to log.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
+
+__all__ = ["METRICS", "EvaluationReport", "class_metrics", "evaluation_name", "slice_iou"]
+
+#: metric -> unit, in the order of the CSV columns
+METRICS = {
+    "dice": "",
+    "iou": "",
+    "voe": "%",
+    "rvd": "%",
+    "assd": "mm",
+    "mssd": "mm",
+    "slice_iou": "",
+}
+
+
+def evaluation_name(settings: dict, split: str) -> str:
+    """``eval-<training run name>-<split>-<time>``: the MLflow run name and output folder of an evaluation."""
+    import time
+
+    return f"eval-{settings.get('run_name') or 'model'}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def slice_iou(pred: np.ndarray, truth: np.ndarray, axis: int = -1) -> float:
+    """Mean IoU over the slices (along ``axis``) where the prediction or the reference has the class."""
+    p = np.moveaxis(pred.astype(bool), axis, 0).reshape(pred.shape[axis], -1)
+    t = np.moveaxis(truth.astype(bool), axis, 0).reshape(truth.shape[axis], -1)
+    union = (p | t).sum(axis=1)
+    inter = (p & t).sum(axis=1)
+    keep = union > 0
+    return float(np.mean(inter[keep] / union[keep])) if keep.any() else float("nan")
+
+
+def class_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+    """All metrics of one binary prediction against one binary reference (3D arrays, same grid).
+
+    NaN where a metric is undefined: everything when both are empty; surface distances when
+    either is empty.
+    """
+    pred, truth = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
+    out = {k: float("nan") for k in METRICS}
+    n_pred, n_truth = int(pred.sum()), int(truth.sum())
+    if n_pred == 0 and n_truth == 0:
+        return out
+    yp = torch.from_numpy(pred)[None, None].float()
+    yt = torch.from_numpy(truth)[None, None].float()
+    out["dice"] = float(compute_dice(yp, yt, include_background=True, ignore_empty=False))
+    out["iou"] = float(compute_iou(yp, yt, include_background=True, ignore_empty=False))
+    out["voe"] = 100.0 * (1.0 - out["iou"])
+    out["rvd"] = 100.0 * (n_pred - n_truth) / n_truth if n_truth else float("nan")
+    if n_pred and n_truth:
+        sp = [float(s) for s in spacing]
+        out["assd"] = float(compute_average_surface_distance(yp, yt, include_background=True, symmetric=True, spacing=sp))
+        out["mssd"] = float(compute_hausdorff_distance(yp, yt, include_background=True, percentile=None, spacing=sp))
+    out["slice_iou"] = slice_iou(pred, truth)
+    return out
+
+
+def _spacing(t) -> list[float]:
+    aff = np.asarray(t.affine.detach().cpu(), dtype=np.float64) if hasattr(t, "affine") else np.eye(4)
+    return [float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(axis=0))]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class EvaluationReport:
+    """Per-patient, per-class metrics of an evaluator's run, written as CSV and summarised.
+
+    Expects each decollated output item to hold ``pred`` (class map, 1 x X x Y x Z, on the
+    reference's grid, with its affine), ``label`` (reference class map), ``annotated`` (one flag per
+    class) and ``patient``. On completion writes ``metrics.csv`` (one row per patient and class),
+    ``summary.csv`` and ``summary.json`` (mean, std, n over patients) into ``output_dir`` and sets
+    ``engine.state.metrics["test_<metric>_<class>"]`` to the means.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        output_dir: str | os.PathLike,
+        prefix: str = "test_",
+        log=print,
+    ) -> None:
+        self.class_names = list(class_names)
+        self.output_dir = Path(output_dir)
+        self.prefix = prefix
+        self.log = log
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            pred = np.asarray(item["pred"].detach().cpu())[0]
+            truth = np.asarray(item["label"].detach().cpu())[0]
+            if pred.shape != truth.shape:
+                raise ValueError(f"prediction {pred.shape} and reference {truth.shape} are not on one grid")
+            spacing = _spacing(item["label"])
+            annotated = [bool(a) for a in torch.as_tensor(item.get("annotated", [True] * len(self.class_names)))]
+            patient = item.get("patient", f"case{len(self.rows)}")
+            for c, name in enumerate(self.class_names):
+                if c == 0:
+                    continue
+                row = {"patient": patient, "class": name, "annotated": annotated[c]}
+                if annotated[c]:
+                    row.update(class_metrics(pred == c, truth == c, spacing))
+                else:
+                    row.update({k: float("nan") for k in METRICS})
+                row["volume_pred_ml"] = float((pred == c).sum()) * float(np.prod(spacing)) / 1000
+                row["volume_ref_ml"] = float((truth == c).sum()) * float(np.prod(spacing)) / 1000 if annotated[c] else float("nan")
+                self.rows.append(row)
+
+    def summary(self) -> list[dict]:
+        out = []
+        for name in self.class_names[1:]:
+            rows = [r for r in self.rows if r["class"] == name]
+            for metric, unit in METRICS.items():
+                vals = np.array([r[metric] for r in rows if not math.isnan(r[metric])], dtype=float)
+                out.append({
+                    "class": name, "metric": metric, "unit": unit, "n": int(vals.size),
+                    "mean": float(vals.mean()) if vals.size else float("nan"),
+                    "std": float(vals.std()) if vals.size else float("nan"),
+                })
+        return out
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fields = ["patient", "class", "annotated", *METRICS, "volume_pred_ml", "volume_ref_ml"]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        _atomic_write(self.output_dir / "metrics.csv", buf.getvalue())
+        summary = self.summary()
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["class", "metric", "unit", "n", "mean", "std"])
+        w.writeheader()
+        for r in summary:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        _atomic_write(self.output_dir / "summary.csv", buf.getvalue())
+        _atomic_write(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        patients = len({r["patient"] for r in self.rows})
+        self.log(f"evaluation of {patients} patient(s), mean over patients (n = patients with that class annotated):")
+        self.log(f"  {'class':<8} " + " ".join(f"{m + ('(' + u + ')' if u else ''):>11}" for m, u in METRICS.items()))
+        for name in self.class_names[1:]:
+            vals = {r["metric"]: r for r in summary if r["class"] == name}
+            self.log(f"  {name:<8} " + " ".join(f"{vals[m]['mean']:>11.4g}" for m in METRICS))
+        self.log(f"  per patient: {self.output_dir / 'metrics.csv'}")
+        for r in summary:
+            engine.state.metrics[f"{self.prefix}{r['metric']}_{r['class']}"] = r["mean"]

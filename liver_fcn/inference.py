@@ -1,0 +1,351 @@
+"""Bundle inference on new CTs: input checks, self-describing checkpoints, per-case outputs.
+
+MONAI gives the pieces of the inference chain (loading, SliceInferer, Invertd back to the input's
+geometry, KeepLargestConnectedComponent); this module adds what a clinical input needs around them:
+
+* :func:`collect_cases` resolves ``--input`` (a DICOM series folder, a NIfTI file, or a datalist
+  JSON of many) and checks every case *before* anything is written, so a bad input never leaves
+  half of the outputs behind;
+* :class:`ModelSettings` travels inside the checkpoint (``{"model": state_dict, "settings": {...}}``)
+  so that inference rebuilds the same network and preprocessing as training without being told;
+* :class:`WriteCased` writes, for each case, the uint8 NIfTI mask on the input's own grid, a JSON
+  report (volumes, liver extent, slice range, spacing) with a one-line console summary, an overlay
+  PNG and, on request, a DICOM Segmentation object - each file through a temporary name and a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from liver_fcn.data.dicom import inspect_series
+from liver_fcn.errors import InputError, reported
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "ModelSettings",
+    "Precision",
+    "WriteCased",
+    "case_report",
+    "checkpoint_settings",
+    "collect_cases",
+    "write_nifti_atomic",
+]
+
+#: what a checkpoint without settings is assumed to be (train.json's paper defaults)
+DEFAULT_SETTINGS: dict = {
+    "variant": "8s",
+    "width": 1.0,
+    "padding": "aligned",
+    "in_channels": 1,
+    "class_names": ["background", "liver", "bone", "kidney"],
+    "image_size": 512,
+    "hu_window": [-250, 450],
+    "intensity_mean": 0.19,
+}
+
+
+class ModelSettings:
+    """What inference must know about a trained network, saved beside its weights.
+
+    Used as ``CheckpointSaver(save_dict={"model": net, "settings": ModelSettings(...)})``, so the
+    checkpoint is ``{"model": state_dict, "settings": {...}}`` (plain values: loads with
+    ``weights_only=True``).
+    """
+
+    def __init__(self, **settings) -> None:
+        self.settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
+
+    def state_dict(self) -> dict:
+        return dict(self.settings)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.settings = dict(state)
+
+
+class Precision(torch.nn.Module):
+    """Run a network in fp32 or under bf16 autocast, optionally in channels-last memory layout.
+
+    MONAI's engines take ``amp`` for CUDA only; this wrapper works on CPUs and GPUs alike. The
+    output is always float32. Load weights into ``net`` itself (the wrapper adds no parameters).
+    """
+
+    def __init__(self, net: torch.nn.Module, precision: str = "fp32", channels_last: bool = False) -> None:
+        super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.net, self.precision, self.channels_last = net, precision, bool(channels_last)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            y = self.net(x)
+        return y.float()
+
+
+@reported
+def checkpoint_settings(path: str | os.PathLike, overrides: Mapping | None = None) -> dict:
+    """Settings stored in a checkpoint, over :data:`DEFAULT_SETTINGS`, under ``overrides`` (not None values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found; train first or pass --checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+    settings = dict(DEFAULT_SETTINGS)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("settings"), dict):
+        settings.update(ckpt["settings"])
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return settings
+
+
+def _case_name(path: Path) -> str:
+    if path.is_dir():
+        name = path.name
+        if name.upper() in ("PATIENT_DICOM", "DICOM", "CT", "IMAGES", "SERIES") and path.parent.name:
+            name = path.parent.name
+    else:
+        name = re.sub(r"\.nii(\.gz)?$", "", path.name, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "case"
+
+
+def _check_nifti(path: Path) -> tuple:
+    try:
+        img = nib.load(str(path))
+        shape = img.shape
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise InputError(f"{path}: NIfTI image has shape {img.shape}; a 3D CT volume is expected")
+        np.asanyarray(img.dataobj[..., :1])  # reads (and so checks) the start of the data
+        if not np.all(np.isfinite(img.affine)):
+            raise InputError(f"{path}: NIfTI affine is not finite")
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    return shape
+
+
+def _check_one(path: Path, series_uid: str | None) -> dict:
+    if not path.exists():
+        raise InputError(f"{path}: input does not exist")
+    if path.is_dir():
+        info = inspect_series(path, series_uid=series_uid, modality="CT")
+        return {"image": str(path), "kind": "dicom", "series_uid": info.series_uid}
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti(path)
+        return {"image": str(path), "kind": "nifti", "series_uid": ""}
+    if path.name.lower().endswith(".json"):
+        raise InputError(f"{path}: a datalist must be the --input itself, not an entry of one")
+    raise InputError(f"{path}: not a DICOM series folder, a NIfTI file (.nii, .nii.gz) or a datalist (.json)")
+
+
+@reported
+def collect_cases(
+    input: str | os.PathLike | None, split: str = "test", series_uid: str | None = None, dicom_seg: bool = False
+) -> list[dict]:
+    """Resolve and check ``--input``; returns ``[{"case", "image", "kind", ...}]``.
+
+    A datalist may be a JSON list (of paths or of ``{"image": path}``) or a ``liver-fcn prepare``
+    datalist, whose ``split`` is used. Paths in a datalist are relative to its folder.
+    """
+    if input is None or str(input) in ("", "None"):
+        raise InputError("no input: pass --input with a DICOM series folder, a NIfTI file or a datalist JSON")
+    path = Path(input)
+    if path.is_file() and path.name.lower().endswith(".json"):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: datalist is not valid JSON ({e})") from None
+        if isinstance(data, dict):
+            if split not in data:
+                raise InputError(f"{path}: datalist has no {split!r} split; pass --split")
+            data = data[split]
+        if not isinstance(data, list) or not data:
+            raise InputError(f"{path}: datalist holds no cases")
+        entries = []
+        for e in data:
+            e = {"image": e} if isinstance(e, str) else dict(e)
+            if "image" not in e:
+                raise InputError(f"{path}: datalist entry without 'image': {e}")
+            img = Path(e["image"])
+            e["image"] = str(img if img.is_absolute() else path.parent / img)
+            entries.append(e)
+    else:
+        entries = [{"image": str(path)}]
+    cases, seen = [], {}
+    for e in entries:
+        case = _check_one(Path(e["image"]), series_uid)
+        name = _case_name(Path(e["image"])) if "patient" not in e else str(e["patient"])
+        if name in seen:
+            raise InputError(f"{e['image']}: case name {name!r} is also that of {seen[name]}; outputs would collide")
+        seen[name] = e["image"]
+        if dicom_seg and case["kind"] != "dicom":
+            raise InputError(f"{e['image']}: a DICOM Segmentation needs a DICOM series input, not {case['kind']}")
+        cases.append({"case": name, **case})
+    return cases
+
+
+def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Save a NIfTI file through a temporary name and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json_atomic(obj, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def case_report(seg: np.ndarray, affine: np.ndarray, class_names: Sequence[str], case: str = "") -> dict:
+    """Volumes of each class (mL) and the liver's extent and slice range, from a mask and its affine.
+
+    Extent is measured along the patient axes in mm (width: right-left, depth: anterior-posterior,
+    height: head-feet) between the outer faces of the outermost liver voxels; the slice range is in
+    the input's own slice order (third voxel axis).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+    report: dict = {
+        "case": case,
+        "shape": [int(s) for s in seg.shape],
+        "spacing_mm": [round(float(s), 4) for s in spacing],
+        "volumes_ml": {},
+        "voxels": {},
+    }
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        n = int(np.count_nonzero(seg == c))
+        report["voxels"][name] = n
+        report["volumes_ml"][name] = n * voxel_ml
+    liver = np.argwhere(seg == 1)
+    if liver.size:
+        # the corners of the voxels at both ends of each voxel axis, in world (RAS) mm
+        lo, hi = liver.min(axis=0), liver.max(axis=0)
+        corners = np.array([[a, b, c, 1.0] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5) for c in (lo[2] - 0.5, hi[2] + 0.5)])
+        world = corners @ affine.T
+        ext = world[:, :3].max(axis=0) - world[:, :3].min(axis=0)
+        report["liver_extent_mm"] = {"width": round(float(ext[0]), 1), "depth": round(float(ext[1]), 1), "height": round(float(ext[2]), 1)}
+        report["liver_slices"] = [int(lo[2]), int(hi[2])]
+    else:
+        report["liver_extent_mm"] = None
+        report["liver_slices"] = None
+    return report
+
+
+def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
+    vols = report["volumes_ml"]
+    parts = [f"{report['case']}:"]
+    if report.get("liver_extent_mm"):
+        e, s = report["liver_extent_mm"], report["liver_slices"]
+        parts.append(
+            f"liver {vols.get('liver', 0):.0f} mL ({e['width']:.0f} x {e['depth']:.0f} x {e['height']:.0f} mm, "
+            f"slices {s[0]}-{s[1]})"
+        )
+    else:
+        parts.append("no liver found")
+    parts += [f"{k} {v:.0f} mL" for k, v in vols.items() if k != "liver"]
+    return " ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if len(parts) > 2 else "") + f" -> {mask_path}"
+
+
+def report_done(writer: "WriteCased", output_dir: str | os.PathLike) -> int:
+    """Final console line of an inference run; returns the number of cases written."""
+    n = len(writer.written)
+    print(f"{n} case{'s' if n != 1 else ''} written to {output_dir}")
+    return n
+
+
+class WriteCased(MapTransform):
+    """Write each case's outputs at the end of the inference post-processing.
+
+    Expects ``pred``: the class map (1, X, Y, Z) already inverted onto the input's grid (a
+    MetaTensor with the input's affine), ``ct``: the CT as loaded (HU, same grid), and ``case``.
+
+    Writes into ``output_dir``: ``<case>_seg.nii.gz`` (uint8), ``<case>_report.json``,
+    ``<case>_overlay.png`` (if ``overlay``), ``<case>_seg.dcm`` (if ``dicom_seg``, DICOM input only).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_dir: str | os.PathLike = "inference",
+        class_names: Sequence[str] = DEFAULT_SETTINGS["class_names"],
+        ct_key: str = "ct",
+        overlay: bool = True,
+        dicom_seg: bool = False,
+        window: Sequence[float] = (-250, 450),
+        log=print,
+    ) -> None:
+        super().__init__(keys)
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.ct_key, self.overlay, self.dicom_seg = ct_key, overlay, dicom_seg
+        self.window = tuple(window)
+        self.log = log
+        self.written: list[dict] = []
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        case = str(d.get("case", "case"))
+        for key in self.key_iterator(d):
+            pred = d[key]
+            seg = np.asarray(pred.detach().cpu()).astype(np.uint8)[0]
+            affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            mask_path = write_nifti_atomic(seg, affine, self.output_dir / f"{case}_seg.nii.gz")
+            report = case_report(seg, affine, self.class_names, case)
+            report.update({"input": d.get("image_path", ""), "mask": str(mask_path)})
+            files = {"mask": str(mask_path)}
+            if self.overlay:
+                files["overlay"] = str(self._overlay(d, seg, affine, case))
+            if self.dicom_seg:
+                from liver_fcn.dicom_seg import write_dicom_seg
+
+                files["dicom_seg"] = str(
+                    write_dicom_seg(d["image_path"], seg, self.class_names, self.output_dir / f"{case}_seg.dcm", d.get("series_uid"))
+                )
+            report["files"] = files
+            _write_json_atomic(report, self.output_dir / f"{case}_report.json")
+            self.log(summary_line(report, mask_path))
+            self.written.append(report)
+        return d
+
+    def _overlay(self, d: dict, seg: np.ndarray, affine: np.ndarray, case: str) -> Path:
+        from liver_fcn.visualize import overlay_montage
+
+        ct = np.asarray(d[self.ct_key].detach().cpu())[0] if self.ct_key in d else np.zeros(seg.shape)
+        # show in RAS voxel order whatever the input's orientation
+        ornt = nib.orientations.io_orientation(affine)
+        ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+        transform = nib.orientations.ornt_transform(ornt, ras)
+        ct_r = nib.orientations.apply_orientation(ct, transform)
+        seg_r = nib.orientations.apply_orientation(seg, transform)
+        return overlay_montage(
+            ct_r, self.output_dir / f"{case}_overlay.png", pred=seg_r, class_names=self.class_names,
+            window=self.window, title=f"{case}: predicted contours",
+        )

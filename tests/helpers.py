@@ -1,0 +1,26 @@
+"""Test-only network, importable by bundle subprocesses run from the repository root."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ThresholdNet(nn.Module):
+    """Predicts "liver" where the preprocessed intensity exceeds a threshold, background elsewhere.
+
+    With the bundle's preprocessing (HU window [-250, 450] -> [0, 1], minus 0.19), 100 HU becomes
+    0.31 and air -0.19: a threshold of 0.05 separates them. Its output is known exactly, so the
+    geometry of the inference chain (orientation, resizing and their inversion) can be checked.
+    """
+
+    def __init__(self, out_channels: int = 4, threshold: float = 0.05) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.threshold = nn.Parameter(torch.tensor(float(threshold)), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :1]
+        liver = 40.0 * (x - self.threshold)
+        others = torch.full_like(x, -40.0).repeat(1, self.out_channels - 2, 1, 1)
+        return torch.cat([torch.zeros_like(x), liver, others], dim=1)

@@ -1,0 +1,286 @@
+"""Bundle inference: geometry round trips (NIfTI and DICOM), reports, DICOM SEG, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.bundle import run as bundle_run
+
+from liver_fcn.data.dicom_write import SeriesGeometry, SeriesTags, write_series
+from liver_fcn.errors import InputError
+from liver_fcn.inference import case_report
+from liver_fcn.networks import FCN
+
+from .conftest import REPO
+
+CONFIG = str(REPO / "bundle" / "configs" / "inference.json")
+THRESHOLD_NET = {"_target_": "tests.helpers.ThresholdNet"}
+
+
+def block_volume(shape=(20, 97, 131)) -> tuple[np.ndarray, np.ndarray]:
+    """HU volume (slices, rows, cols) of air with an asymmetric L-shaped 100 HU block, and the block."""
+    ct = np.full(shape, -1000, dtype=np.int16)
+    block = np.zeros(shape, dtype=bool)
+    block[4:15, 20:70, 30:60] = True  # the upright of the L
+    block[4:9, 55:70, 60:110] = True  # its foot, towards larger column indices and rows
+    ct[block] = 100
+    return ct, block
+
+
+@pytest.fixture(scope="module")
+def threshold_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "threshold.pt"
+    torch.save({"model": {"threshold": torch.tensor(0.05)}, "settings": {"image_size": 64}}, path)
+    return path
+
+
+def infer(ckpt: Path, input_path, out: Path, **overrides):
+    kw = {"network_def": THRESHOLD_NET, **overrides}
+    bundle_run("inference", config_file=CONFIG, input=str(input_path), output_dir=str(out), checkpoint=str(ckpt),
+               logging_file=False, **kw)
+
+
+def dice(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS"])
+def test_nifti_round_trip_keeps_affine_shape_and_position(orientation, threshold_ckpt, tmp_path):
+    ct, block = block_volume()
+    vol = np.transpose(ct, (2, 1, 0)).astype(np.float32)  # (x, y, z) voxel order for NIfTI
+    truth = np.transpose(block, (2, 1, 0))
+    sign = 1.0 if orientation == "RAS" else -1.0
+    affine = np.array([[sign * 0.8, 0, 0, -52.0], [0, sign * 0.7, 0, 31.5], [0, 0, 3.0, -400.0], [0, 0, 0, 1]])
+    src = tmp_path / "patient 12.nii.gz"
+    nib.save(nib.Nifti1Image(vol, affine), str(src))
+    infer(threshold_ckpt, src, tmp_path / "out")
+    out = nib.load(str(tmp_path / "out" / "patient_12_seg.nii.gz"))
+    assert out.shape == vol.shape and out.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+    seg = np.asarray(out.dataobj)
+    assert set(np.unique(seg)) <= {0, 1}
+    assert dice(seg == 1, truth) > 0.95
+    report = json.loads((tmp_path / "out" / "patient_12_report.json").read_text())
+    voxel_ml = 0.8 * 0.7 * 3.0 / 1000
+    assert report["volumes_ml"]["liver"] == pytest.approx(report["voxels"]["liver"] * voxel_ml, rel=1e-6)
+    assert report["voxels"]["liver"] == int((seg == 1).sum())
+    assert report["liver_slices"] == [4, 14]
+    assert report["liver_extent_mm"]["height"] == pytest.approx(11 * 3.0)
+    assert report["liver_extent_mm"]["width"] == pytest.approx(80 * 0.8, abs=1.7)
+    assert (tmp_path / "out" / "patient_12_overlay.png").stat().st_size > 10_000
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def dicom_affine(folder: Path) -> np.ndarray:
+    """The affine ITK and MONAI derive for (column, row, slice) voxel order, written out from the tags."""
+    dss = sorted((pydicom.dcmread(f) for f in folder.iterdir()), key=lambda d: float(np.dot(
+        d.ImagePositionPatient, np.cross(d.ImageOrientationPatient[:3], d.ImageOrientationPatient[3:]))))
+    iop = np.array(dss[0].ImageOrientationPatient, float)
+    row_cos, col_cos = iop[:3], iop[3:]
+    dr, dc = (float(v) for v in dss[0].PixelSpacing)
+    p0, p1 = np.array(dss[0].ImagePositionPatient, float), np.array(dss[1].ImagePositionPatient, float)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_cos * dc, col_cos * dr, p1 - p0, p0
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+
+
+def test_dicom_round_trip_with_shuffled_names_intercept_and_real_positions(threshold_ckpt, tmp_path):
+    ct, block = block_volume()
+    geo = SeriesGeometry(pixel_spacing=(0.7, 0.8), slice_spacing=3.0, origin=(-180.25, -205.5, 1180.0))
+    raw = write_series(tmp_path / "raw", ct, geo, SeriesTags(), rescale_intercept=-1024)
+    assert float(pydicom.dcmread(raw / "image_0").RescaleIntercept) == -1024
+    series = tmp_path / "abdomen_ct"
+    series.mkdir()
+    names = list(range(ct.shape[0]))
+    random.Random(4).shuffle(names)
+    for k, n in enumerate(names):
+        shutil.copy(raw / f"image_{k}", series / f"IM{n:04d}")
+    infer(threshold_ckpt, series, tmp_path / "out", overlay=False)
+    out = nib.load(str(tmp_path / "out" / "abdomen_ct_seg.nii.gz"))
+    assert out.shape == (131, 97, 20)  # columns, rows, slices
+    np.testing.assert_allclose(out.affine, dicom_affine(series), atol=1e-4)
+    np.testing.assert_allclose(out.affine[:3, 3], [180.25, 205.5, 1180.0])
+    seg = np.asarray(out.dataobj)
+    assert dice(seg == 1, np.transpose(block, (2, 1, 0))) > 0.95
+    assert not (tmp_path / "out" / "abdomen_ct_overlay.png").exists()
+
+
+def test_dicom_seg_references_the_ct_and_matches_the_mask(threshold_ckpt, tmp_path):
+    import highdicom as hd
+
+    ct, block = block_volume(shape=(8, 64, 96))
+    block[:] = False
+    block[2:6, 10:40, 20:50] = True
+    ct[:] = -1000
+    ct[block] = 100
+    series = write_series(tmp_path / "p7" / "PATIENT_DICOM", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags())
+    infer(threshold_ckpt, series, tmp_path / "out", dicom_seg=True, overlay=False)
+    seg = hd.seg.segread(tmp_path / "out" / "p7_seg.dcm")  # a PATIENT_DICOM folder is named after its parent
+    ref = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in series.iterdir()}
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == next(iter(ref.values())).SeriesInstanceUID
+    (desc,) = seg.SegmentSequence
+    assert desc.SegmentLabel == "liver" and desc.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert seg.NumberOfFrames == 8
+    frames = seg.pixel_array
+    for f, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        uid = fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = int(ref[uid].InstanceNumber)
+        assert np.array_equal(frames[f].astype(bool), block[k]), k
+
+
+def test_real_fcn_checkpoint_rebuilds_from_its_settings(tmp_path):
+    net = FCN("4s", in_channels=1, out_channels=4, width=1 / 16)
+    settings = {"variant": "4s", "width": 1 / 16, "image_size": 64, "class_names": ["background", "liver", "bone", "kidney"]}
+    torch.save({"model": net.state_dict(), "settings": settings}, tmp_path / "model.pt")
+    ct, _ = block_volume(shape=(6, 48, 40))
+    src = tmp_path / "small.nii"
+    nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.int16), np.diag([1.5, 1.5, 5.0, 1.0])), str(src))
+    bundle_run("inference", config_file=CONFIG, input=str(src), output_dir=str(tmp_path / "out"),
+               checkpoint=str(tmp_path / "model.pt"), logging_file=False)
+    out = nib.load(str(tmp_path / "out" / "small_seg.nii.gz"))
+    assert out.shape == (40, 48, 6)
+
+
+def test_datalist_input_runs_every_case(threshold_ckpt, tmp_path):
+    ct, _ = block_volume(shape=(6, 40, 48))
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.float32), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    (tmp_path / "list.json").write_text(json.dumps([{"image": "a.nii.gz"}, "b.nii.gz"]))
+    infer(threshold_ckpt, tmp_path / "list.json", tmp_path / "out", overlay=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a_report.json", "a_seg.nii.gz", "b_report.json", "b_seg.nii.gz"]
+
+
+def test_report_volume_is_voxel_count_times_voxel_volume():
+    seg = np.zeros((10, 12, 7), np.uint8)
+    seg[2:5, 3:9, 1:4] = 1  # 3 x 6 x 3 = 54 voxels
+    seg[0, 0, 0] = 2
+    affine = np.array([[0, 0.9, 0, 0], [-0.6, 0, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1]])  # rotated axes
+    r = case_report(seg, affine, ["background", "liver", "bone", "kidney"], "x")
+    assert r["voxels"]["liver"] == 54 and r["volumes_ml"]["liver"] == pytest.approx(54 * 0.9 * 0.6 * 2.5 / 1000, rel=1e-9)
+    assert r["volumes_ml"]["kidney"] == 0 and r["voxels"]["bone"] == 1
+    # voxel axis 0 (3 voxels) runs along y, axis 1 (6 voxels) along x
+    assert r["liver_extent_mm"] == {"width": pytest.approx(6 * 0.9), "depth": pytest.approx(3 * 0.6), "height": pytest.approx(3 * 2.5)}
+    assert r["liver_slices"] == [1, 3] and r["spacing_mm"] == [0.6, 0.9, 2.5]
+
+
+# ---- bad inputs: each stops with its own message, and nothing is written ----
+
+def two_series(tmp: Path) -> Path:
+    ct, _ = block_volume(shape=(4, 40, 40))
+    folder = write_series(tmp / "two", ct, SeriesGeometry(), SeriesTags(series_description="soft tissue"))
+    write_series(tmp / "other", ct, SeriesGeometry(), SeriesTags(series_description="lung kernel"))
+    for f in (tmp / "other").iterdir():
+        shutil.copy(f, folder / f"lung_{f.name}")
+    return folder
+
+
+def good_series(tmp: Path, name="ok", **tags) -> Path:
+    ct, _ = block_volume(shape=(6, 40, 40))
+    return write_series(tmp / name, ct, SeriesGeometry(slice_spacing=2.0), SeriesTags(**tags))
+
+
+def bad_inputs(tmp: Path) -> dict:
+    cases = {}
+    tmp.mkdir(parents=True, exist_ok=True)
+    cases["missing path"] = (tmp / "nowhere", {}, r"nowhere: input does not exist")
+    (tmp / "empty").mkdir()
+    cases["empty folder"] = (tmp / "empty", {}, r"empty: folder is empty")
+    cases["two series"] = (two_series(tmp), {}, r"holds 2 series: .*soft tissue, 4 files.*lung kernel, 4 files")
+    s = good_series(tmp, "gap")
+    (s / "image_3").unlink()
+    cases["missing slice"] = (s, {}, r"image_4: missing slice")
+    s = good_series(tmp, "uneven")
+    ds = pydicom.dcmread(s / "image_5")
+    ds.ImagePositionPatient = [0.0, 0.0, 11.0]
+    ds.save_as(s / "image_5")
+    cases["uneven spacing"] = (s, {}, r"image_5: uneven slice spacing")
+    cases["MR scan"] = (good_series(tmp, "mr", modality="MR"), {}, r"image_0: modality is MR, expected CT")
+    s = good_series(tmp, "trunc")
+    data = (s / "image_2").read_bytes()
+    (s / "image_2").write_bytes(data[:-300])
+    cases["truncated file"] = (s, {}, r"image_2: truncated DICOM file")
+    s = good_series(tmp, "junk")
+    (s / "README.txt").write_text("not an image")
+    cases["non-DICOM file"] = (s, {}, r"README.txt: not a DICOM file")
+    s = good_series(tmp, "single")
+    cases["single slice file"] = (s / "image_0", {}, r"image_0: not a DICOM series folder")
+    nii4 = tmp / "fmri.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)), str(nii4))
+    cases["4D NIfTI"] = (nii4, {}, r"fmri.nii.gz: NIfTI image has shape \(8, 8, 4, 3\)")
+    bad_nii = tmp / "broken.nii.gz"
+    bad_nii.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    cases["corrupt NIfTI"] = (bad_nii, {}, r"broken.nii.gz: not a readable NIfTI file")
+    png = tmp / "slice.png"
+    png.write_bytes(b"\x89PNG")
+    cases["unsupported file"] = (png, {}, r"slice.png: not a DICOM series folder, a NIfTI file")
+    (tmp / "bad.json").write_text("{not json")
+    cases["invalid datalist"] = (tmp / "bad.json", {}, r"bad.json: datalist is not valid JSON")
+    (tmp / "nosplit.json").write_text(json.dumps({"training": []}))
+    cases["datalist without split"] = (tmp / "nosplit.json", {}, r"nosplit.json: datalist has no 'test' split")
+    nii = tmp / "ok.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 4), np.float32), np.eye(4)), str(nii))
+    (tmp / "dupes.json").write_text(json.dumps([str(nii), str(nii)]))
+    cases["duplicate case names"] = (tmp / "dupes.json", {}, r"case name 'ok' is also that of")
+    cases["DICOM SEG of a NIfTI"] = (nii, {"dicom_seg": True}, r"ok.nii.gz: a DICOM Segmentation needs a DICOM series input")
+    cases["checkpoint missing"] = (nii, {"checkpoint": str(tmp / "none.pt")}, r"none.pt: checkpoint not found")
+    return cases
+
+
+def input_error(exc: BaseException) -> InputError | None:
+    while exc is not None:
+        if isinstance(exc, InputError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def test_bad_inputs_each_give_their_error_and_write_nothing(threshold_ckpt, tmp_path):
+    cases = bad_inputs(tmp_path / "in")
+    assert len(cases) >= 10
+    for what, (path, extra, pattern) in cases.items():
+        out = tmp_path / "out" / what.replace(" ", "_")
+        kw = {"checkpoint": str(threshold_ckpt), **extra}
+        with pytest.raises(Exception) as e:
+            bundle_run("inference", config_file=CONFIG, input=str(path), output_dir=str(out),
+                       network_def=THRESHOLD_NET, logging_file=False, **kw)
+        err = input_error(e.value)
+        assert err is not None, f"{what}: {e.value!r}"
+        assert "\n" not in str(err), what
+        import re
+
+        assert re.search(pattern, str(err)), f"{what}: {err}"
+        assert not out.exists(), f"{what}: wrote {list(out.rglob('*'))}"
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, threshold_ckpt):
+    s = good_series(tmp_path, "mr", modality="MR")
+    env = {k: v for k, v in os.environ.items()}
+    r = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG, "--input", str(s),
+         "--output_dir", str(tmp_path / "out"), "--checkpoint", str(threshold_ckpt)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"error: {s / 'image_0'}: modality is MR, expected CT"
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_input_given(threshold_ckpt, tmp_path):
+    with pytest.raises(Exception) as e:
+        bundle_run("inference", config_file=CONFIG, output_dir=str(tmp_path / "o"), checkpoint=str(threshold_ckpt),
+                   network_def=THRESHOLD_NET, logging_file=False)
+    assert "no input: pass --input" in str(input_error(e.value))
