@@ -1,7 +1,7 @@
 # liver-fcn: the two commands of the README, and their set-up.
 #   make demo   set up .venv, write phantom patients, prepare them, train FCN-8s on the CPU (~6 min)
 #   make test   set up .venv and run the test suite
-#   make bench  print training speed (s/slice) and peak memory of the quick and paper configs
+#   make bench  print inference speed (fp32 / bf16, GFLOP/s, memory) and training speed (s/slice)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -26,6 +26,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
+	$(BIN)/python benchmarks/inference_speed.py
 	$(BIN)/python benchmarks/train_speed.py
 
 clean:

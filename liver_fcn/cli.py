@@ -1,4 +1,4 @@
-"""``liver-fcn`` command line: phantom data, 3D-IRCADb-01 preparation, run summaries.
+"""``liver-fcn`` command line: phantom data, 3D-IRCADb-01 preparation, run summaries and comparisons.
 
 Training, evaluation and inference are MONAI bundle commands (``python -m monai.bundle run ...``);
 this tool covers what comes before and after them.
@@ -61,6 +61,40 @@ def _summary(args: argparse.Namespace) -> int:
     return 0 if print_run_summary(uri, args.experiment, run_name) else 1
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import csv
+    import io
+    import os
+    from pathlib import Path
+
+    from liver_fcn.tracking import compare_runs, comparison_table, plot_curves, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.output_dir, args.tracking_uri)
+    rows, curves = compare_runs(uri, args.experiment, metric=args.metric)
+    if not rows:
+        raise InputError(f"{uri}: experiment {args.experiment!r} has no training runs")
+    print(f"{len(rows)} runs of experiment {args.experiment!r} at {uri}, best {args.metric} first:")
+    print(comparison_table(rows, fmt="text"))
+    out = Path(args.out or Path(args.output_dir) / "compare" / args.experiment)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def atomic(path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    atomic(out / "comparison.md", f"# {args.experiment}: runs by {args.metric}\n\n" + comparison_table(rows))
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic(out / "comparison.csv", buf.getvalue())
+    plot_curves(curves, out / "curves.png", title=f"{args.experiment}: validation curves")
+    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'curves.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="liver-fcn", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--test-patients", nargs="*", default=[], help="patients pinned to test")
     pr.add_argument("--overwrite", action="store_true", help="replace an earlier preparation in --out")
     pr.set_defaults(func=_prepare)
+
+    co = sub.add_parser("compare", help="compare the runs of an MLflow experiment: table, CSV, Markdown, curves")
+    co.add_argument("--experiment", default="liver-fcn", help="MLflow experiment (default liver-fcn)")
+    co.add_argument("--metric", default="val_iou_liver", help="sort by the best value of this metric")
+    co.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the bundle's store)")
+    co.add_argument("--output-dir", default="bundle/eval", help="bundle output folder holding mlruns.db")
+    co.add_argument("--out", help="folder for comparison.md/.csv and curves.png (default <output-dir>/compare/<experiment>)")
+    co.set_defaults(func=_compare)
 
     su = sub.add_parser("summary", help="print the validation results of an MLflow run")
     su.add_argument("--experiment", default="liver-fcn", help="MLflow experiment (default liver-fcn)")

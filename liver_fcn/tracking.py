@@ -85,12 +85,32 @@ class MLflowRunHandler(MLFlowHandler):
             for k, v in self.tags.items():
                 self.client.set_tag(self.cur_run.info.run_id, k, v)
 
+    def _log_params(self, params: dict) -> None:
+        """Log parameters not yet in the run; a changed value (a resumed run with, say, more epochs)
+        is recorded as a ``changed_param.<name>`` tag instead of failing as MLflow would."""
+        if not self.cur_run:
+            raise ValueError("Current Run is not Active to log params")
+        existing = self.client.get_run(self.cur_run.info.run_id).data.params
+        fresh = {}
+        for k, v in params.items():
+            value = str(v)
+            if k not in existing:
+                fresh[k] = value
+            elif existing[k] != value[:6000]:
+                self.client.set_tag(self.cur_run.info.run_id, f"changed_param.{k}", value[:5000])
+        if fresh:
+            super()._log_params(fresh)
+
     def failed(self, engine: Engine, e: BaseException) -> None:
         """Mark the run FAILED (with the error as a tag), then let the exception go on."""
         if self.cur_run is not None:
             run_id = self.cur_run.info.run_id
+            root = e  # MONAI wraps what a transform raises: report the original cause
+            while root.__cause__ is not None:
+                root = root.__cause__
+            message = f"{type(root).__name__}: {root}" + (f" (in {type(e).__name__}: {e})" if root is not e else "")
             try:
-                self.client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4000])
+                self.client.set_tag(run_id, "error", message[:4000])
                 self.client.set_terminated(run_id, "FAILED")
             finally:
                 self.cur_run = None
@@ -191,3 +211,139 @@ def print_run_summary(
     if ui:
         log(f"  browse: mlflow ui --backend-store-uri {ui}   (then open http://127.0.0.1:5000)")
     return metrics
+
+
+def _history(client, run_id: str, key: str) -> list:
+    hist = [m for m in client.get_metric_history(run_id, key) if not math.isnan(m.value)]
+    return sorted(hist, key=lambda m: (m.step, m.timestamp))
+
+
+def _sort_key(metric: str, classes) -> str:
+    """Row key holding a run's best value of ``metric`` (``val_iou_liver`` -> ``best_iou_liver``)."""
+    for kind in ("iou", "dice"):
+        for cls in classes:
+            if metric == f"val_{kind}_{cls}":
+                return f"best_{kind}_{cls}"
+    return f"best_{metric}"
+
+
+def compare_runs(
+    tracking_uri: str,
+    experiment: str,
+    metric: str = "val_iou_liver",
+    classes: tuple[str, ...] = ("liver", "bone", "kidney"),
+) -> tuple[list[dict], dict]:
+    """One row per training run of an experiment, best first by ``metric``; and each run's curves.
+
+    A row holds the run name, status, variant, width, image size, lr, batch size, the best and last
+    validation IoU and Dice of each class, the epochs run and the wall time. Evaluation runs
+    (tag ``kind=evaluation``) are left out.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        from liver_fcn.errors import InputError
+
+        raise InputError(f"{tracking_uri}: no experiment named {experiment!r}")
+    rows, curves = [], {}
+    for run in client.search_runs([exp.experiment_id], max_results=5000):
+        if run.data.tags.get("kind") == "evaluation":
+            continue
+        p, rid = run.data.params, run.info.run_id
+        row = {
+            "run": run.info.run_name,
+            "status": run.info.status,
+            "variant": p.get("variant", ""),
+            "width": p.get("width", ""),
+            "image_size": p.get("image_size", ""),
+            "lr": p.get("lr", ""),
+            "batch_size": p.get("batch_size", ""),
+        }
+        curves[run.info.run_name] = {}
+        epochs = 0
+        for cls in classes:
+            for kind in ("iou", "dice"):
+                key = f"val_{kind}_{cls}"
+                hist = _history(client, rid, key)
+                curves[run.info.run_name][key] = [(m.step, m.value) for m in hist]
+                row[f"best_{kind}_{cls}"] = max((m.value for m in hist), default=float("nan"))
+                row[f"last_{kind}_{cls}"] = hist[-1].value if hist else float("nan")
+                epochs = max([epochs] + [m.step for m in hist])
+        sort_key = _sort_key(metric, classes)
+        if sort_key not in row:  # another metric of the run: its best value
+            hist = _history(client, rid, metric)
+            pick = min if "loss" in metric else max
+            row[sort_key] = pick((m.value for m in hist), default=float("nan"))
+        row["epochs"] = epochs
+        end = run.info.end_time or run.info.start_time
+        row["wall_min"] = round((end - run.info.start_time) / 60000.0, 2) if run.info.start_time else float("nan")
+        rows.append(row)
+    sort_key = _sort_key(metric, classes)
+    sign = 1.0 if "loss" in metric else -1.0  # best first: high scores, low losses
+
+    def order(r):
+        v = r.get(sort_key, float("nan"))
+        return (math.isnan(v), sign * v if not math.isnan(v) else 0.0)
+
+    rows.sort(key=order)
+    return rows, curves
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def comparison_table(rows: list[dict], fmt: str = "markdown", classes=("liver", "bone", "kidney")) -> str:
+    """The comparison rows as a Markdown table (``fmt="markdown"``) or aligned text (``"text"``)."""
+    cols = ["run", "status", "variant", "width", "image_size", "lr", "batch_size"]
+    for cls in classes:
+        cols += [f"best_iou_{cls}", f"last_iou_{cls}", f"best_dice_{cls}", f"last_dice_{cls}"]
+    cols += ["epochs", "wall_min"]
+    header = [c.replace("_", " ") for c in cols]
+    body = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(out) + "\n"
+
+
+def plot_curves(curves: dict, out_png: str | os.PathLike, classes=("liver", "bone", "kidney"), title: str = "") -> Path:
+    """Validation IoU (top row) and Dice (bottom row) per epoch, one panel per class, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(classes), figsize=(4.2 * len(classes), 6.4), sharex=True, squeeze=False)
+    for i, kind in enumerate(("iou", "dice")):
+        for j, cls in enumerate(classes):
+            ax = axes[i][j]
+            for run, series in curves.items():
+                pts = series.get(f"val_{kind}_{cls}", [])
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=run)
+            ax.set_title(f"validation {kind.upper() if kind == 'iou' else 'Dice'} - {cls}", fontsize=9)
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+            if i == 1:
+                ax.set_xlabel("epoch")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 3), 1, 0.96 if title else 1))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png

@@ -220,10 +220,13 @@ class FCN(nn.Module):
                 m.weight.requires_grad_(bool(learn_upsampling))
         self._init_backbone()
         self._init_scores()
+        if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null", "false"):
+            pretrained = None  # as a command line gives it
         if pretrained:
             from liver_fcn.networks.vgg import load_vgg16_weights
 
-            load_vgg16_weights(self, None if pretrained is True else pretrained)
+            auto = pretrained is True or str(pretrained).strip().lower() == "true"
+            load_vgg16_weights(self, None if auto else pretrained)
 
     def _upsampler(self, stride: int, pad: int) -> nn.ConvTranspose2d:
         up = nn.ConvTranspose2d(self.out_channels, self.out_channels, 2 * stride, stride, pad, bias=False)

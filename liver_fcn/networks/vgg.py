@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from liver_fcn.errors import InputError
+from liver_fcn.errors import InputError, reported
 
 __all__ = ["IMAGENET_STD", "VGG16_FILENAME", "find_vgg16_weights", "load_vgg16_weights", "vgg16_to_fcn"]
 
@@ -88,6 +88,7 @@ def vgg16_to_fcn(state_dict: dict, in_channels: int = 1, rgb: bool = False, wher
     return out
 
 
+@reported
 def load_vgg16_weights(
     model: torch.nn.Module, source: str | os.PathLike | dict | None = None, rgb: bool = False
 ) -> list[str]:

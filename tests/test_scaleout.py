@@ -1,0 +1,244 @@
+"""Scale-out and team use: torchrun DDP on CPUs, a real MLflow server, resuming a killed run,
+ImageNet initialisation and staged training through the bundle command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from torch import nn
+
+from liver_fcn.data.ircadb import prepare
+from liver_fcn.networks import FCN
+from liver_fcn.training import prepare_network
+
+from .conftest import REPO
+from .test_bundle import CONFIGS, TINY, bundle
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_overrides(**changes) -> list[str]:
+    values = {**TINY, **{k: str(v) for k, v in changes.items()}}
+    return [x for k, v in values.items() for x in (f"--{k}", v)]
+
+
+@pytest.fixture(scope="module")
+def prepared_two_val(phantom_root, tmp_path_factory) -> Path:
+    """The phantoms with two validation patients (one per process for the DDP test)."""
+    out = tmp_path_factory.mktemp("prepared2") / "data"
+    prepare(phantom_root, out, val_fraction=0.4, test_fraction=0.0, log=lambda s: None)
+    return out
+
+
+def runs_of(uri: str, experiment: str = "liver-fcn"):
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") != "evaluation"] if exp else [])
+
+
+def steps(client, run, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+def test_torchrun_two_processes_on_cpu_log_one_finished_run(prepared_two_val, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'ddp.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "monai.bundle", "run", "training",
+        "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")]),
+        "--dataset_dir", str(prepared_two_val), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
+        *tiny_overrides(),
+    ]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    elapsed = time.time() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client, runs = runs_of(uri)
+    assert len(runs) == 1, [x.info.run_name for x in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert steps(client, run, "val_iou_liver") == [1, 2] and steps(client, run, "train_loss") == [1, 2]
+    assert run.data.params["val_patients"] == "2" and run.data.params["train_slices"] == "36"
+    models = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert "model.pt" in models and sum(p.endswith("_checkpoint_epoch=2.pt") for p in models) == 1
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["model"]
+    assert not any(k.startswith("module.") for k in state)  # the plain network, not the DDP wrapper
+    print(f"torchrun --nproc_per_node 2 on CPU (gloo), 2 epochs: {elapsed:.1f} s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and a local artifact store."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            log.close()
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url, root
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_team_server_two_runs_compared_over_http(mlflow_server, prepared, tmp_path):
+    url, root = mlflow_server
+    env = {"MLFLOW_TRACKING_URI": url}
+    common = ["run", "training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(prepared),
+              "--output_dir", str(tmp_path / "eval"), "--experiment_name", "team"]
+    r8 = bundle(*common, "--ckpt_dir", str(tmp_path / "m8"), *tiny_overrides(), env=env)
+    assert r8.returncode == 0, r8.stderr[-3000:]
+    # FCN-4s staged from the FCN-8s checkpoint: shared tensors loaded, the pool2 skip starts at zero
+    r4 = bundle(*common, "--ckpt_dir", str(tmp_path / "m4"), *tiny_overrides(), "--network_def#variant", "4s",
+                "--init_checkpoint", str(tmp_path / "m8" / "model.pt"), env=env)
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    assert "kept their initialisation: score_pool2, upscore4, upscore_pool3" in r4.stdout + r4.stderr
+    assert "not used: upscore8" in r4.stdout + r4.stderr
+    client, runs = runs_of(url, "team")
+    assert sorted(x.data.params["variant"] for x in runs) == ["4s", "8s"]
+    assert all(x.info.status == "FINISHED" for x in runs)
+    for x in runs:  # artifacts went through the server into its artifact store
+        assert "model.pt" in {a.path for a in client.list_artifacts(x.info.run_id)}
+    assert list((root / "artifacts").rglob("model.pt"))
+    out = tmp_path / "compare"
+    c = subprocess.run(
+        [sys.executable, "-m", "liver_fcn.cli", "compare", "--experiment", "team", "--tracking-uri", url, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert c.returncode == 0, c.stderr[-2000:]
+    assert "2 runs of experiment 'team'" in c.stdout
+    assert "fcn8s-w0.0625-64px-" in c.stdout and "fcn4s-w0.0625-64px-" in c.stdout
+    md = (out / "comparison.md").read_text()
+    assert md.count("| fcn") == 2 and "best iou liver" in md
+    header = (out / "comparison.csv").read_text().splitlines()[0]
+    assert header.startswith("run,status,variant,width,image_size,lr,batch_size,best_iou_liver")
+    assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'resume.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = uri
+    epochs = 8
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
+           "--dataset_dir", str(prepared), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
+           *tiny_overrides(epochs=epochs)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "models").glob("*_checkpoint_epoch=2.pt")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no epoch-2 checkpoint in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "training finished before it could be killed"
+    client, (run,) = runs_of(uri)
+    assert run.info.status == "FAILED" and "terminated by signal SIGTERM" in run.data.tags["error"]
+    done = steps(client, run, "val_iou_liver")
+    assert done[:2] == [1, 2] and len(done) < epochs
+
+    r = subprocess.run([*cmd, "--resume", "True"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client, runs = runs_of(uri)
+    assert [x.info.run_id for x in runs] == [run.info.run_id]  # the same run, continued
+    assert runs[0].info.status == "FINISHED"
+    assert steps(client, run, "val_iou_liver") == list(range(1, epochs + 1))  # no epoch lost, none twice
+    assert steps(client, run, "train_loss") == list(range(1, epochs + 1))
+    ckpt = torch.load(next((tmp_path / "models").glob(f"*_checkpoint_epoch={epochs}.pt")), weights_only=True)
+    assert ckpt["trainer"]["iteration"] == epochs * ckpt["trainer"]["epoch_length"]
+    assert ckpt["run"]["run_name"] == run.info.run_name
+    assert "optimizer" in ckpt and ckpt["optimizer"]["state"]
+
+
+def test_resume_with_other_settings_or_without_checkpoint_is_refused(prepared, tmp_path):
+    r = bundle("run", "training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(prepared),
+               "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "none"), *tiny_overrides(), "--resume", "True")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].endswith("none: no training checkpoint (<run>_checkpoint_epoch=N.pt) to resume from")
+
+
+def test_coarser_stage_initialises_a_finer_one(tmp_path):
+    torch.manual_seed(0)
+    coarse = FCN("16s", out_channels=4, width=1 / 16, dropout=0.0).eval()
+    for m in (coarse.score_fr, coarse.score_pool4):
+        nn.init.normal_(m.weight, 0, 0.2)
+    torch.save({"model": coarse.state_dict(), "settings": {"variant": "16s"}}, tmp_path / "stage16.pt")
+    fine = prepare_network(FCN("8s", out_channels=4, width=1 / 16, dropout=0.0), "cpu", tmp_path / "stage16.pt", log=lambda s: None).eval()
+    assert torch.equal(fine.features[0].weight, coarse.features[0].weight)
+    assert torch.count_nonzero(fine.score_pool3.weight) == 0
+    x = torch.randn(1, 1, 128, 128)
+    with torch.no_grad():
+        a, b = coarse(x), fine(x)
+    # 2x then 8x bilinear upsampling of the same fused scores instead of 16x at once: the finer
+    # network starts from (nearly) the coarser one's output and labels
+    inner = (slice(None), slice(None), slice(16, -16), slice(16, -16))
+    assert torch.corrcoef(torch.stack([a[inner].flatten(), b[inner].flatten()]))[0, 1] > 0.99
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.98
+
+
+def test_imagenet_weights_through_the_bundle(prepared, tmp_path):
+    from monai.bundle import ConfigParser
+
+    from liver_fcn.networks import vgg16_to_fcn
+
+    from .test_network import plain_vgg16
+
+    torch.manual_seed(0)
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    vgg = plain_vgg16().state_dict()
+    torch.save(vgg, home / "hub" / "checkpoints" / "vgg16-397923af.pth")
+    # the bundle's own network definition, with the override a user gives on the command line
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser["network_def#pretrained"] = str(home / "hub" / "checkpoints" / "vgg16-397923af.pth")
+    net = parser.get_parsed_content("network_def")
+    expected = vgg16_to_fcn(vgg, in_channels=1)
+    for key in ("features.0.weight", "features.28.weight", "fc6.0.weight", "fc7.0.bias"):
+        assert torch.equal(net.state_dict()[key], expected[key]), key
+    assert torch.count_nonzero(net.score_fr.weight) == 0  # the score layers keep their zero start
+    # the command line: True finds the file in $TORCH_HOME; a missing file or a narrow network is refused
+    base = ["--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(prepared),
+            "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models")]
+    ok = bundle("run", "network_def", *base, "--network_def#pretrained", "True", env={"TORCH_HOME": str(home)})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    missing = bundle("run", "training", *base, *tiny_overrides(width=1.0), "--network_def#pretrained", str(tmp_path / "absent.pth"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'absent.pth'}: VGG16 weight file does not exist"
+    narrow = bundle("run", "training", *base, *tiny_overrides(), "--network_def#pretrained", "True", env={"TORCH_HOME": str(home)})
+    assert narrow.returncode != 0 and "ImageNet VGG16 weights need width=1.0" in narrow.stderr
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "models").exists()  # nothing written
