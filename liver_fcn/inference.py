@@ -98,16 +98,11 @@ class Precision(torch.nn.Module):
 @reported
 def checkpoint_settings(path: str | os.PathLike, overrides: Mapping | None = None) -> dict:
     """Settings stored in a checkpoint, over :data:`DEFAULT_SETTINGS`, under ``overrides`` (not None values)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found; train first or pass --checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+    from liver_fcn.training import load_model_state
+
+    _, stored = load_model_state(path)
     settings = dict(DEFAULT_SETTINGS)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("settings"), dict):
-        settings.update(ckpt["settings"])
+    settings.update(stored)
     settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return settings
 

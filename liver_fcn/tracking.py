@@ -340,10 +340,6 @@ def plot_curves(curves: dict, out_png: str | os.PathLike, classes=("liver", "bon
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 3), 1, 0.96 if title else 1))
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    from liver_fcn.visualize import save_figure
+
+    return save_figure(fig, out_png)

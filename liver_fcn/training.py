@@ -6,9 +6,12 @@
 * :func:`latest_checkpoint` / :func:`resume_state` find the last per-epoch training checkpoint
   (model, optimizer, trainer state and the MLflow run it belongs to) so that a killed training
   continues where it stopped and logs into the same run. MONAI's CheckpointSaver and
-  CheckpointLoader do the saving and loading.
+  CheckpointLoader do the saving and loading; :class:`AtomicCheckpointSaver` makes each write
+  atomic, so a process killed while saving never leaves a truncated checkpoint behind.
 * :func:`terminate_on_signal` turns SIGTERM into an exception inside the training loop, so that a
-  killed training ends its MLflow run as FAILED (Ctrl-C already does) instead of leaving it RUNNING.
+  killed training ends its MLflow run as FAILED (Ctrl-C already does) instead of leaving it RUNNING;
+  :func:`finish_epoch_before_terminating` lets an epoch that has finished its iterations also finish
+  its validation, logging and checkpoint first, so an epoch is either fully recorded or not at all.
 """
 
 from __future__ import annotations
@@ -16,15 +19,21 @@ from __future__ import annotations
 import os
 import re
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointSaver
 
 from liver_fcn.errors import InputError, reported
 
 __all__ = [
+    "AtomicCheckpointSaver",
     "BestModelTracking",
     "check_world_size",
+    "finish_epoch_before_terminating",
     "RunIdentity",
     "TrainingTerminated",
     "latest_checkpoint",
@@ -32,6 +41,7 @@ __all__ = [
     "prepare_network",
     "resume_state",
     "terminate_on_signal",
+    "termination_held",
 ]
 
 EPOCH_CKPT = re.compile(r"^(?P<run>.+)_checkpoint_epoch=(?P<epoch>\d+)\.pt$")
@@ -41,7 +51,7 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict, dict]:
     """(state dict, settings) of a model checkpoint, plain or ``{"model": ..., "settings": ...}``."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
+        raise InputError(f"{path}: checkpoint not found; train first or give another checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -158,17 +168,101 @@ class TrainingTerminated(Exception):
     """Raised in the training loop when the process receives SIGTERM."""
 
 
+# a SIGTERM that arrives while termination is held is remembered and raised when the hold ends
+_termination: dict = {"held": False, "pending": None}
+
+
 def terminate_on_signal(signals=(signal.SIGTERM,)) -> None:
-    """Make SIGTERM raise :class:`TrainingTerminated` (main thread only; other threads ignore it)."""
+    """Make SIGTERM raise :class:`TrainingTerminated` (main thread only; other threads ignore it).
+
+    While termination is held (:func:`termination_held`), the signal takes effect when the hold ends.
+    """
+    _termination.update(held=False, pending=None)
 
     def handler(signum, frame):
-        raise TrainingTerminated(f"terminated by signal {signal.Signals(signum).name}")
+        reason = f"terminated by signal {signal.Signals(signum).name}"
+        if _termination["held"]:
+            _termination["pending"] = reason
+            return
+        raise TrainingTerminated(reason)
 
     try:
         for s in signals:
             signal.signal(s, handler)
     except ValueError:  # not the main thread
         pass
+
+
+def _release_termination() -> None:
+    _termination["held"] = False
+    reason, _termination["pending"] = _termination["pending"], None
+    if reason:
+        raise TrainingTerminated(reason)
+
+
+@contextmanager
+def termination_held():
+    """Hold SIGTERM (see :func:`terminate_on_signal`) over a block that must not be cut short."""
+    if _termination["held"]:  # nested in a longer hold, which releases it
+        yield
+        return
+    _termination["held"] = True
+    try:
+        yield
+    except BaseException:
+        _termination["held"] = False
+        raise
+    _release_termination()
+
+
+def finish_epoch_before_terminating(trainer) -> None:
+    """Hold SIGTERM from the last iteration of each epoch until every epoch-end handler has run.
+
+    Attach after the handlers of the epoch's end (validation, MLflow, the per-epoch checkpoint): a
+    SIGTERM during the iterations stops at once and the epoch is redone on resume; one during the
+    epoch's end waits until its metrics are logged and its checkpoint written. Either way no epoch
+    is lost or logged twice. (A SIGKILL cannot be held; the checkpoint is still never truncated.)
+    """
+
+    def hold(engine) -> None:
+        _termination["held"] = True
+
+    def release(engine) -> None:
+        _release_termination()
+
+    last_iteration = Events.ITERATION_COMPLETED(event_filter=lambda e, it: it % e.state.epoch_length == 0)
+    trainer.add_event_handler(last_iteration, hold)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, release)
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite's DiskSaver in its atomic mode (a temporary file renamed into place, readable by the
+    group as MONAI's saver is), with MONAI's optional fixed file name, holding SIGTERM while it writes."""
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        with termination_held():
+            super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def remove(self, filename: str) -> None:
+        super().remove(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's CheckpointSaver whose files are written atomically.
+
+    MONAI's saver writes straight into the final file name; a process killed during that write
+    leaves a truncated ``*.pt`` that ``--resume`` would pick as the newest checkpoint.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler = _AtomicDiskSaver(self.save_dir, getattr(ckpt.save_handler, "filename", None))
 
 
 @reported

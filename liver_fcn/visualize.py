@@ -8,10 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLASS_COLOURS", "overlay_montage", "pick_slices"]
+__all__ = ["CLASS_COLOURS", "overlay_montage", "pick_slices", "save_figure"]
 
 #: contour colour of each class index
 CLASS_COLOURS = {1: "#e4572e", 2: "#f3d34a", 3: "#29c7ac", 4: "#7b9e3f", 5: "#a06cd5"}
+
+
+def save_figure(fig, out_png: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
 
 
 def pick_slices(label: np.ndarray, cls: int = 1, n: int = 4) -> list[int]:
@@ -75,10 +88,4 @@ def overlay_montage(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95 if title else 1))
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return save_figure(fig, out_png, dpi=110)

@@ -139,3 +139,77 @@ def test_class_metrics_against_hand_computed_values():
     m = ClassIoU(include_background=True, ignore_empty=True)
     m(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
     assert math.isnan(float(m.aggregate()))
+
+
+def _terminated_engine(ckpt_dir, signal_at_iteration: int | None = None, signal_in_epoch_end: bool = False):
+    """A 3-epoch engine with the bundle's termination handling and an atomic per-epoch saver."""
+    import os
+    import signal
+
+    from ignite.engine import Events
+
+    from liver_fcn.training import AtomicCheckpointSaver, finish_epoch_before_terminating, terminate_on_signal
+
+    terminate_on_signal()
+    engine = Engine(lambda e, b: None)
+    logged = []
+    if signal_at_iteration is not None:
+        engine.add_event_handler(
+            Events.ITERATION_COMPLETED(once=signal_at_iteration), lambda e: os.kill(os.getpid(), signal.SIGTERM)
+        )
+
+    def validate(e):  # stands for validation and MLflow logging at the epoch's end
+        if signal_in_epoch_end and e.state.epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        logged.append(e.state.epoch)
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED, validate)
+    saver = AtomicCheckpointSaver(
+        str(ckpt_dir), {"net": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 1)}, save_interval=1, epoch_level=True, n_saved=1, file_prefix="run"
+    )
+    saver.attach(engine)
+    finish_epoch_before_terminating(engine)
+    return engine, logged
+
+
+def test_sigterm_at_an_epoch_end_waits_for_its_checkpoint(tmp_path):
+    import signal
+
+    from liver_fcn.training import TrainingTerminated
+
+    engine, logged = _terminated_engine(tmp_path, signal_in_epoch_end=True)
+    try:
+        with pytest.raises(TrainingTerminated, match="SIGTERM"):
+            engine.run([0] * 4, max_epochs=3)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert logged == [1, 2]  # epoch 2 logged and ...
+    assert [p.name for p in tmp_path.iterdir()] == ["run_checkpoint_epoch=2.pt"]  # ... saved, nothing else
+    assert torch.load(tmp_path / "run_checkpoint_epoch=2.pt", weights_only=True)["net"]["weight"].shape == (2, 2)
+
+
+def test_sigterm_during_iterations_stops_at_once(tmp_path):
+    import signal
+
+    from liver_fcn.training import TrainingTerminated
+
+    engine, logged = _terminated_engine(tmp_path, signal_at_iteration=6)  # in epoch 2
+    try:
+        with pytest.raises(TrainingTerminated):
+            engine.run([0] * 4, max_epochs=3)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert engine.state.iteration == 6 and logged == [1]
+    assert [p.name for p in tmp_path.iterdir()] == ["run_checkpoint_epoch=1.pt"]
+
+
+def test_a_failed_checkpoint_write_leaves_no_file(tmp_path):
+    from liver_fcn.training import _AtomicDiskSaver
+
+    saver = _AtomicDiskSaver(str(tmp_path))
+    with pytest.raises(Exception):
+        # the tensor is written, then pickling the lambda fails half-way through the file
+        saver({"weight": torch.zeros(1000), "broken": lambda: None}, "run_checkpoint_epoch=3.pt")
+    assert list(tmp_path.iterdir()) == []
+    saver({"weight": torch.zeros(3)}, "run_checkpoint_epoch=3.pt")
+    assert torch.load(tmp_path / "run_checkpoint_epoch=3.pt", weights_only=True)["weight"].shape == (3,)
