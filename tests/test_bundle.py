@@ -148,6 +148,17 @@ def test_inference_with_the_trained_checkpoint(trained, prepared, tmp_path):
     assert f"{name}: " in r.stdout and "1 case written to" in r.stdout
 
 
+def test_demo_overlay_of_the_trained_checkpoint(trained, prepared, tmp_path):
+    out, _ = trained  # trained with other settings than train.json's: the checkpoint's own are used
+    r = subprocess.run(
+        [sys.executable, str(REPO / "workflows" / "overlay.py"), "--dataset_dir", str(prepared),
+         "--checkpoint", str(out / "models" / "model.pt"), "--out", str(tmp_path / "overlay.png")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.slow
 def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
     out, _ = trained

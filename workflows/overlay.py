@@ -1,7 +1,8 @@
 """Draw the trained bundle's prediction on a validation patient: an overlay montage PNG.
 
-Uses the bundle's own config (same preprocessing, network and slice inferer as validation) and its
-best checkpoint. Run after training, e.g. after `make demo`:
+Uses the bundle's own config (same preprocessing, network and slice inferer as validation) with the
+settings stored in the checkpoint (variant, width, image size, HU window ...), and the best
+checkpoint. Run after training, e.g. after `make demo`:
 
     python workflows/overlay.py --dataset_dir data/phantoms/prepared --out bundle/eval/overlay.png \
         --config "['bundle/configs/train.json','bundle/configs/quick.json']"
@@ -15,7 +16,11 @@ import ast
 import torch
 from monai.bundle import ConfigParser
 
+from liver_fcn.training import load_model_state
 from liver_fcn.visualize import overlay_montage
+
+# checkpoint settings that are top-level ids of train.json
+SETTING_IDS = ("variant", "width", "padding", "in_channels", "class_names", "image_size", "hu_window", "intensity_mean")
 
 
 def main() -> None:
@@ -32,9 +37,13 @@ def main() -> None:
     parser.read_config(files)
     parser["dataset_dir"] = args.dataset_dir
     parser["device"] = "$torch.device('cpu')"
+    state, settings = load_model_state(args.checkpoint)
+    for key in SETTING_IDS:
+        if key in settings:
+            parser[key] = settings[key]
     item = parser.get_parsed_content("validate#dataset")[args.case]
     net = parser.get_parsed_content("network")
-    net.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    net.load_state_dict(state)
     net.eval()
     with torch.no_grad():
         logits = parser.get_parsed_content("validate#inferer")(item["image"][None], net)
