@@ -70,6 +70,19 @@ def test_unzipped_tree_is_used_in_place(phantom_copy, tmp_path):
     assert not (out / "3Dircadb1.1").exists() and (out / "3Dircadb1.2").is_dir()
 
 
+def test_fully_unzipped_tree_needs_no_extraction(phantom_copy, tmp_path):
+    for p in phantom_copy.glob("3Dircadb1.*"):
+        for name in ("PATIENT_DICOM", "MASKS_DICOM"):
+            with zipfile.ZipFile(p / f"{name}.zip") as zf:
+                zf.extractall(p)
+            (p / f"{name}.zip").unlink()
+    out = tmp_path / "new" / "out"  # does not exist yet
+    prepare(phantom_copy, out, val_patients=["1"], log=quiet)
+    assert sorted(x.name for x in out.iterdir()) == ["datalist.json"]
+    data = json.loads((out / "datalist.json").read_text())
+    assert all(Path(e["image"]).is_dir() for k in ("training", "validation", "test") for e in data[k])
+
+
 def test_split_is_seeded_stratified_and_pinnable():
     entries = [{"patient": f"3Dircadb1.{i}", "annotated": [True, True, True, i in (1, 3, 5, 6, 7, 11)]} for i in range(1, 21)]
     a = split_patients(entries, seed=1)

@@ -376,6 +376,7 @@ def prepare(
             "split": {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction},
             **split,
         }
+        out.mkdir(parents=True, exist_ok=True)  # no patient was extracted into it when none is zipped
         write_json_atomic(datalist_path, datalist)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
