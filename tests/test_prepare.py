@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import stat
 import subprocess
@@ -231,3 +232,16 @@ def test_real_sample(tmp_path):
         assert 30 < p["volumes_ml"]["kidney"] < 800 and p["volumes_ml"]["bone"] > 100
     # 2865131 liver voxels of 0.57 x 0.57 x 1.6 mm in patient 1
     assert p1["volumes_ml"]["liver"] == pytest.approx(2865131 * 0.57 * 0.57 * 1.6 / 1000, rel=1e-3)
+
+
+def test_real_ct_loads_without_header_noise(tmp_path, caplog):
+    """The real files hold decimal strings over 16 characters; loading them logs nothing about it."""
+    from liver_fcn.transforms import load_ct
+
+    ircadb = real_sample_or_skip()
+    with zipfile.ZipFile(ircadb / "3Dircadb1.1" / "PATIENT_DICOM.zip") as zf:
+        zf.extractall(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pydicom"):
+        img = load_ct(tmp_path / "PATIENT_DICOM")
+    assert tuple(img.shape) == (1, 512, 512, 129)
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")], caplog.text[:500]

@@ -16,6 +16,7 @@ Every problem raises :class:`~liver_fcn.errors.InputError` with one line naming 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -196,6 +197,15 @@ def inspect_series(
     return _order(datasets, files, folder, series_uid, modality)[2]
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 class CTSeriesReader(PydicomReader):
     """A :class:`monai.data.PydicomReader` for exactly one well-formed series per folder.
 
@@ -244,7 +254,16 @@ class CTSeriesReader(PydicomReader):
             except Exception as e:
                 raise InputError(f"{name}: cannot decode pixel data ({type(e).__name__}: {e})") from None
         first = data[0]
-        metadata = self._get_meta_dict(first)
+        # MONAI turns the header into metadata through pydicom's JSON conversion, which drops decimal
+        # strings longer than DICOM's 16 characters (3D-IRCADb-01's SliceThickness, for one) and logs
+        # "Error while processing tag" for each; the geometry comes from the positions, so say nothing
+        log = logging.getLogger("pydicom")
+        quiet = _DropMessages("Error while processing tag")
+        log.addFilter(quiet)
+        try:
+            metadata = self._get_meta_dict(first)
+        finally:
+            log.removeFilter(quiet)
         info = self.series_info
         step = info.slice_spacing if info is not None else 1.0
         metadata["spacing"] = np.asarray([*map(float, first.PixelSpacing), step])
