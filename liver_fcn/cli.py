@@ -12,6 +12,7 @@ import time
 import warnings
 
 from liver_fcn.errors import InputError
+from liver_fcn.outputs import write_text_atomic
 
 
 def _phantom(args: argparse.Namespace) -> int:
@@ -64,7 +65,6 @@ def _summary(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import csv
     import io
-    import os
     from pathlib import Path
 
     from liver_fcn.tracking import compare_runs, comparison_table, plot_curves, resolve_tracking_uri
@@ -77,19 +77,13 @@ def _compare(args: argparse.Namespace) -> int:
     print(comparison_table(rows, fmt="text"))
     out = Path(args.out or Path(args.output_dir) / "compare" / args.experiment)
     out.mkdir(parents=True, exist_ok=True)
-
-    def atomic(path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
-    atomic(out / "comparison.md", f"# {args.experiment}: runs by {args.metric}\n\n" + comparison_table(rows))
+    write_text_atomic(out / "comparison.md", f"# {args.experiment}: runs by {args.metric}\n\n" + comparison_table(rows))
     buf = io.StringIO()
     fields = list(dict.fromkeys(k for r in rows for k in r))
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    atomic(out / "comparison.csv", buf.getvalue())
+    write_text_atomic(out / "comparison.csv", buf.getvalue())
     plot_curves(curves, out / "curves.png", title=f"{args.experiment}: validation curves")
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'curves.png'}")
     return 0

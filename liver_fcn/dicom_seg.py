@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 
 from liver_fcn.data.dicom import inspect_series
+from liver_fcn.outputs import atomic_path
 
 __all__ = ["SEGMENT_CODES", "write_dicom_seg"]
 
@@ -109,8 +110,6 @@ def write_dicom_seg(
         series_description="liver-fcn segmentation",
         omit_empty_frames=False,
     )
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    segmentation.save_as(tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        segmentation.save_as(tmp)
+    return Path(path)

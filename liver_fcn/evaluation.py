@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
+
+from liver_fcn.outputs import write_json_atomic, write_text_atomic
 
 __all__ = ["METRICS", "EvaluationReport", "class_metrics", "evaluation_name", "slice_iou"]
 
@@ -83,12 +84,6 @@ def class_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float])
 def _spacing(t) -> list[float]:
     aff = np.asarray(t.affine.detach().cpu(), dtype=np.float64) if hasattr(t, "affine") else np.eye(4)
     return [float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(axis=0))]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class EvaluationReport:
@@ -161,15 +156,15 @@ class EvaluationReport:
         w.writeheader()
         for r in self.rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-        _atomic_write(self.output_dir / "metrics.csv", buf.getvalue())
+        write_text_atomic(self.output_dir / "metrics.csv", buf.getvalue())
         summary = self.summary()
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["class", "metric", "unit", "n", "mean", "std"])
         w.writeheader()
         for r in summary:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-        _atomic_write(self.output_dir / "summary.csv", buf.getvalue())
-        _atomic_write(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.output_dir / "summary.csv", buf.getvalue())
+        write_json_atomic(self.output_dir / "summary.json", summary)
         patients = len({r["patient"] for r in self.rows})
         self.log(f"evaluation of {patients} patient(s), mean over patients (n = patients with that class annotated):")
         self.log(f"  {'class':<8} " + " ".join(f"{m + ('(' + u + ')' if u else ''):>11}" for m, u in METRICS.items()))

@@ -29,6 +29,7 @@ from monai.transforms import MapTransform
 
 from liver_fcn.data.dicom import inspect_series
 from liver_fcn.errors import InputError, reported
+from liver_fcn.outputs import atomic_path, write_json_atomic
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -197,22 +198,12 @@ def collect_cases(
 
 def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
     """Save a NIfTI file through a temporary name and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def _write_json_atomic(obj, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, ".tmp.nii.gz") as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
 
 
 def case_report(seg: np.ndarray, affine: np.ndarray, class_names: Sequence[str], case: str = "") -> dict:
@@ -325,7 +316,7 @@ class WriteCased(MapTransform):
                     write_dicom_seg(d["image_path"], seg, self.class_names, self.output_dir / f"{case}_seg.dcm", d.get("series_uid"))
                 )
             report["files"] = files
-            _write_json_atomic(report, self.output_dir / f"{case}_report.json")
+            write_json_atomic(self.output_dir / f"{case}_report.json", report)
             self.log(summary_line(report, mask_path))
             self.written.append(report)
         return d

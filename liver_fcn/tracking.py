@@ -24,6 +24,8 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
 
+from liver_fcn.outputs import atomic_path
+
 __all__ = [
     "MLflowRunHandler",
     "export_bundle_config",
@@ -162,11 +164,8 @@ def export_bundle_config(path: str | os.PathLike) -> str:
         if _plain(v):
             resolved[k] = v
     content["_resolved_"] = resolved
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    ConfigParser.export_config_file(content, str(tmp), fmt="json", indent=2)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ConfigParser.export_config_file(content, str(tmp), fmt="json", indent=2)
     return str(path)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from liver_fcn.outputs import atomic_path
+
 __all__ = ["CLASS_COLOURS", "overlay_montage", "pick_slices", "save_figure"]
 
 #: contour colour of each class index
@@ -18,13 +20,12 @@ def save_figure(fig, out_png: str | os.PathLike, dpi: int = 100) -> Path:
     """Save a matplotlib figure as PNG through a temporary file and a rename, then close it."""
     import matplotlib.pyplot as plt
 
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    try:
+        with atomic_path(out_png, ".tmp.png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(out_png)
 
 
 def pick_slices(label: np.ndarray, cls: int = 1, n: int = 4) -> list[int]:

@@ -30,6 +30,7 @@ import pydicom
 from liver_fcn.data.archive import check_zip, safe_extract
 from liver_fcn.data.dicom import inspect_series
 from liver_fcn.errors import InputError
+from liver_fcn.outputs import write_json_atomic
 
 __all__ = [
     "DEFAULT_CLASSES",
@@ -38,7 +39,6 @@ __all__ = [
     "load_class_mapping",
     "prepare",
     "split_patients",
-    "write_json_atomic",
 ]
 
 DEFAULT_CLASSES: list[str] = ["background", "liver", "bone", "kidney"]
@@ -50,15 +50,6 @@ DEFAULT_ORGANS: dict[str, list] = {
     "kidney": ["kidneys", ["leftkidney", "rightkidney"]],
 }
 PATIENT_RE = re.compile(r"^3Dircadb1\.(\d+)$")
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    """Write JSON through a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def load_class_mapping(path: str | os.PathLike | None = None) -> tuple[list[str], dict[str, list]]:
@@ -376,7 +367,6 @@ def prepare(
             "split": {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction},
             **split,
         }
-        out.mkdir(parents=True, exist_ok=True)  # no patient was extracted into it when none is zipped
         write_json_atomic(datalist_path, datalist)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

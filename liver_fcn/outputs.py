@@ -1,0 +1,45 @@
+"""Output files written whole or not at all.
+
+Every file liver-fcn writes (datalists, masks, reports, DICOM SEG, CSV tables, figures, exported
+configs) goes to a temporary name beside its destination and is renamed into place only once it is
+complete, so an interrupted or failed write never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic"]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed to ``path`` on success, removed on failure.
+
+    The destination folder is created if needed. ``suffix`` ends the temporary name, for writers that
+    choose the file format by it (``.nii.gz``, ``.png``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
