@@ -178,7 +178,8 @@ def bundle_end_to_end(tmp: Path, size: int, slices: int) -> tuple[float, str]:
 
     with zipfile.ZipFile(patient / "PATIENT_DICOM.zip") as zf:
         zf.extractall(patient)
-    settings = {"variant": "8s", "width": 1.0, "image_size": size}
+    settings = {"variant": "8s", "width": 1.0, "in_channels": 1, "class_names": ["background", "liver", "bone", "kidney"],
+                "pixel_spacing": 380.0 / size, "image_size": size, "hu_window": [-250, 450], "intensity_mean": 0.19}
     torch.save({"model": make_network().state_dict(), "settings": settings}, tmp / "model.pt")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(REPO / "bundle/configs/inference.json"),
            "--input", str(patient / "PATIENT_DICOM"), "--output_dir", str(tmp / "out"), "--checkpoint", str(tmp / "model.pt"),

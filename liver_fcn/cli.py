@@ -62,6 +62,35 @@ def _summary(args: argparse.Namespace) -> int:
     return 0 if print_run_summary(uri, args.experiment, run_name) else 1
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from liver_fcn.data.synth import synthesize
+
+    t0 = time.time()
+    synthesize(
+        args.masks, args.out, copies=args.copies, seed=args.seed, patients=args.patients,
+        sampling_weight=args.weight, mapping=args.mapping, overwrite=args.overwrite,
+    )
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _crossval(args: argparse.Namespace) -> int:
+    import ast
+
+    from liver_fcn.crossval import crossval
+
+    configs = ast.literal_eval(args.config) if args.config.strip().startswith("[") else [args.config]
+    overrides = list(args.overrides)
+    if overrides and overrides[0] == "--":
+        overrides = overrides[1:]
+    crossval(
+        args.dataset_dir, configs, args.name, out_dir=args.out, overrides=overrides,
+        extra_training=args.extra_training, patients=args.patients, experiment=args.experiment,
+        tracking_uri=args.tracking_uri, scanner_shift=not args.no_scanner_shift,
+    )
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     import csv
     import io
@@ -70,6 +99,18 @@ def _compare(args: argparse.Namespace) -> int:
     from liver_fcn.tracking import compare_runs, comparison_table, plot_curves, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.output_dir, args.tracking_uri)
+    if args.crossval:
+        from liver_fcn.crossval import compare_crossvals
+
+        a, b = args.crossval
+        experiment = args.experiment if args.experiment != "liver-fcn" else "liver-fcn-crossval"
+        rows, table = compare_crossvals(uri, experiment, a, b)
+        print(f"cross-validations {a!r} and {b!r} of experiment {experiment!r}, fold by fold:")
+        print(table)
+        out = Path(args.out or Path(args.output_dir) / "compare" / f"{a}-vs-{b}")
+        write_text_atomic(out / "crossval_comparison.md", f"# {a} vs {b}\n\n" + table)
+        print(f"wrote {out / 'crossval_comparison.md'}")
+        return 0
     rows, curves = compare_runs(uri, args.experiment, metric=args.metric)
     if not rows:
         raise InputError(f"{uri}: experiment {args.experiment!r} has no training runs")
@@ -114,13 +155,53 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace an earlier preparation in --out")
     pr.set_defaults(func=_prepare)
 
+    sy = sub.add_parser(
+        "synth", help="synthesise training CTs from 3D-IRCADb-01 organ masks (domain randomisation)",
+        description="Paint CT volumes from the organ masks of patients whose CT is not available (body outline, "
+        "liver, vessels, bone, kidneys...) with random but physical densities, texture, blur and noise; write them "
+        "as NIfTI with a datalist for `liver-fcn crossval --extra-training` or a training split.",
+    )
+    sy.add_argument("--masks", required=True, help="folder of 3Dircadb1.N folders holding MASKS_DICOM.zip (or MASKS_DICOM)")
+    sy.add_argument("--out", required=True, help="output folder (one sub-folder per volume, datalist.json)")
+    sy.add_argument("--copies", type=int, default=1, help="renderings per patient, each with new random tissue (default 1)")
+    sy.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sy.add_argument("--patients", nargs="*", default=[], help="only these patients (e.g. 2 5 3Dircadb1.9)")
+    sy.add_argument("--weight", type=float, default=1.0,
+                    help="sampling weight of each synthetic volume's slices against real ones' 1.0 (default 1.0)")
+    sy.add_argument("--mapping", help="JSON file mapping organ folders to classes (default: liver, bone, kidney)")
+    sy.add_argument("--overwrite", action="store_true", help="replace an earlier synthesis in --out")
+    sy.set_defaults(func=_synth)
+
     co = sub.add_parser("compare", help="compare the runs of an MLflow experiment: table, CSV, Markdown, curves")
     co.add_argument("--experiment", default="liver-fcn", help="MLflow experiment (default liver-fcn)")
     co.add_argument("--metric", default="val_iou_liver", help="sort by the best value of this metric")
     co.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the bundle's store)")
     co.add_argument("--output-dir", default="bundle/eval", help="bundle output folder holding mlruns.db")
     co.add_argument("--out", help="folder for comparison.md/.csv and curves.png (default <output-dir>/compare/<experiment>)")
+    co.add_argument("--crossval", nargs=2, metavar=("A", "B"),
+                    help="compare two cross-validations (liver-fcn crossval --name) fold by fold instead")
     co.set_defaults(func=_compare)
+
+    cv = sub.add_parser(
+        "crossval", help="leave-one-patient-out cross-validation of a bundle recipe, one MLflow parent run",
+        description="Train the bundle once per patient of a prepared data set without that patient (fixed "
+        "iteration budget, last checkpoint: the held-out patient never chooses it), evaluate the held-out "
+        "patient clean and after a simulated scanner change, and record it all as an MLflow parent run with a "
+        "child run per fold. Bundle overrides for the training runs follow a '--'.",
+    )
+    cv.add_argument("--dataset_dir", "--dataset-dir", required=True, help="folder holding a liver-fcn prepare datalist.json")
+    cv.add_argument("--config", default="['bundle/configs/train.json','bundle/configs/cpu.json']",
+                    help="training config file or Python list of them (default: train.json + cpu.json)")
+    cv.add_argument("--name", required=True, help="name of this cross-validation (its folder and MLflow tag)")
+    cv.add_argument("--out", default="bundle/eval/crossval", help="folder for the folds (default bundle/eval/crossval)")
+    cv.add_argument("--extra-training", nargs="*", default=[],
+                    help="datalists (or their folders) whose training split joins every fold's training set")
+    cv.add_argument("--patients", nargs="*", default=[], help="hold out only these patients (default: all)")
+    cv.add_argument("--experiment", default="liver-fcn-crossval", help="MLflow experiment (default liver-fcn-crossval)")
+    cv.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or bundle/eval/mlruns.db)")
+    cv.add_argument("--no-scanner-shift", action="store_true", help="evaluate the clean scans only")
+    cv.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then bundle overrides, e.g. -- --iterations 500")
+    cv.set_defaults(func=_crossval)
 
     su = sub.add_parser("summary", help="print the validation results of an MLflow run")
     su.add_argument("--experiment", default="liver-fcn", help="MLflow experiment (default liver-fcn)")

@@ -4,8 +4,9 @@ The overlap and surface-distance computations are MONAI's (``compute_dice``, ``c
 ``compute_average_surface_distance``, ``compute_hausdorff_distance`` with the voxel spacing, so
 distances are in mm). Added here: the SLIVER07 conventions around them (VOE and RVD in percent,
 MSSD as the maximum symmetric surface distance), the 2D slice IoU of the paper, the handling of
-classes a patient has no masks for (left out, not scored as 0), and :class:`EvaluationReport`, an
-Ignite handler that writes the per-patient CSV and the summary and puts the summary means into
+classes a patient has no masks for (left out, not scored as 0), the clean / scanner-shifted pair of
+each patient (:func:`with_conditions`, scored each on its own grid), and :class:`EvaluationReport`,
+an Ignite handler that writes the per-patient CSV and the summary and puts the summary means into
 ``engine.state.metrics`` for MLFlowHandler to log.
 """
 
@@ -25,7 +26,10 @@ from monai.metrics import compute_average_surface_distance, compute_dice, comput
 
 from liver_fcn.outputs import write_json_atomic, write_text_atomic
 
-__all__ = ["METRICS", "EvaluationReport", "class_metrics", "evaluation_name", "slice_iou"]
+__all__ = ["CONDITIONS", "METRICS", "EvaluationReport", "class_metrics", "evaluation_name", "slice_iou", "with_conditions"]
+
+#: the scan as acquired, and the same scan after a simulated change of scanner (SimulateScannerd)
+CONDITIONS = ("clean", "shifted")
 
 #: metric -> unit, in the order of the CSV columns
 METRICS = {
@@ -44,6 +48,17 @@ def evaluation_name(settings: dict, split: str) -> str:
     import time
 
     return f"eval-{settings.get('run_name') or 'model'}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def with_conditions(files: Sequence[dict], scanner_shift: bool = True) -> list[dict]:
+    """Each datalist entry as ``condition="clean"`` and, with ``scanner_shift``, again as ``"shifted"``
+    (the evaluation chain simulates another scanner for those)."""
+    out = []
+    for f in files:
+        out.append({**f, "condition": "clean"})
+        if scanner_shift:
+            out.append({**f, "condition": "shifted"})
+    return out
 
 
 def slice_iou(pred: np.ndarray, truth: np.ndarray, axis: int = -1) -> float:
@@ -89,11 +104,16 @@ def _spacing(t) -> list[float]:
 class EvaluationReport:
     """Per-patient, per-class metrics of an evaluator's run, written as CSV and summarised.
 
-    Expects each decollated output item to hold ``pred`` (class map, 1 x X x Y x Z, on the
-    reference's grid, with its affine), ``label`` (reference class map), ``annotated`` (one flag per
-    class) and ``patient``. On completion writes ``metrics.csv`` (one row per patient and class),
-    ``summary.csv`` and ``summary.json`` (mean, std, n over patients) into ``output_dir`` and sets
-    ``engine.state.metrics["test_<metric>_<class>"]`` to the means.
+    Reads each decollated item of the engine's batch and output together (MONAI's evaluator keeps
+    the keys it did not compute - ``patient``, ``annotated``, the reference - in ``engine.state.batch``
+    and the prediction in ``engine.state.output``): ``pred`` (class map, 1 x X x Y x Z, on the
+    reference's grid, with its affine), ``label_key`` (reference class map), ``annotated`` (one flag
+    per class; classes without masks are left out, not scored as 0), ``patient`` and ``condition``
+    (``clean`` or ``shifted``, see :func:`with_conditions`). On completion writes ``metrics.csv``
+    (one row per patient, condition and class), ``summary.csv`` and ``summary.json`` (mean, std, n
+    over patients, per condition) into ``output_dir`` and sets ``engine.state.metrics`` to the means:
+    ``test_<metric>_<class>`` for the clean scans, ``test_shifted_<metric>_<class>`` for the shifted
+    ones and ``test_shift_change_dice_<class>`` (shifted minus clean Dice).
     """
 
     def __init__(
@@ -101,11 +121,13 @@ class EvaluationReport:
         class_names: Sequence[str],
         output_dir: str | os.PathLike,
         prefix: str = "test_",
+        label_key: str = "label",
         log=print,
     ) -> None:
         self.class_names = list(class_names)
         self.output_dir = Path(output_dir)
         self.prefix = prefix
+        self.label_key = label_key
         self.log = log
         self.rows: list[dict] = []
 
@@ -114,43 +136,73 @@ class EvaluationReport:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
+    @staticmethod
+    def _items(engine: Engine) -> list[dict]:
+        batch, output = engine.state.batch, engine.state.output
+        if isinstance(output, dict):
+            output, batch = [output], [batch]
+        if not isinstance(batch, (list, tuple)) or len(batch) != len(output):
+            batch = [{}] * len(output)
+        return [{**(b if isinstance(b, dict) else {}), **o} for b, o in zip(batch, output)]
+
+    def add(self, pred, truth, spacing: Sequence[float], annotated: Sequence[bool], patient: str, condition: str = "clean") -> None:
+        """Score one patient: class maps ``pred`` and ``truth`` (3D, one grid) with voxel ``spacing`` in mm."""
+        pred, truth = np.asarray(pred), np.asarray(truth)
+        if pred.shape != truth.shape:
+            raise ValueError(f"{patient}: prediction {pred.shape} and reference {truth.shape} are not on one grid")
+        voxel_ml = float(np.prod(spacing)) / 1000
+        for c, name in enumerate(self.class_names):
+            if c == 0:
+                continue
+            row = {"patient": patient, "condition": condition, "class": name, "annotated": bool(annotated[c])}
+            if annotated[c]:
+                row.update(class_metrics(pred == c, truth == c, spacing))
+            else:
+                row.update({k: float("nan") for k in METRICS})
+            row["volume_pred_ml"] = float((pred == c).sum()) * voxel_ml
+            row["volume_ref_ml"] = float((truth == c).sum()) * voxel_ml if annotated[c] else float("nan")
+            self.rows.append(row)
+
     def iteration_completed(self, engine: Engine) -> None:
-        for item in engine.state.output:
+        for item in self._items(engine):
+            if "patient" not in item:
+                raise KeyError("EvaluationReport needs 'patient' in each item (keep it through the preprocessing)")
             pred = np.asarray(item["pred"].detach().cpu())[0]
-            truth = np.asarray(item["label"].detach().cpu())[0]
-            if pred.shape != truth.shape:
-                raise ValueError(f"prediction {pred.shape} and reference {truth.shape} are not on one grid")
-            spacing = _spacing(item["label"])
+            truth = np.asarray(item[self.label_key].detach().cpu())[0]
             annotated = [bool(a) for a in torch.as_tensor(item.get("annotated", [True] * len(self.class_names)))]
-            patient = item.get("patient", f"case{len(self.rows)}")
-            for c, name in enumerate(self.class_names):
-                if c == 0:
-                    continue
-                row = {"patient": patient, "class": name, "annotated": annotated[c]}
-                if annotated[c]:
-                    row.update(class_metrics(pred == c, truth == c, spacing))
-                else:
-                    row.update({k: float("nan") for k in METRICS})
-                row["volume_pred_ml"] = float((pred == c).sum()) * float(np.prod(spacing)) / 1000
-                row["volume_ref_ml"] = float((truth == c).sum()) * float(np.prod(spacing)) / 1000 if annotated[c] else float("nan")
-                self.rows.append(row)
+            self.add(pred, truth, _spacing(item[self.label_key]), annotated, str(item["patient"]), str(item.get("condition", "clean")))
 
     def summary(self) -> list[dict]:
         out = []
+        conditions = [c for c in CONDITIONS if any(r["condition"] == c for r in self.rows)]
+        for condition in conditions:
+            for name in self.class_names[1:]:
+                rows = [r for r in self.rows if r["class"] == name and r["condition"] == condition]
+                for metric, unit in METRICS.items():
+                    vals = np.array([r[metric] for r in rows if not math.isnan(r[metric])], dtype=float)
+                    out.append({
+                        "condition": condition, "class": name, "metric": metric, "unit": unit, "n": int(vals.size),
+                        "mean": float(vals.mean()) if vals.size else float("nan"),
+                        "std": float(vals.std()) if vals.size else float("nan"),
+                    })
+        return out
+
+    def metrics(self, summary: list[dict] | None = None) -> dict[str, float]:
+        """The summary means as flat metric names (see the class docstring)."""
+        summary = self.summary() if summary is None else summary
+        out = {}
+        for r in summary:
+            tag = "" if r["condition"] == "clean" else f"{r['condition']}_"
+            out[f"{self.prefix}{tag}{r['metric']}_{r['class']}"] = r["mean"]
         for name in self.class_names[1:]:
-            rows = [r for r in self.rows if r["class"] == name]
-            for metric, unit in METRICS.items():
-                vals = np.array([r[metric] for r in rows if not math.isnan(r[metric])], dtype=float)
-                out.append({
-                    "class": name, "metric": metric, "unit": unit, "n": int(vals.size),
-                    "mean": float(vals.mean()) if vals.size else float("nan"),
-                    "std": float(vals.std()) if vals.size else float("nan"),
-                })
+            clean, shifted = out.get(f"{self.prefix}dice_{name}"), out.get(f"{self.prefix}shifted_dice_{name}")
+            if clean is not None and shifted is not None:
+                out[f"{self.prefix}shift_change_dice_{name}"] = shifted - clean
         return out
 
     def epoch_completed(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        fields = ["patient", "class", "annotated", *METRICS, "volume_pred_ml", "volume_ref_ml"]
+        fields = ["patient", "condition", "class", "annotated", *METRICS, "volume_pred_ml", "volume_ref_ml"]
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=fields)
         w.writeheader()
@@ -159,7 +211,7 @@ class EvaluationReport:
         write_text_atomic(self.output_dir / "metrics.csv", buf.getvalue())
         summary = self.summary()
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["class", "metric", "unit", "n", "mean", "std"])
+        w = csv.DictWriter(buf, fieldnames=["condition", "class", "metric", "unit", "n", "mean", "std"])
         w.writeheader()
         for r in summary:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -167,10 +219,12 @@ class EvaluationReport:
         write_json_atomic(self.output_dir / "summary.json", summary)
         patients = len({r["patient"] for r in self.rows})
         self.log(f"evaluation of {patients} patient(s), mean over patients (n = patients with that class annotated):")
-        self.log(f"  {'class':<8} " + " ".join(f"{m + ('(' + u + ')' if u else ''):>11}" for m, u in METRICS.items()))
-        for name in self.class_names[1:]:
-            vals = {r["metric"]: r for r in summary if r["class"] == name}
-            self.log(f"  {name:<8} " + " ".join(f"{vals[m]['mean']:>11.4g}" for m in METRICS))
+        self.log(f"  {'class':<16} " + " ".join(f"{m + ('(' + u + ')' if u else ''):>11}" for m, u in METRICS.items()))
+        for condition in CONDITIONS:
+            for name in self.class_names[1:]:
+                vals = {r["metric"]: r for r in summary if r["class"] == name and r["condition"] == condition}
+                if vals:
+                    label = name if condition == "clean" else f"{name} ({condition})"
+                    self.log(f"  {label:<16} " + " ".join(f"{vals[m]['mean']:>11.4g}" for m in METRICS))
         self.log(f"  per patient: {self.output_dir / 'metrics.csv'}")
-        for r in summary:
-            engine.state.metrics[f"{self.prefix}{r['metric']}_{r['class']}"] = r["mean"]
+        engine.state.metrics.update(self.metrics(summary))

@@ -32,7 +32,7 @@ from liver_fcn.errors import InputError, reported
 from liver_fcn.outputs import atomic_path, write_json_atomic
 
 __all__ = [
-    "DEFAULT_SETTINGS",
+    "REQUIRED_SETTINGS",
     "ModelSettings",
     "Precision",
     "WriteCased",
@@ -42,17 +42,11 @@ __all__ = [
     "write_nifti_atomic",
 ]
 
-#: what a checkpoint without settings is assumed to be (train.json's paper defaults)
-DEFAULT_SETTINGS: dict = {
-    "variant": "8s",
-    "width": 1.0,
-    "padding": "aligned",
-    "in_channels": 1,
-    "class_names": ["background", "liver", "bone", "kidney"],
-    "image_size": 512,
-    "hu_window": [-250, 450],
-    "intensity_mean": 0.19,
-}
+#: settings a checkpoint must carry: they rebuild the network and its preprocessing
+REQUIRED_SETTINGS = ("variant", "width", "in_channels", "class_names", "pixel_spacing", "image_size", "hu_window", "intensity_mean")
+#: settings with a default when a checkpoint leaves them out
+OPTIONAL_SETTINGS: dict = {"padding": "aligned", "slice_distance": None}
+CLASS_NAMES = ["background", "liver", "bone", "kidney"]
 
 
 class ModelSettings:
@@ -98,13 +92,26 @@ class Precision(torch.nn.Module):
 
 @reported
 def checkpoint_settings(path: str | os.PathLike, overrides: Mapping | None = None) -> dict:
-    """Settings stored in a checkpoint, over :data:`DEFAULT_SETTINGS`, under ``overrides`` (not None values)."""
+    """Settings stored in a checkpoint (with :data:`OPTIONAL_SETTINGS` filled in), under ``overrides``
+    (their not-None values).
+
+    A checkpoint without the settings that define the network and its physical-space preprocessing
+    (:data:`REQUIRED_SETTINGS`) - a bare state dict, or one written before pixel spacing was recorded -
+    is refused with one line rather than run with guessed preprocessing.
+    """
     from liver_fcn.training import load_model_state
 
     _, stored = load_model_state(path)
-    settings = dict(DEFAULT_SETTINGS)
+    settings = dict(OPTIONAL_SETTINGS)
     settings.update(stored)
     settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    missing = [k for k in REQUIRED_SETTINGS if settings.get(k) is None]
+    if missing:
+        what = "holds no settings" if not stored else f"lacks the settings {', '.join(missing)}"
+        raise InputError(
+            f"{path}: checkpoint {what}, so its preprocessing cannot be reproduced "
+            "(written by an older liver-fcn?); train it again with this version"
+        )
     return settings
 
 
@@ -280,7 +287,7 @@ class WriteCased(MapTransform):
         self,
         keys: KeysCollection = "pred",
         output_dir: str | os.PathLike = "inference",
-        class_names: Sequence[str] = DEFAULT_SETTINGS["class_names"],
+        class_names: Sequence[str] = CLASS_NAMES,
         ct_key: str = "ct",
         overlay: bool = True,
         dicom_seg: bool = False,
@@ -305,7 +312,7 @@ class WriteCased(MapTransform):
             self.output_dir.mkdir(parents=True, exist_ok=True)
             mask_path = write_nifti_atomic(seg, affine, self.output_dir / f"{case}_seg.nii.gz")
             report = case_report(seg, affine, self.class_names, case)
-            report.update({"input": d.get("image_path", ""), "mask": str(mask_path)})
+            report.update({"input": d.get("source_path", ""), "mask": str(mask_path)})
             files = {"mask": str(mask_path)}
             if self.overlay:
                 files["overlay"] = str(self._overlay(d, seg, affine, case))
@@ -313,7 +320,7 @@ class WriteCased(MapTransform):
                 from liver_fcn.dicom_seg import write_dicom_seg
 
                 files["dicom_seg"] = str(
-                    write_dicom_seg(d["image_path"], seg, self.class_names, self.output_dir / f"{case}_seg.dcm", d.get("series_uid"))
+                    write_dicom_seg(d["source_path"], seg, self.class_names, self.output_dir / f"{case}_seg.dcm", d.get("series_uid"))
                 )
             report["files"] = files
             write_json_atomic(self.output_dir / f"{case}_report.json", report)

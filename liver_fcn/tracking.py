@@ -63,7 +63,8 @@ class MLflowRunHandler(MLFlowHandler):
     """MLFlowHandler that marks a crashed run FAILED and tags the run.
 
     Args:
-        tags: run tags set at start (``{"variant": "8s", ...}``).
+        tags: run tags set at start (``{"variant": "8s", ...}``); None values are left out, so
+            ``"mlflow.parentRunId": null`` makes a top-level run and a run id a child run.
         kwargs: MLFlowHandler arguments (``tracking_uri``, ``experiment_name``, ``run_name``,
             ``experiment_param``, ``artifacts``, ``close_on_complete`` ...).
     """
@@ -74,7 +75,7 @@ class MLflowRunHandler(MLFlowHandler):
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
         super().__init__(**kwargs)
-        self.tags = {k: str(v) for k, v in (tags or {}).items()}
+        self.tags = {k: str(v) for k, v in (tags or {}).items() if v is not None and str(v) not in ("", "None")}
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
@@ -204,7 +205,7 @@ def print_run_summary(
     log(f"MLflow run {run.info.run_name} ({run.info.run_id}) in experiment {experiment_name!r}: {run.info.status}")
     for key in sorted(k for k in metrics if k.startswith("val_") and any(s in k for s in keys)):
         m = metrics[key]
-        log(f"  {key:<20} best {m['best']:.4f} (epoch {m['best_step']})   last {m['last']:.4f}")
+        log(f"  {key:<20} best {m['best']:.4f} (iteration {m['best_step']})   last {m['last']:.4f}")
     ui = tracking_uri if not tracking_uri.startswith("http") else None
     log(f"  store: {tracking_uri}")
     if ui:

@@ -12,10 +12,19 @@
   killed training ends its MLflow run as FAILED (Ctrl-C already does) instead of leaving it RUNNING;
   :func:`finish_epoch_before_terminating` lets an epoch that has finished its iterations also finish
   its validation, logging and checkpoint first, so an epoch is either fully recorded or not at all.
+* :func:`warmup_decay_schedule` is the learning-rate schedule of an iteration budget (linear
+  warm-up, then cosine or polynomial decay), stepped by MONAI's ``LrScheduleHandler`` every
+  iteration; :class:`FinalModelSaver` writes ``model.pt`` at the end of a run that has no
+  validation patient to choose a best checkpoint (cross-validation folds).
+
+The trainer's "epoch" is a validation period of ``val_interval`` iterations (``epoch_length``), so
+validation, checkpoints and per-period MLflow metrics all happen on the same beat whatever the size
+of the data set.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -31,6 +40,9 @@ from liver_fcn.errors import InputError, reported
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "FinalModelSaver",
+    "augmentation_summary",
+    "warmup_decay_schedule",
     "BestModelTracking",
     "check_world_size",
     "finish_epoch_before_terminating",
@@ -267,13 +279,65 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 @reported
 def check_world_size(validation_files: list) -> int:
-    """Distributed validation splits the patients over the processes: each needs at least one."""
+    """Distributed validation splits the patients over the processes: each needs at least one
+    (a run without validation patients, such as a cross-validation fold, needs none)."""
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if len(validation_files) < world:
+    if 0 < len(validation_files) < world:
         raise InputError(
             f"validation split has {len(validation_files)} patient(s) for {world} processes; "
             "give it at least one per process (liver-fcn prepare --val-fraction / --val-patients)"
         )
     return world
+
+
+class FinalModelSaver(AtomicCheckpointSaver):
+    """Writes the final weights (``save_final=True``) when the run completes, and only then.
+
+    MONAI's CheckpointSaver also writes its final checkpoint when the run raises; a crashed run must
+    not leave a ``model.pt`` that looks like a finished model.
+    """
+
+    def exception_raised(self, engine, e: Exception) -> None:
+        raise e
+
+
+SCHEDULES = ("cosine", "poly", "constant")
+
+
+def warmup_decay_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_iterations: int,
+    warmup_iterations: int = 0,
+    kind: str = "cosine",
+    power: float = 0.9,
+    floor: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration learning-rate factor: linear warm-up from ~0 to 1 over ``warmup_iterations``, then
+    ``cosine`` (half a cosine down to ``floor``), ``poly`` ((1 - t) ** power, down to ``floor``) or
+    ``constant``. ``t`` runs from 0 to 1 over the iterations after the warm-up."""
+    if kind not in SCHEDULES:
+        raise InputError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
+    total, warm = max(1, int(total_iterations)), max(0, int(warmup_iterations))
+    warm = min(warm, total - 1)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if kind == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        decay = 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else (1 - t) ** power
+        return floor + (1 - floor) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def augmentation_summary(settings: dict) -> str:
+    """One readable line of the augmentations that are on: ``rotate p=0.3 (12), zoom p=0.5 ([0.85, 1.15])``."""
+    parts = []
+    for name, (prob, value) in settings.items():
+        if prob and float(prob) > 0:
+            parts.append(f"{name} p={prob:g}" + (f" ({value})" if value is not None else ""))
+    return ", ".join(parts) or "none"

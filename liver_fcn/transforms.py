@@ -9,7 +9,22 @@
 * :class:`EncodePartialLabeld` - packs "this background pixel may also be any class that is not
   annotated for this patient" into the label, for
   :class:`~liver_fcn.losses.PartialLabelCrossEntropyLoss`.
-* :class:`AdjacentSlicesd` - stacks the neighbouring axial slices as channels (2.5D input).
+* :class:`AdjacentSlicesd` - stacks the axial slices at fixed distances in mm above and below as
+  channels (2.5D input), interpolated between native slices.
+* :class:`InPlaneAntiAliasd` - the Gaussian pre-filter that MONAI's ``Spacingd`` lacks: it smooths
+  in-plane only, and only when the target pixel spacing is coarser than the image's.
+* :func:`body_mask` - the patient's body (largest air-separated region above a HU threshold), the
+  ``select_fn`` of ``CropForegroundd`` for the body-centred field of view.
+* :class:`FillHolesSlicewised` - hole filling on each axial slice, of background only: vessels inside
+  the liver are open to the outside in 3D (no 3D hole) but enclosed in each slice.
+* :class:`SimulateScannerd` - the same patient as another scanner would have imaged it (thicker
+  slabs, coarser pixels, more noise, a HU offset), image and reference on the new grid, for the
+  scanner-shift evaluation.
+* :class:`ForegroundProbabilitiesd` - drops the background channel of class probabilities before
+  ``Invertd`` and restores it after. MONAI's inverse of a crop pads with zeros; with the background
+  channel left out, a zero means "background" there, where an all-zero probability vector would let
+  the smallest interpolation leak decide the argmax.
+* :func:`grid_size` - the pixel count of a field of view in mm at a pixel spacing.
 """
 
 from __future__ import annotations
@@ -17,16 +32,33 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
+import math
+import zlib
+
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader
 from monai.transforms import LoadImage, MapTransform
+from scipy import ndimage
 
 from liver_fcn.data.dicom import CTSeriesReader
 from liver_fcn.errors import InputError
 
-__all__ = ["AdjacentSlicesd", "EncodePartialLabeld", "LoadCTd", "LoadOrganMasksd", "decode_partial_label", "load_ct"]
+__all__ = [
+    "AdjacentSlicesd",
+    "EncodePartialLabeld",
+    "FillHolesSlicewised",
+    "ForegroundProbabilitiesd",
+    "InPlaneAntiAliasd",
+    "LoadCTd",
+    "LoadOrganMasksd",
+    "SimulateScannerd",
+    "body_mask",
+    "grid_size",
+    "load_ct",
+    "voxel_spacing",
+]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -148,11 +180,6 @@ class LoadOrganMasksd(MapTransform):
         return d
 
 
-def decode_partial_label(target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :class:`EncodePartialLabeld`: (class map, bitmask of unannotated classes)."""
-    return target % num_classes, target // num_classes
-
-
 class EncodePartialLabeld(MapTransform):
     """Pack the classes a background pixel may belong to into the label.
 
@@ -180,19 +207,129 @@ class EncodePartialLabeld(MapTransform):
         return d
 
 
-class AdjacentSlicesd(MapTransform):
-    """Give each axial slice its neighbours as channels (2.5D input for a network of ``channels`` inputs).
+def voxel_spacing(img) -> np.ndarray:
+    """Voxel spacing in mm along each spatial axis, from a MetaTensor's affine (ones without one)."""
+    affine = getattr(img, "affine", None)
+    n = img.ndim - 1
+    if affine is None:
+        return np.ones(n)
+    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    return np.sqrt((a[:n, :n] ** 2).sum(axis=0))
 
-    A channel-first 3D image ``(1, X, Y, Z)`` becomes ``(channels, X, Y, Z)``: channel ``i`` holds the
-    volume shifted by ``i - channels // 2`` slices along ``axis``, the ends repeated, so slice ``k``
-    of the result carries slices ``k - c .. k + c``. ``channels=1`` returns the data unchanged.
+
+def grid_size(field_of_view: float, pixel_spacing: float, multiple: int = 32) -> int:
+    """Pixels across a field of view of ``field_of_view`` mm at ``pixel_spacing`` mm, rounded up to a
+    ``multiple`` (the network's stride): 409.6 mm at 1.6 mm is 256, at 0.8 mm 512."""
+    if field_of_view <= 0 or pixel_spacing <= 0:
+        raise ValueError(f"field of view and pixel spacing must be positive, got {field_of_view}, {pixel_spacing}")
+    n = field_of_view / pixel_spacing
+    return int(math.ceil(round(n, 6) / multiple) * multiple)
+
+
+def body_mask(image, threshold: float = -500.0) -> torch.Tensor:
+    """The body: the largest connected region above ``threshold`` HU (air-separated table, clothes and
+    noise left out), as a boolean tensor of the image's shape. All False for an image of air only.
+
+    Meant as ``CropForegroundd(select_fn=body_mask)`` on a CT in HU.
+    """
+    arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
+    above = (arr > threshold).any(axis=0)  # over channels
+    labels, n = ndimage.label(above)
+    if n == 0:
+        return torch.zeros(arr.shape, dtype=torch.bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    body = labels == int(np.argmax(sizes))
+    return torch.as_tensor(np.broadcast_to(body, arr.shape).copy())
+
+
+class InPlaneAntiAliasd(MapTransform):
+    """Gaussian anti-aliasing before an in-plane resampling to ``pixel_spacing`` mm.
+
+    For each of the first two spatial axes (in-plane after RAS orientation) whose spacing is finer
+    than ``pixel_spacing``, smooths with sigma ``(pixel_spacing / spacing - 1) / 2`` pixels (the rule
+    of scikit-image's ``resize``); the slice axis is never smoothed, and an image already at or
+    coarser than the target spacing is returned unchanged. Not invertible (it changes no geometry).
     """
 
-    def __init__(self, keys: KeysCollection = "image", channels: int = 1, axis: int = -1) -> None:
+    def __init__(self, keys: KeysCollection, pixel_spacing: float, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.pixel_spacing = float(pixel_spacing)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            spacing = voxel_spacing(img)
+            sigma = [max(0.0, (self.pixel_spacing / float(s) - 1.0) / 2.0) for s in spacing[:2]]
+            if max(sigma) < 0.05:
+                continue
+            sigma += [0.0] * (img.ndim - 3)
+            arr = np.asarray(img.detach().cpu(), dtype=np.float32)
+            out = np.stack([ndimage.gaussian_filter(ch, sigma, mode="nearest", truncate=3.0) for ch in arr])
+            t = torch.as_tensor(out, device=img.device)
+            d[key] = MetaTensor(t, meta=dict(img.meta), applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else t
+        return d
+
+
+class FillHolesSlicewised(MapTransform):
+    """Fill the background holes of some classes of a class map, slice by slice along ``axis``.
+
+    A class map (1, X, Y, Z): background voxels that a class encloses within an axial slice take
+    that class, for the ``applied_labels`` only. Voxels of other classes are never changed (MONAI's
+    ``FillHoles`` would turn a bone voxel enclosed by liver into liver), and slices without those
+    labels are skipped. Slice by slice because the liver's vessels enter it at the hilum: they are
+    open in 3D but enclosed in each slice.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, applied_labels: Sequence[int] = (1,), axis: int = -1, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.applied_labels = [int(v) for v in applied_labels]
+        self.axis = axis
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != 1:
+                raise ValueError(f"{key}: FillHolesSlicewised expects a class map with one channel, got {img.shape[0]}")
+            arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)[0]
+            out = np.array(arr, copy=True)
+            axis = self.axis % arr.ndim if self.axis < 0 else self.axis - 1
+            moved, result = np.moveaxis(arr, axis, 0), np.moveaxis(out, axis, 0)
+            for label in self.applied_labels:
+                present = (moved == label).reshape(moved.shape[0], -1).any(axis=1)
+                for k in np.flatnonzero(present):
+                    filled = ndimage.binary_fill_holes(moved[k] == label)
+                    result[k][filled & (moved[k] == 0)] = label
+            if isinstance(img, torch.Tensor):
+                t = torch.as_tensor(out[None], device=img.device)
+                d[key] = MetaTensor(t, meta=dict(img.meta), applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else t
+            else:
+                d[key] = out[None]
+        return d
+
+
+class AdjacentSlicesd(MapTransform):
+    """Give each axial slice its neighbours at fixed distances in mm as channels (2.5D input).
+
+    A channel-first 3D image ``(1, X, Y, Z)`` becomes ``(channels, X, Y, Z)``: channel ``i`` holds, for
+    every slice, the image ``(i - channels // 2) * distance`` mm away along ``axis``, linearly
+    interpolated between the native slices (the slice spacing is read from the affine), the ends
+    repeated. So a 1.25 mm and a 5 mm series give the network the same anatomy in its side channels.
+    ``distance=None`` takes the direct neighbours whatever their spacing. ``channels=1`` returns the
+    data unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", channels: int = 1, distance: float | None = None, axis: int = -1) -> None:
         super().__init__(keys)
         if channels < 1 or channels % 2 == 0:
             raise ValueError(f"adjacent-slice input needs an odd number of channels (1, 3, 5 ...), got {channels}")
-        self.context, self.axis = channels // 2, axis
+        if distance is not None and distance <= 0:
+            raise ValueError(f"adjacent-slice distance must be positive (mm), got {distance}")
+        self.context, self.distance, self.axis = channels // 2, distance, axis
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -202,13 +339,133 @@ class AdjacentSlicesd(MapTransform):
             img = d[key]
             if img.shape[0] != 1:
                 raise ValueError(f"{key}: AdjacentSlicesd expects one channel, got {img.shape[0]}")
-            n = img.shape[self.axis]
+            axis = self.axis % (img.ndim - 1)  # spatial axis
+            n = img.shape[axis + 1]
+            step = 1.0 if self.distance is None else self.distance / float(voxel_spacing(img)[axis])
+            vol = torch.as_tensor(img[0])
             chans = []
             for off in range(-self.context, self.context + 1):
-                idx = torch.clamp(torch.arange(n) + off, 0, n - 1)
-                chans.append(torch.index_select(torch.as_tensor(img[0]), self.axis, idx.to(img.device)))
+                pos = torch.clamp(torch.arange(n, dtype=torch.float64) + off * step, 0, n - 1)
+                lo = torch.floor(pos).long()
+                hi = torch.clamp(lo + 1, max=n - 1)
+                w = (pos - lo).to(vol.dtype if vol.is_floating_point() else torch.float32)
+                a = torch.index_select(vol, axis, lo.to(vol.device))
+                if torch.all(w == 0):
+                    chans.append(a)
+                    continue
+                b = torch.index_select(vol, axis, hi.to(vol.device))
+                shape = [1] * vol.ndim
+                shape[axis] = n
+                w = w.view(shape).to(vol.device)
+                chans.append(a * (1 - w) + b * w)
             out = torch.stack(chans)
             if isinstance(img, MetaTensor):  # keep the metadata and the record of applied transforms
                 out = MetaTensor(out, meta=dict(img.meta), applied_operations=list(img.applied_operations))
+            d[key] = out
+        return d
+
+
+class SimulateScannerd(MapTransform):
+    """Re-image a loaded CT and its class map as another scanner would: the scanner-shift evaluation.
+
+    Applied to the items whose ``condition_key`` equals ``apply_to`` (others pass unchanged), on
+    the volume as loaded (voxel axes 0 and 1 in-plane, axis 2 across slices, as for a DICOM series):
+
+    * slices averaged into slabs of ``slab_mm`` and pixels into ``pixel_mm`` squares (box averaging,
+      what a thicker reconstruction and a coarser matrix do); an axis already as coarse is kept;
+    * Gaussian noise of ``noise_hu`` HU (a lower dose), seeded by the patient for repeatable scores;
+    * ``offset_hu`` added (another calibration or contrast timing).
+
+    The class map (``keys[1]``) goes to the same grid by majority over each new voxel, so the scan is
+    scored on its own grid. The affine is updated so that the new voxels cover the same body.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        slab_mm: float = 3.0,
+        pixel_mm: float = 1.5,
+        noise_hu: float = 20.0,
+        offset_hu: float = 40.0,
+        condition_key: str = "condition",
+        apply_to: str = "shifted",
+        num_classes: int | None = None,
+        seed: int = 0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.slab_mm, self.pixel_mm = float(slab_mm), float(pixel_mm)
+        self.noise_hu, self.offset_hu = float(noise_hu), float(offset_hu)
+        self.condition_key, self.apply_to = condition_key, apply_to
+        self.num_classes, self.seed = num_classes, int(seed)
+
+    def new_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, int, int]:
+        target = (self.pixel_mm, self.pixel_mm, self.slab_mm)
+        return tuple(
+            max(1, int(round(n * float(s) / t))) if t > float(s) else int(n) for n, s, t in zip(shape, spacing, target)
+        )
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if d.get(self.condition_key) != self.apply_to:
+            return d
+        keys = [k for k in self.key_iterator(d)]
+        image_key, label_keys = keys[0], keys[1:]
+        img = d[image_key]
+        spacing = voxel_spacing(img)
+        shape = tuple(int(n) for n in img.shape[1:])
+        new = self.new_shape(shape, spacing)
+        factors = np.array(shape, dtype=np.float64) / np.array(new, dtype=np.float64)
+        affine = np.asarray(img.affine.detach().cpu(), dtype=np.float64)
+        scale = np.diag([*factors, 1.0])
+        scale[:3, 3] = (factors - 1.0) / 2.0  # new voxel centres at the centres of the boxes they average
+        new_affine = torch.as_tensor(affine @ scale)
+
+        vol = torch.as_tensor(np.asarray(img.detach().cpu(), dtype=np.float32))
+        out = torch.nn.functional.interpolate(vol[None], size=new, mode="area")[0]
+        patient = str(d.get("patient", ""))
+        rng = np.random.default_rng([self.seed, zlib.crc32(patient.encode())])
+        if self.noise_hu > 0:
+            out = out + torch.as_tensor(rng.normal(0.0, self.noise_hu, size=out.shape), dtype=out.dtype)
+        out = out + self.offset_hu
+        meta = {k: v for k, v in dict(img.meta).items() if k != "affine"}
+        meta["spatial_shape"] = np.asarray(new)
+        d[image_key] = MetaTensor(out, affine=new_affine, meta=meta)
+        for key in label_keys:
+            lab = d[key]
+            classes = torch.as_tensor(np.asarray(lab.detach().cpu())[0]).long()
+            n_cls = self.num_classes or int(classes.max()) + 1
+            onehot = torch.nn.functional.one_hot(classes, n_cls).permute(3, 0, 1, 2).float()
+            share = torch.nn.functional.interpolate(onehot[None], size=new, mode="area")[0]
+            merged = share.argmax(0, keepdim=True).to(torch.uint8)
+            lmeta = {k: v for k, v in (dict(lab.meta) if isinstance(lab, MetaTensor) else {}).items() if k != "affine"}
+            lmeta["spatial_shape"] = np.asarray(new)
+            d[key] = MetaTensor(merged, affine=new_affine.clone(), meta=lmeta)
+        return d
+
+
+class ForegroundProbabilitiesd(MapTransform):
+    """Class probabilities without their background channel (``restore=False``), or back with it
+    (``restore=True``: background = 1 - the sum of the others, clipped at 0).
+
+    Use around ``Invertd``: after the inverse of a crop, the padded voxels are zero in every channel
+    inverted; without the background channel that reads as "certainly background".
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", restore: bool = False, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.restore = restore
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            p = d[key]
+            if self.restore:
+                background = torch.clamp(1.0 - p.sum(dim=0, keepdim=True), min=0.0)
+                out = torch.cat([torch.as_tensor(background), torch.as_tensor(p)], dim=0)
+            else:
+                out = torch.as_tensor(p)[1:]
+            if isinstance(p, MetaTensor):
+                out = MetaTensor(out, meta=dict(p.meta), applied_operations=list(p.applied_operations))
             d[key] = out
         return d

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -17,8 +18,10 @@ from .conftest import REPO
 CONFIGS = REPO / "bundle" / "configs"
 TINY = {
     "width": "0.0625",
-    "image_size": "64",
-    "epochs": "2",
+    "pixel_spacing": "6.4",  # 409.6 mm / 6.4 mm = 64 pixels
+    "iterations": "4",
+    "val_interval": "2",
+    "warmup_iterations": "1",
     "batch_size": "8",
     "num_workers": "0",
     "cache_workers": "0",
@@ -70,29 +73,37 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
     for cls in ("liver", "bone", "kidney"):
         for kind in ("iou", "dice"):
             hist = client.get_metric_history(run.info.run_id, f"val_{kind}_{cls}")
-            assert [m.step for m in hist] == [1, 2]
+            assert [m.step for m in hist] == [2, 4]  # steps are iterations: validation every 2
             assert all(0.0 <= m.value <= 1.0 for m in hist)
     for key in ("val_mean_iou", "val_mean_dice", "train_loss"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2
-    assert len(client.get_metric_history(run.info.run_id, "train_loss_step")) >= 2
+    lr = client.get_metric_history(run.info.run_id, "lr_group_0")
+    assert lr and lr[-1].value < 3e-4  # the cosine schedule has decayed the rate
     p = run.data.params
     assert p["variant"] == "4s" and float(p["width"]) == 0.0625 and p["image_size"] == "64"
+    assert float(p["pixel_spacing"]) == 6.4 and float(p["field_of_view"]) == pytest.approx(409.6)
     assert float(p["lr"]) == 3e-4 and p["betas"] == "[0.9, 0.99]" and p["batch_size"] == "8"
-    assert p["hu_window"] == "[-250, 450]" and p["epochs"] == "2" and p["seed"] == "0"
-    assert "zoom" in p["augmentation"] and p["dataset"].endswith("datalist.json")
+    assert p["hu_window"] == "[-250, 450]" and p["iterations"] == "4" and p["seed"] == "0"
+    assert p["lr_schedule"] == "cosine" and p["val_interval"] == "2"
+    for name in ("rotate", "zoom", "translate", "hu_offset", "contrast", "noise", "blur", "lowres", "gamma"):
+        assert f"{name} p=" in p["augmentation"], name
+    assert "flip" not in p["augmentation"]  # no left-right flip by default: the liver is on one side
+    assert "soft Dice" in p["loss"] and p["dataset"].endswith("datalist.json")
     assert p["train_patients"] == "3" and p["val_patients"] == "1" and int(p["train_slices"]) == 36
     assert run.data.tags["variant"] == "4s"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "model.pt" in artifacts and any(a.endswith(".json") for a in artifacts)
     local = Path(client.download_artifacts(run.info.run_id, next(a for a in artifacts if a.endswith(".json"))))
     cfg = json.loads(local.read_text())
-    assert cfg["epochs"] == 2 and cfg["network_def"]["variant"] == "4s"  # the config as run, overrides applied
+    assert cfg["iterations"] == 4 and cfg["network_def"]["variant"] == "4s"  # the config as run, overrides applied
+    assert cfg["pipeline"]["geometry"][2]["_target_"] == "Spacingd"  # the shared chain, copied in by the macro
     resolved = cfg["_resolved_"]
     assert resolved["ckpt_dir"] == str(out / "models") and resolved["run_name"] == run.info.run_name
     assert resolved["num_classes"] == 4 and resolved["device"] == "cpu"
     ckpt = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert "score_pool2.weight" in ckpt["model"] and ckpt["model"]["score_fr.weight"].shape[0] == 4
     assert ckpt["settings"]["variant"] == "4s" and ckpt["settings"]["image_size"] == 64
+    assert ckpt["settings"]["pixel_spacing"] == 6.4 and ckpt["settings"]["hu_window"] == [-250, 450]
     assert ckpt["settings"]["run_name"] == run.info.run_name
     assert "val_iou_liver" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
 
@@ -170,13 +181,22 @@ def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     folders = list((out / "eval" / "evaluation").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("eval-fcn4s-w0.0625-64px-")
-    rows = (folders[0] / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("patient,class,annotated,dice,iou,voe,rvd,assd,mssd,slice_iou")
-    assert len(rows) == 1 + 3  # one validation patient x three classes
+    header = (folders[0] / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("patient,condition,class,annotated,dice,iou,voe,rvd,assd,mssd,slice_iou")
+    with open(folders[0] / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    (entry,) = json.loads((prepared / "datalist.json").read_text())["validation"]
+    # one validation patient, by its name, clean and scanner-shifted, three classes each
+    assert [(r["patient"], r["condition"], r["class"]) for r in rows] == [
+        (entry["patient"], cond, cls) for cond in ("clean", "shifted") for cls in ("liver", "bone", "kidney")]
+    for r in rows:
+        assert r["annotated"] == str(entry["annotated"][["liver", "bone", "kidney"].index(r["class"]) + 1])
+        assert (r["dice"] == "nan") == (r["annotated"] == "False")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'eval' / 'mlruns.db'}")
     exp = client.get_experiment_by_name("liver-fcn")
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'evaluation'")
     assert run.info.status == "FINISHED" and run.data.params["split"] == "validation"
-    assert {"test_dice_liver", "test_assd_liver", "test_mssd_bone", "test_slice_iou_liver"} <= set(run.data.metrics)
+    assert {"test_dice_liver", "test_assd_liver", "test_mssd_bone", "test_slice_iou_liver", "test_shifted_dice_liver",
+            "test_shift_change_dice_liver"} <= set(run.data.metrics)
     assert run.data.tags["trained_run"].startswith("fcn4s-")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.csv", "summary.csv", "summary.json"}

@@ -53,3 +53,58 @@ def test_slice_iou_ignores_slices_without_the_class():
     t[0, 0, 1] = True
     t[0, 1, 1] = p[0, 1, 1] = True  # slice 1: IoU 1/2; slices 2 and 3 empty
     assert slice_iou(p, t) == pytest.approx(0.75)
+
+
+def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid(tmp_path):
+    """evaluate.json end to end with a network whose output is known: a block of 100 HU is the liver."""
+    import csv
+    import json
+
+    import mlflow
+    import nibabel as nib
+    import torch
+    from monai.bundle import run as bundle_run
+
+    from .conftest import REPO
+    from .test_inference import SETTINGS, THRESHOLD_NET, block_volume
+
+    entries = []
+    for name, spacing in (("p1", (0.8, 0.7, 3.0)), ("p2", (0.6, 0.6, 1.25))):
+        ct, block = block_volume()
+        affine = np.diag([*spacing, 1.0])
+        folder = tmp_path / "data" / name
+        folder.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.int16), affine), str(folder / "ct.nii.gz"))
+        nib.save(nib.Nifti1Image(np.transpose(block, (2, 1, 0)).astype(np.uint8), affine), str(folder / "liver.nii.gz"))
+        entries.append({"patient": name, "image": f"{name}/ct.nii.gz", "masks": {"liver": [f"{name}/liver.nii.gz"]},
+                        "annotated": [True, True, False, False]})
+    (tmp_path / "data" / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": entries}))
+    (tmp_path / "models").mkdir()
+    torch.save({"model": {"threshold": torch.tensor(0.05)}, "settings": {**SETTINGS, "run_name": "threshold"}},
+               tmp_path / "models" / "model.pt")
+    configs = [str(REPO / "bundle" / "configs" / f) for f in ("train.json", "evaluate.json")]
+    bundle_run("evaluating", config_file=configs, dataset_dir=str(tmp_path / "data"), ckpt_dir=str(tmp_path / "models"),
+               output_dir=str(tmp_path / "eval"), eval_name="eval-threshold", network_def=THRESHOLD_NET, logging_file=False)
+    folder = tmp_path / "eval" / "evaluation" / "eval-threshold"
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["patient"], r["condition"], r["class"]) for r in rows] == [
+        (p, c, k) for p in ("p1", "p2") for c in ("clean", "shifted") for k in ("liver", "bone", "kidney")]
+    for r in rows:
+        if r["class"] == "liver":
+            assert float(r["dice"]) > (0.97 if r["condition"] == "clean" else 0.85), r
+            # shifted: edge voxels are part block, part air; the reference takes the majority, the
+            # threshold network (at -82 HU) needs 80 % block
+            assert (-3 < float(r["rvd"]) < 3) if r["condition"] == "clean" else (-25 < float(r["rvd"]) < 0), r
+            # the reference volume is the block's, in mL, whatever the grid it is scored on
+            assert float(r["volume_ref_ml"]) == pytest.approx(
+                20250 * (0.8 * 0.7 * 3.0 if r["patient"] == "p1" else 0.6 * 0.6 * 1.25) / 1000,
+                rel=1e-4 if r["condition"] == "clean" else 0.12)
+        else:  # no masks for bone and kidney: not scored, not zero
+            assert r["annotated"] == "False" and r["dice"] == "nan" and r["volume_ref_ml"] == "nan"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("liver-fcn").experiment_id])
+    m = run.data.metrics
+    assert m["test_dice_liver"] > 0.97 and m["test_shifted_dice_liver"] > 0.85
+    assert m["test_shift_change_dice_liver"] == pytest.approx(m["test_shifted_dice_liver"] - m["test_dice_liver"])
+    assert math.isnan(m["test_dice_kidney"]) and run.data.params["scanner_shift"].startswith("3 mm slabs, 1.5 mm pixels")

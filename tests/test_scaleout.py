@@ -69,13 +69,13 @@ def test_torchrun_two_processes_on_cpu_log_one_finished_run(prepared_two_val, tm
     assert len(runs) == 1, [x.info.run_name for x in runs]
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert steps(client, run, "val_iou_liver") == [1, 2] and steps(client, run, "train_loss") == [1, 2]
+    assert steps(client, run, "val_iou_liver") == [2, 4] and steps(client, run, "train_loss") == [2, 4]
     assert run.data.params["val_patients"] == "2" and run.data.params["train_slices"] == "36"
     models = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert "model.pt" in models and sum(p.endswith("_checkpoint_epoch=2.pt") for p in models) == 1
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith("module.") for k in state)  # the plain network, not the DDP wrapper
-    print(f"torchrun --nproc_per_node 2 on CPU (gloo), 2 epochs: {elapsed:.1f} s")
+    print(f"torchrun --nproc_per_node 2 on CPU (gloo), 4 iterations: {elapsed:.1f} s")
 
 
 def free_port() -> int:
@@ -153,10 +153,10 @@ def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path / 'resume.db'}"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_TRACKING_URI"] = uri
-    epochs = 8
+    periods = 8  # validation periods of 2 iterations
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
            "--dataset_dir", str(prepared), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
-           *tiny_overrides(epochs=epochs)]
+           *tiny_overrides(iterations=2 * periods)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not list((tmp_path / "models").glob("*_checkpoint_epoch=2.pt")):
@@ -169,19 +169,25 @@ def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
     client, (run,) = runs_of(uri)
     assert run.info.status == "FAILED" and "terminated by signal SIGTERM" in run.data.tags["error"]
     done = steps(client, run, "val_iou_liver")
-    assert done[:2] == [1, 2] and len(done) < epochs
+    assert done[:2] == [2, 4] and len(done) < periods
 
     r = subprocess.run([*cmd, "--resume", "True"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client, runs = runs_of(uri)
     assert [x.info.run_id for x in runs] == [run.info.run_id]  # the same run, continued
     assert runs[0].info.status == "FINISHED"
-    assert steps(client, run, "val_iou_liver") == list(range(1, epochs + 1))  # no epoch lost, none twice
-    assert steps(client, run, "train_loss") == list(range(1, epochs + 1))
-    ckpt = torch.load(next((tmp_path / "models").glob(f"*_checkpoint_epoch={epochs}.pt")), weights_only=True)
-    assert ckpt["trainer"]["iteration"] == epochs * ckpt["trainer"]["epoch_length"]
+    assert steps(client, run, "val_iou_liver") == list(range(2, 2 * periods + 1, 2))  # no period lost, none twice
+    assert steps(client, run, "train_loss") == list(range(2, 2 * periods + 1, 2))
+    ckpt = torch.load(next((tmp_path / "models").glob(f"*_checkpoint_epoch={periods}.pt")), weights_only=True)
+    assert ckpt["trainer"]["iteration"] == periods * ckpt["trainer"]["epoch_length"] == 2 * periods
+    assert ckpt["lr_scheduler"]["last_epoch"] == 2 * periods  # the schedule resumed where it stopped
     assert ckpt["run"]["run_name"] == run.info.run_name
     assert "optimizer" in ckpt and ckpt["optimizer"]["state"]
+    # resuming it with another preprocessing is refused before anything runs
+    other = subprocess.run([*cmd, "--resume", "True", "--pixel_spacing", "3.2"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1].endswith("trained with pixel_spacing=6.4, this run has pixel_spacing=3.2")
 
 
 def test_resume_with_other_settings_or_without_checkpoint_is_refused(prepared, tmp_path):

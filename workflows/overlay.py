@@ -20,7 +20,10 @@ from liver_fcn.training import load_model_state
 from liver_fcn.visualize import overlay_montage
 
 # checkpoint settings that are top-level ids of train.json
-SETTING_IDS = ("variant", "width", "padding", "in_channels", "class_names", "image_size", "hu_window", "intensity_mean")
+SETTING_IDS = (
+    "variant", "width", "padding", "in_channels", "class_names", "pixel_spacing", "image_size", "slice_distance",
+    "hu_window", "intensity_mean",
+)
 
 
 def main() -> None:

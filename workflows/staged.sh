@@ -9,12 +9,12 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-data/phantoms/prepared}
 CONFIG=${CONFIG:-"['bundle/configs/train.json','bundle/configs/quick.json']"}
 EXPERIMENT=${EXPERIMENT:-staged}
-EPOCHS=${EPOCHS:-10}
+ITERATIONS=${ITERATIONS:-200}
 
 previous=None
 for variant in 32s 16s 8s 4s; do
     python -m monai.bundle run training --config_file "$CONFIG" --dataset_dir "$DATA" \
-        --experiment_name "$EXPERIMENT" --network_def#variant "$variant" --epochs "$EPOCHS" \
+        --experiment_name "$EXPERIMENT" --network_def#variant "$variant" --iterations "$ITERATIONS" \
         --init_checkpoint "$previous" --ckpt_dir "bundle/models/stage-$variant" "$@"
     previous="bundle/models/stage-$variant/model.pt"
 done

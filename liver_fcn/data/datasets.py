@@ -8,6 +8,8 @@ file exists and has the asked split.
 preprocessed once and cached in 3D, and every axial slice of every cached volume becomes one
 training item (as in the paper, an epoch visits each training slice once), to which a 2D random
 transform chain (scale augmentation, flips) is applied. The cache is read without copying.
+A volume may carry a ``sampling_weight`` (e.g. synthetic volumes weighted below real ones);
+:meth:`SliceDataset.weighted_sampler` then draws its slices that much more or less often.
 """
 
 from __future__ import annotations
@@ -94,6 +96,24 @@ class SliceDataset(Dataset):
         if not depths or sum(depths) == 0:
             raise InputError("training set has no slices; check the datalist's training split")
         self._offsets = np.cumsum([0] + depths)
+        self._volume_weights = [float(self._volume(i).get("sampling_weight", 1.0)) for i in range(len(volumes))]
+        if any(w <= 0 or not np.isfinite(w) for w in self._volume_weights):
+            raise InputError("sampling_weight of every training volume must be a positive number")
+
+    def slice_weights(self) -> torch.Tensor:
+        """The sampling weight of every slice (its volume's ``sampling_weight``, default 1)."""
+        return torch.repeat_interleave(
+            torch.tensor(self._volume_weights, dtype=torch.float64), torch.as_tensor(np.diff(self._offsets))
+        )
+
+    def weighted_sampler(self):
+        """A sampler drawing slices by :meth:`slice_weights` (with replacement), or None when all
+        volumes weigh the same (then the loader simply shuffles)."""
+        if len(set(self._volume_weights)) <= 1:
+            return None
+        from torch.utils.data import WeightedRandomSampler
+
+        return WeightedRandomSampler(self.slice_weights(), num_samples=len(self), replacement=True)
 
     def _volume(self, i: int) -> dict:
         return self.volumes[i]

@@ -9,7 +9,8 @@ The anatomy is simple but not trivial: a body of fat and muscle; a liver (right 
 lobe crossing the midline, sometimes with hypodense tumours); a spleen whose density overlaps the
 liver's; kidneys whose density overlaps the contrast-filled aorta and trabecular bone; a spine
 with cortical rim, ribs in the upper slices and iliac wings in the lowest; stomach and bowel gas;
-Gaussian noise. Shapes, sizes, positions and densities vary with the seed. As in the real
+Gaussian noise. Shapes, sizes, positions and densities vary with the seed. The body outline is
+written as the ``skin`` mask, as in the real database. As in the real
 database some patients have no kidney masks (every third patient), and the kidney folders are
 named ``leftkidney`` + ``rightkidney`` in some patients and ``kidneys`` in others.
 """
@@ -178,7 +179,7 @@ def make_phantom(seed: int, size: int = 256, slices: int = 48, kidney_masks: boo
     px = FOV_MM / size
     sz = Z_EXTENT_MM / slices
     geometry = SeriesGeometry(pixel_spacing=(px, px), slice_spacing=sz, origin=(0.0, 0.0, 0.0))
-    masks: dict[str, np.ndarray] = {"liver": liver, "bone": bone, "spleen": spleen}
+    masks: dict[str, np.ndarray] = {"liver": liver, "bone": bone, "spleen": spleen, "skin": body}
     if kidney_masks:
         masks["rightkidney"] = rk
         masks["leftkidney"] = lk

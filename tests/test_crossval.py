@@ -1,0 +1,140 @@
+"""Synthetic training volumes from organ masks, and leave-one-patient-out cross-validation in MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+
+from liver_fcn.crossval import fold_datalists
+from liver_fcn.data.synth import synthesize
+from liver_fcn.errors import InputError
+
+from .conftest import REPO
+from .test_bundle import CONFIGS, TINY
+
+
+@pytest.fixture(scope="module")
+def synthetic(phantom_root, tmp_path_factory) -> Path:
+    """Two synthetic CTs painted from the organ masks of phantom patients 4 and 5 (their CT unused)."""
+    masks_only = tmp_path_factory.mktemp("masks_only")
+    for n in (4, 5):  # as the shared database gives them: the mask zip alone
+        (masks_only / f"3Dircadb1.{n}").mkdir()
+        (masks_only / f"3Dircadb1.{n}" / "MASKS_DICOM.zip").write_bytes(
+            (phantom_root / f"3Dircadb1.{n}" / "MASKS_DICOM.zip").read_bytes())
+    out = tmp_path_factory.mktemp("synth") / "synth"
+    synthesize(masks_only, out, copies=1, seed=1, sampling_weight=0.5, log=lambda s: None)
+    return out
+
+
+def test_synthetic_volumes_follow_the_masks_with_physical_densities(synthetic, phantom_root):
+    data = json.loads((synthetic / "datalist.json").read_text())
+    entries = data["training"]
+    assert [e["patient"] for e in entries] == ["synth-3Dircadb1.4-0", "synth-3Dircadb1.5-0"]
+    assert all(e["sampling_weight"] == 0.5 for e in entries)
+    # phantom 4 has kidney masks, as do the real patients with kidneys; the class map follows prepare's
+    assert entries[0]["annotated"] == [True, True, True, True] and set(entries[0]["masks"]) == {"liver", "bone", "kidney"}
+    e = entries[0]
+    ct = nib.load(str(synthetic / e["image"]))
+    hu = np.asarray(ct.dataobj)
+    liver = np.asarray(nib.load(str(synthetic / e["masks"]["liver"][0])).dataobj) > 0
+    bone = np.asarray(nib.load(str(synthetic / e["masks"]["bone"][0])).dataobj) > 0
+    assert hu.dtype == np.int16 and hu.shape == liver.shape == tuple(e["shape"])
+    assert 30 < np.median(hu[liver]) < 180  # unenhanced to portal venous liver
+    assert np.median(hu[bone]) > 150 and np.median(hu[hu < -900]) < -900  # bone, and air around the body
+    assert ct.affine[2, 2] == pytest.approx(20.0)  # the masks' own grid: 240 mm over 12 slices
+    with pytest.raises(InputError, match="already exists; pass --overwrite"):
+        synthesize(data["source"], synthetic, log=lambda s: None)
+
+
+def test_mask_folder_without_body_outline_is_refused(phantom_root, tmp_path):
+    src = tmp_path / "in" / "3Dircadb1.1"
+    src.mkdir(parents=True)
+    with zipfile.ZipFile(phantom_root / "3Dircadb1.1" / "MASKS_DICOM.zip") as zin, \
+            zipfile.ZipFile(src / "MASKS_DICOM.zip", "w") as zout:
+        for info in zin.infolist():
+            if "/skin/" not in info.filename:
+                zout.writestr(info, zin.read(info))
+    with pytest.raises(InputError, match=r"no 'skin' \(body outline\) mask"):
+        synthesize(tmp_path / "in", tmp_path / "out", log=lambda s: None)
+    assert not (tmp_path / "out" / "datalist.json").exists()
+
+
+def test_fold_datalists_hold_each_patient_out_of_its_training(prepared, synthetic, tmp_path):
+    folds = fold_datalists(prepared, tmp_path, extra_training=[synthetic], patients=["1", "3Dircadb1.2"])
+    assert [p for p, _ in folds] == ["3Dircadb1.1", "3Dircadb1.2"]
+    for patient, folder in folds:
+        d = json.loads((folder / "datalist.json").read_text())
+        train = [e["patient"] for e in d["training"]]
+        assert patient not in train and len(train) == 4 + 2 and d["validation"] == []
+        assert [e["patient"] for e in d["test"]] == [patient]
+        assert all(Path(e["image"]).is_absolute() for e in d["training"] + d["test"])
+    with pytest.raises(InputError, match="9: no such patient"):
+        fold_datalists(prepared, tmp_path / "x", patients=["9"])
+
+
+def crossval(prepared: Path, out: Path, uri: str, name: str, *extra: str, overrides=()) -> subprocess.CompletedProcess:
+    overrides = [x for k, v in {**TINY, **dict(overrides)}.items() for x in (f"--{k}", v)]
+    return subprocess.run(
+        [sys.executable, "-m", "liver_fcn.cli", "crossval", "--dataset_dir", str(prepared), "--config",
+         str([str(CONFIGS / "train.json")]), "--name", name, "--out", str(out), "--tracking-uri", uri,
+         "--patients", "1", "2", *extra, "--", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_fold(prepared, synthetic, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'cv.db'}"
+    a = crossval(prepared, tmp_path / "cv", uri, "plain")
+    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
+    b = crossval(prepared, tmp_path / "cv", uri, "synthetic", "--extra-training", str(synthetic),
+                 overrides={"network_def#variant": "4s"})
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    assert "mean +- std over 2 folds" in a.stdout and "liver (shifted)" in a.stdout
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("liver-fcn-crossval")
+    runs = client.search_runs([exp.experiment_id])
+    parents = {r.data.tags["crossval"]: r for r in runs if r.data.tags.get("kind") == "crossval"}
+    assert set(parents) == {"plain", "synthetic"}
+    for name, parent in parents.items():
+        assert parent.info.status == "FINISHED"
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.info.run_name for r in children) == sorted(
+            f"cv-{name}-3Dircadb1.{n}-{kind}" for n in (1, 2) for kind in ("train", "eval"))
+        assert all(r.info.status == "FINISHED" for r in children)
+        m = parent.data.metrics
+        folds = [m[f"fold.3Dircadb1.{n}.dice_liver"] for n in (1, 2)]
+        assert m["cv_mean_dice_liver"] == pytest.approx(np.mean(folds))
+        assert m["cv_std_dice_liver"] == pytest.approx(np.std(folds))
+        assert "cv_mean_shifted_dice_liver" in m and "fold.3Dircadb1.1.train_minutes" in m
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"crossval.csv", "crossval.md"}
+        for child in children:  # the held-out patient chose nothing: no validation in the fold
+            if child.info.run_name.endswith("-train"):
+                assert child.data.params["val_patients"] == "0" and "val_iou_liver" not in child.data.metrics
+    # the extra synthetic volumes joined the training of every fold, never its test
+    train_b = [r for r in runs if r.info.run_name == "cv-synthetic-3Dircadb1.1-train"][0]
+    assert train_b.data.params["train_patients"] == str(4 + 2) and train_b.data.params["variant"] == "4s"
+    assert (tmp_path / "cv" / "synthetic" / "folds" / "3Dircadb1.1" / "models" / "model.pt").is_file()
+
+    c = subprocess.run(
+        [sys.executable, "-m", "liver_fcn.cli", "compare", "--crossval", "plain", "synthetic", "--tracking-uri", uri,
+         "--out", str(tmp_path / "cmp")], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert c.returncode == 0, c.stderr[-2000:]
+    table = (tmp_path / "cmp" / "crossval_comparison.md").read_text()
+    fa, fb = parents["plain"].data.metrics, parents["synthetic"].data.metrics
+    row = f"| 3Dircadb1.2 | dice | liver | {fa['fold.3Dircadb1.2.dice_liver']:.4f} | {fb['fold.3Dircadb1.2.dice_liver']:.4f} |"
+    assert row in table and "| mean | shifted_dice | liver |" in table
+    again = crossval(prepared, tmp_path / "cv", uri, "plain")
+    assert again.returncode == 2 and "already exists; choose another --name" in again.stderr
+    assert not math.isnan(fa["cv_mean_iou_liver"])

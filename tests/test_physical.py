@@ -1,0 +1,185 @@
+"""Physical-space preprocessing, scanner simulation, post-processing, the Dice + CE loss, the schedule."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from liver_fcn.losses import PartialLabelCrossEntropyLoss, PartialLabelDiceCELoss, annotated_classes
+from liver_fcn.training import augmentation_summary, warmup_decay_schedule
+from liver_fcn.transforms import (
+    AdjacentSlicesd,
+    FillHolesSlicewised,
+    ForegroundProbabilitiesd,
+    InPlaneAntiAliasd,
+    SimulateScannerd,
+    body_mask,
+    grid_size,
+    voxel_spacing,
+)
+
+from .conftest import REPO
+
+CONFIGS = REPO / "bundle" / "configs"
+
+
+def meta(arr, spacing=(1.0, 1.0, 1.0)) -> MetaTensor:
+    return MetaTensor(torch.as_tensor(arr), affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)))
+
+
+def test_grid_size_rounds_a_field_of_view_up_to_the_stride():
+    assert grid_size(409.6, 1.6) == 256 and grid_size(409.6, 0.8) == 512
+    assert grid_size(400, 1.5) == 288  # 266.7 pixels -> 288
+    with pytest.raises(ValueError):
+        grid_size(400, 0)
+
+
+def test_body_mask_keeps_the_largest_region_above_the_threshold():
+    img = np.full((1, 40, 40, 3), -1000.0)
+    img[0, 5:30, 5:30] = 40  # body
+    img[0, 35:38, 2:38] = 200  # table, separated by air
+    img[0, 1, 1] = 500  # a speck
+    m = body_mask(torch.as_tensor(img)).numpy()
+    assert m.shape == img.shape and m[0, 5:30, 5:30].all()
+    assert not m[0, 35:38].any() and not m[0, 1, 1].any()
+    assert not body_mask(torch.full((1, 4, 4, 2), -1000.0)).any()
+
+
+def test_anti_aliasing_smooths_in_plane_only_and_only_when_downsampling():
+    vol = torch.zeros(1, 21, 21, 7)
+    vol[0, 10, 10, 3] = 1.0
+    fine = {"image": meta(vol, (0.5, 0.5, 2.0))}
+    out = InPlaneAntiAliasd("image", pixel_spacing=1.5)(fine)["image"]
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, fine["image"].affine)
+    assert out[0, 10, 10, 3] < 0.5 and out[0, 10, 11, 3] > 0  # spread in-plane
+    assert torch.all(out[0, :, :, 2] == 0) and torch.all(out[0, :, :, 4] == 0)  # never across slices
+    assert out.sum() == pytest.approx(1.0, abs=1e-3)
+    coarse = {"image": meta(vol, (1.5, 1.5, 2.0))}
+    assert torch.equal(InPlaneAntiAliasd("image", pixel_spacing=1.0)(coarse)["image"], coarse["image"])
+
+
+def test_adjacent_slices_at_a_distance_in_mm_whatever_the_slice_spacing():
+    def volume(spacing):
+        z = torch.arange(12, dtype=torch.float32) * spacing  # each slice holds its height in mm
+        return meta(z.view(1, 1, 1, -1).expand(1, 2, 2, 12).clone(), (1.0, 1.0, spacing))
+
+    for spacing in (1.25, 2.5, 5.0):
+        out = AdjacentSlicesd("image", channels=3, distance=5.0)({"image": volume(spacing)})["image"]
+        assert out.shape == (3, 2, 2, 12) and isinstance(out, MetaTensor)
+        k = 6  # an inner slice: its neighbours are exactly 5 mm below and above
+        assert out[:, 0, 0, k].tolist() == pytest.approx([k * spacing - 5, k * spacing, k * spacing + 5])
+    # between native slices: linear interpolation; at the ends: the end slice repeated
+    out = AdjacentSlicesd("image", channels=3, distance=3.0)({"image": volume(2.0)})["image"]
+    assert out[2, 0, 0, 4].item() == pytest.approx(11.0) and out[0, 0, 0, 0].item() == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        AdjacentSlicesd("image", channels=3, distance=0)
+
+
+def test_fill_holes_fills_enclosed_background_of_the_liver_slice_by_slice_only():
+    lab = np.zeros((1, 12, 12, 3), np.uint8)
+    lab[0, 2:10, 2:10, :] = 1
+    lab[0, 5:7, 5:7, 1] = 0  # a vessel enclosed by liver in slice 1
+    lab[0, 4, 4, 0] = 2  # bone inside the liver: not background, kept
+    lab[0, 5:7, 0:7, 2] = 0  # a notch open to the outside: kept
+    out = FillHolesSlicewised("pred", applied_labels=[1])({"pred": torch.as_tensor(lab)})["pred"].numpy()
+    assert (out[0, 5:7, 5:7, 1] == 1).all()
+    assert out[0, 4, 4, 0] == 2 and (out[0, 5:7, 0:2, 2] == 0).all()
+
+
+def test_scanner_simulation_averages_slabs_and_pixels_and_moves_the_grid_consistently():
+    ct = np.full((1, 40, 30, 16), -1000.0, np.float32)
+    lab = np.zeros((1, 40, 30, 16), np.uint8)
+    ct[0, 10:30, 6:24, 4:12] = 60.0
+    lab[0, 10:30, 6:24, 4:12] = 1
+    affine = torch.tensor([[-0.75, 0, 0, 100.0], [0, -0.75, 0, 50.0], [0, 0, 1.5, -300.0], [0, 0, 0, 1]], dtype=torch.float64)
+    d = {"image": MetaTensor(torch.as_tensor(ct), affine=affine), "label": MetaTensor(torch.as_tensor(lab), affine=affine),
+         "patient": "p1", "condition": "shifted"}
+    sim = SimulateScannerd(("image", "label"), slab_mm=3.0, pixel_mm=1.5, noise_hu=20.0, offset_hu=40.0)
+    out = sim(d)
+    img, ref = out["image"], out["label"]
+    assert img.shape == ref.shape == (1, 20, 15, 8)
+    assert voxel_spacing(img).tolist() == pytest.approx([1.5, 1.5, 3.0])
+    # the first new voxel is centred between the first two old ones: same body, new grid
+    old_centre = (affine @ torch.tensor([0.5, 0.5, 0.5, 1.0], dtype=torch.float64))[:3]
+    assert img.affine[:3, 3].tolist() == pytest.approx(old_centre.tolist())
+    inside = img[0][ref[0] == 1]
+    assert inside.mean().item() == pytest.approx(100.0, abs=3.0)  # 60 HU + 40 HU offset
+    assert inside.std().item() == pytest.approx(20.0, abs=3.0)
+    assert int(ref.sum()) == 10 * 9 * 4  # 20 x 18 x 8 voxels become 10 x 9 x 4
+    assert torch.equal(sim(d)["image"], img)  # seeded by the patient: the same score every time
+    clean = sim({**d, "condition": "clean"})
+    assert clean["image"] is d["image"]
+
+
+def test_foreground_probabilities_make_padding_read_as_background():
+    p = torch.tensor([[0.2, 0.0], [0.7, 0.0], [0.1, 0.0]]).view(3, 2, 1, 1)  # voxel 2: zero padding
+    fg = ForegroundProbabilitiesd("pred")({"pred": p})["pred"]
+    assert fg.shape == (2, 2, 1, 1)
+    back = ForegroundProbabilitiesd("pred", restore=True)({"pred": fg})["pred"]
+    assert back.argmax(0).flatten().tolist() == [1, 0]
+    assert back[:, 0].flatten().tolist() == pytest.approx([0.2, 0.7, 0.1])
+
+
+def test_dice_ce_is_ce_plus_soft_dice_over_annotated_classes_only():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, requires_grad=True)
+    target = torch.randint(0, 3, (2, 1, 6, 6))
+    target[1][target[1] == 0] += 4 * 8  # sample 1: no kidney masks (bit 3 on its background pixels)
+    assert annotated_classes(target, 4).tolist() == [[True] * 4, [True, True, True, False]]
+    ce = PartialLabelCrossEntropyLoss(4)(logits, target)
+    assert torch.allclose(PartialLabelDiceCELoss(4, dice_weight=0.0)(logits, target), ce)
+    loss = PartialLabelDiceCELoss(4, dice_weight=1.0, smooth=0.0)
+    probs = torch.softmax(logits, 1)
+    cls = target[:, 0] % 4
+    dices = []
+    for c in (1, 2, 3):
+        samples = [0, 1] if c < 3 else [0]  # the kidney Dice only counts sample 0
+        inter = sum((probs[n, c] * (cls[n] == c)).sum() for n in samples)
+        denom = sum(probs[n, c].sum() + (cls[n] == c).sum() for n in samples)
+        dices.append(2 * inter / denom)
+    expected = ce + 1 - torch.stack(dices).mean()
+    assert torch.allclose(loss(logits, target), expected, atol=1e-5)
+    loss(logits, target).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_decay_schedule(opt, total_iterations=100, warmup_iterations=10, kind="cosine")
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    poly = warmup_decay_schedule(opt2, 100, 0, "poly")
+    for _ in range(50):
+        opt2.step()
+        poly.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5 ** 0.9)
+    assert augmentation_summary({"rotate": (0.3, 12.0), "flip": (0.0, None)}) == "rotate p=0.3 (12.0)"
+
+
+def test_one_preprocessing_file_serves_training_evaluation_and_inference():
+    from monai.bundle import ConfigParser
+
+    chains = {}
+    for files in (["train.json"], ["train.json", "evaluate.json"], ["inference.json"]):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / f) for f in files])
+        parser.parse()  # resolves the '%bundle/configs/pipeline.json' macro
+        chains[files[-1]] = parser.get("pipeline")
+    pipeline = json.loads((CONFIGS / "pipeline.json").read_text())
+    for name, chain in chains.items():
+        assert chain["geometry"] == pipeline["geometry"], name
+        assert chain["window"] == pipeline["window"] and chain["postprocessing"] == pipeline["postprocessing"], name
+    for f in ("train.json", "evaluate.json", "inference.json"):  # nobody restates a transform of the chain
+        text = (CONFIGS / f).read_text()
+        for target in ("Spacingd", "CropForegroundd", "ResizeWithPadOrCropd", "ScaleIntensityRanged", "Orientationd"):
+            assert target not in text, (f, target)
