@@ -35,6 +35,8 @@ __all__ = [
     "REQUIRED_SETTINGS",
     "ModelSettings",
     "Precision",
+    "native_bf16",
+    "resolve_precision",
     "WriteCased",
     "case_report",
     "checkpoint_settings",
@@ -67,18 +69,44 @@ class ModelSettings:
         self.settings = dict(state)
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo; False where it cannot be read)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``"bf16"`` where the device has native bf16, else ``"fp32"``; others unchanged."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise InputError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    return precision
+
+
 class Precision(torch.nn.Module):
     """Run a network in fp32 or under bf16 autocast, optionally in channels-last memory layout.
 
-    MONAI's engines take ``amp`` for CUDA only; this wrapper works on CPUs and GPUs alike. The
-    output is always float32. Load weights into ``net`` itself (the wrapper adds no parameters).
+    MONAI's engines take ``amp`` for CUDA only; this wrapper works on CPUs and GPUs alike, for
+    inference and for training (autocast's backward runs in the same precision; the weights, the
+    optimizer and the loss stay float32). The output is always float32. Load weights into ``net``
+    itself (the wrapper adds no parameters). ``precision="auto"`` picks bf16 where the device has
+    it natively (:func:`native_bf16`).
     """
 
     def __init__(self, net: torch.nn.Module, precision: str = "fp32", channels_last: bool = False) -> None:
         super().__init__()
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        self.net, self.precision, self.channels_last = net, precision, bool(channels_last)
+        device = next(iter(net.parameters()), torch.empty(0)).device
+        self.net, self.precision, self.channels_last = net, resolve_precision(precision, device), bool(channels_last)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
 

@@ -183,3 +183,25 @@ def test_one_preprocessing_file_serves_training_evaluation_and_inference():
         text = (CONFIGS / f).read_text()
         for target in ("Spacingd", "CropForegroundd", "ResizeWithPadOrCropd", "ScaleIntensityRanged", "Orientationd"):
             assert target not in text, (f, target)
+
+
+def test_precision_auto_follows_the_cpu_and_trains_in_bf16():
+    from pathlib import Path
+
+    from liver_fcn.inference import Precision, native_bf16, resolve_precision
+    from liver_fcn.networks import FCN
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert native_bf16("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    torch.manual_seed(0)
+    net = Precision(FCN("8s", 1, 4, width=1 / 16), "bf16", channels_last=True)
+    x, y = torch.randn(2, 1, 64, 64), torch.randint(0, 4, (2, 1, 64, 64))
+    out = net(x)
+    assert out.dtype == torch.float32 and out.shape == (2, 4, 64, 64)
+    PartialLabelDiceCELoss(4)(out, y).backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert list(net.state_dict())[0].startswith("net.")  # the wrapper adds no parameter of its own
+    assert set(net.net.state_dict()) == {k[len("net."):] for k in net.state_dict()}

@@ -80,15 +80,35 @@ def find_mask_patients(root: str | os.PathLike) -> list[tuple[str, Path]]:
     return out
 
 
+def _upsample(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Trilinear interpolation of a small array onto ``shape`` (torch: fast and multithreaded)."""
+    import torch
+
+    t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(t, size=tuple(int(n) for n in shape), mode="trilinear", align_corners=True)[0, 0].numpy()
+
+
 def _smooth_field(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float], scale_mm: float) -> np.ndarray:
     """Zero-mean, unit-std Gaussian random field with a correlation length of about ``scale_mm``,
     drawn on a coarse grid and interpolated (cheap at 512 x 512 x N)."""
     step = [max(1, int(scale_mm / (2 * s))) for s in spacing]
     coarse_shape = [max(2, int(np.ceil(n / k)) + 1) for n, k in zip(shape, step)]
     coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), 1.0, mode="wrap")
-    field = ndimage.zoom(coarse, [n / c for n, c in zip(shape, coarse_shape)], order=1)[: shape[0], : shape[1], : shape[2]]
-    field = field - field.mean()
-    return field / (field.std() + 1e-6)
+    field = _upsample(coarse, shape)
+    field -= field.mean()
+    field /= field.std() + 1e-6
+    return field
+
+
+def _depth_below_skin(body: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """In-plane distance (mm) from each body voxel to the skin, slice by slice, computed on a grid
+    of about 2 mm and interpolated (the fat and muscle layers it places are smooth)."""
+    k = max(1, int(2.0 / max(float(spacing[0]), 1e-3)))
+    small = body[::k, ::k]
+    depth = np.empty(small.shape, dtype=np.float32)
+    for z in range(small.shape[2]):
+        depth[..., z] = ndimage.distance_transform_edt(small[..., z], sampling=(k * spacing[0], k * spacing[1]))
+    return _upsample(depth, body.shape)
 
 
 def render_ct(
@@ -105,9 +125,7 @@ def render_ct(
 
     # inside the body: subcutaneous fat, a muscle wall, then a visceral mixture of fat and soft tissue
     fat_hu, muscle_hu = rng.uniform(-120, -80), rng.uniform(30, 65)
-    depth = np.empty(shape, dtype=np.float32)
-    for k in range(shape[2]):  # in-plane distance to the skin, per slice
-        depth[..., k] = ndimage.distance_transform_edt(body[..., k], sampling=sp[:2])
+    depth = _depth_below_skin(body, sp)
     sub_fat = rng.uniform(4, 35) * (1 + 0.3 * _smooth_field(rng, shape, sp, 60))
     wall = sub_fat + rng.uniform(6, 20)
     visceral = _smooth_field(rng, shape, sp, rng.uniform(8, 25))
@@ -152,8 +170,11 @@ def render_ct(
             continue
         mask = kinds[kind]
         if kind == "bone":
-            inside = ndimage.distance_transform_edt(mask, sampling=sp)
-            cortex = inside < rng.uniform(1.0, 2.5)
+            # a cortical rim of 1 to 2.5 mm: the bone minus its in-plane erosion
+            layers = max(1, int(round(rng.uniform(1.0, 2.5) / sp[0])))
+            in_plane = np.zeros((3, 3, 3), dtype=bool)
+            in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+            cortex = mask & ~ndimage.binary_erosion(mask, structure=in_plane, iterations=layers)
             trabecular = rng.uniform(120, 330) + 40 * texture
             hu[mask] = np.where(cortex[mask], rng.uniform(450, 1100), trabecular[mask])
         elif kind == "stomach" and rng.random() < 0.5:
