@@ -68,7 +68,7 @@ def _synth(args: argparse.Namespace) -> int:
     t0 = time.time()
     synthesize(
         args.masks, args.out, copies=args.copies, seed=args.seed, patients=args.patients,
-        sampling_weight=args.weight, mapping=args.mapping, overwrite=args.overwrite,
+        sampling_weight=args.weight, mapping=args.mapping, annotate=args.classes, overwrite=args.overwrite,
     )
     print(f"done in {time.time() - t0:.0f} s")
     return 0
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--weight", type=float, default=1.0,
                     help="sampling weight of each synthetic volume's slices against real ones' 1.0 (default 1.0)")
     sy.add_argument("--mapping", help="JSON file mapping organ folders to classes (default: liver, bone, kidney)")
+    sy.add_argument("--classes", nargs="*", default=None,
+                    help="classes the synthetic volumes annotate (default: all); the others are learnt from real CT only")
     sy.add_argument("--overwrite", action="store_true", help="replace an earlier synthesis in --out")
     sy.set_defaults(func=_synth)
 

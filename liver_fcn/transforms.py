@@ -207,6 +207,14 @@ class EncodePartialLabeld(MapTransform):
         return d
 
 
+def like(reference, data: torch.Tensor) -> torch.Tensor:
+    """``data`` with the metadata and transform record of ``reference`` when that is a MetaTensor
+    (a transform that changes values but no geometry keeps the image invertible)."""
+    if isinstance(reference, MetaTensor):
+        return MetaTensor(data, meta=dict(reference.meta), applied_operations=list(reference.applied_operations))
+    return data
+
+
 def voxel_spacing(img) -> np.ndarray:
     """Voxel spacing in mm along each spatial axis, from a MetaTensor's affine (ones without one)."""
     affine = getattr(img, "affine", None)
@@ -268,7 +276,7 @@ class InPlaneAntiAliasd(MapTransform):
             arr = np.asarray(img.detach().cpu(), dtype=np.float32)
             out = np.stack([ndimage.gaussian_filter(ch, sigma, mode="nearest", truncate=3.0) for ch in arr])
             t = torch.as_tensor(out, device=img.device)
-            d[key] = MetaTensor(t, meta=dict(img.meta), applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else t
+            d[key] = like(img, t)
         return d
 
 
@@ -305,8 +313,7 @@ class FillHolesSlicewised(MapTransform):
                     filled = ndimage.binary_fill_holes(moved[k] == label)
                     result[k][filled & (moved[k] == 0)] = label
             if isinstance(img, torch.Tensor):
-                t = torch.as_tensor(out[None], device=img.device)
-                d[key] = MetaTensor(t, meta=dict(img.meta), applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else t
+                d[key] = like(img, torch.as_tensor(out[None], device=img.device))
             else:
                 d[key] = out[None]
         return d
@@ -358,10 +365,7 @@ class AdjacentSlicesd(MapTransform):
                 shape[axis] = n
                 w = w.view(shape).to(vol.device)
                 chans.append(a * (1 - w) + b * w)
-            out = torch.stack(chans)
-            if isinstance(img, MetaTensor):  # keep the metadata and the record of applied transforms
-                out = MetaTensor(out, meta=dict(img.meta), applied_operations=list(img.applied_operations))
-            d[key] = out
+            d[key] = like(img, torch.stack(chans))  # keeps the metadata and the record of applied transforms
         return d
 
 
@@ -465,7 +469,5 @@ class ForegroundProbabilitiesd(MapTransform):
                 out = torch.cat([torch.as_tensor(background), torch.as_tensor(p)], dim=0)
             else:
                 out = torch.as_tensor(p)[1:]
-            if isinstance(p, MetaTensor):
-                out = MetaTensor(out, meta=dict(p.meta), applied_operations=list(p.applied_operations))
-            d[key] = out
+            d[key] = like(p, out)
         return d

@@ -55,6 +55,15 @@ def test_synthetic_volumes_follow_the_masks_with_physical_densities(synthetic, p
         synthesize(data["source"], synthetic, log=lambda s: None)
 
 
+def test_synthetic_volumes_can_leave_classes_to_real_ct(phantom_root, tmp_path):
+    out = synthesize(phantom_root, tmp_path / "liver_only", patients=["4"], annotate=["liver"], log=lambda s: None)
+    (entry,) = json.loads(out.read_text())["training"]
+    assert entry["annotated"] == [True, True, False, False] and list(entry["masks"]) == ["liver"]
+    assert sorted(p.name for p in (tmp_path / "liver_only" / entry["patient"]).iterdir()) == ["ct.nii.gz", "liver.nii.gz"]
+    with pytest.raises(InputError, match="spleen: not a class of the mapping"):
+        synthesize(phantom_root, tmp_path / "x", annotate=["spleen"], log=lambda s: None)
+
+
 def test_mask_folder_without_body_outline_is_refused(phantom_root, tmp_path):
     src = tmp_path / "in" / "3Dircadb1.1"
     src.mkdir(parents=True)

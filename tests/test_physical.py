@@ -205,3 +205,18 @@ def test_precision_auto_follows_the_cpu_and_trains_in_bf16():
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert list(net.state_dict())[0].startswith("net.")  # the wrapper adds no parameter of its own
     assert set(net.net.state_dict()) == {k[len("net."):] for k in net.state_dict()}
+
+
+def test_cpu_and_quick_recipes_change_the_budget_not_the_method():
+    from monai.bundle import ConfigParser
+
+    train = json.loads((CONFIGS / "train.json").read_text())
+    for name in ("cpu.json", "quick.json"):
+        overrides = json.loads((CONFIGS / name).read_text())
+        # sizes, budget and loader settings only: the preprocessing chain, loss and augmentation stay
+        assert set(overrides) <= {"width", "pixel_spacing", "iterations", "val_interval", "warmup_iterations", "batch_size",
+                                  "learning_rate", "num_workers", "cache_workers", "val_slice_batch"}, name
+        assert all(k in train for k in overrides), name
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / name)])
+        assert parser.get_parsed_content("image_size") == 256  # 409.6 mm at 1.6 mm

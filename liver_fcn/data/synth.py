@@ -218,11 +218,21 @@ def synthesize(
     patients: Sequence[str] = (),
     sampling_weight: float = 1.0,
     mapping: str | os.PathLike | None = None,
+    annotate: Sequence[str] | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Render ``copies`` CTs per mask patient under ``out``; returns the datalist path."""
+    """Render ``copies`` CTs per mask patient under ``out``; returns the datalist path.
+
+    ``annotate``: the classes whose masks the datalist gives (default: all the mapping's); the others
+    are recorded as not annotated, so training learns them from real CT only (the partial-label loss
+    lets a synthetic background pixel be any of them).
+    """
     classes, organ_map = load_class_mapping(mapping)
+    annotate = list(classes[1:]) if annotate is None else list(annotate)
+    unknown = [c for c in annotate if c not in classes[1:]]
+    if unknown:
+        raise InputError(f"{unknown[0]}: not a class of the mapping ({', '.join(classes[1:])})")
     found = find_mask_patients(masks_root)
     if patients:
         wanted = {p if p.startswith("3Dircadb1.") else f"3Dircadb1.{p}" for p in patients}
@@ -255,7 +265,9 @@ def synthesize(
                 raise InputError(f"{folder}: no 'skin' (body outline) mask; cannot synthesise a CT")
             chosen, _, _ = _resolve_classes(organ_map, {n: Path(n) for n in organs})
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-            label_masks = {c: np.any([organs[p.name] for p in paths], axis=0) for c, paths in chosen.items()}
+            label_masks = {
+                c: np.any([organs[p.name] for p in paths], axis=0) for c, paths in chosen.items() if c in annotate
+            }
             body = organs["skin"] | np.any(list(organs.values()), axis=0)
             for copy in range(copies):
                 rng = np.random.default_rng([seed, i, copy])
@@ -282,7 +294,7 @@ def synthesize(
                     "synthetic_from": name,
                     "sampling_weight": sampling_weight,
                 })
-            missing = [c for c in classes[1:] if c not in label_masks]
+            missing = [c for c in classes[1:] if c not in label_masks]  # absent, or left to real CT
             log(f"{name}: {copies} synthetic CT{'s' if copies > 1 else ''} {ct.shape[0]}x{ct.shape[1]}x{ct.shape[2]}"
                 + (f"; not annotated: {', '.join(missing)}" if missing else "") + f" ({time.time() - t0:.1f} s)")
     write_json_atomic(datalist, {
