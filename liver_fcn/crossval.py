@@ -215,7 +215,9 @@ def crossval(
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    # MLflow 3's UI opens an experiment on its runs (not its GenAI traces) for this kind
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, tags={"mlflow.experimentKind": "custom_model_development"})
     parent = client.create_run(exp_id, run_name=f"cv-{name}", tags={"kind": "crossval", "crossval": name})
     pid = parent.info.run_id
     params = {
@@ -264,6 +266,13 @@ def crossval(
         write_text_atomic(out / "crossval.md", _markdown(f"Cross-validation {name}", rows, table))
         client.log_artifact(pid, str(out / "crossval.csv"))
         client.log_artifact(pid, str(out / "crossval.md"))
+        summary = "; ".join(
+            f"{t['class']} IoU {t['iou_mean']:.3f} +- {t['iou_std']:.3f}" for t in table if t["condition"] == "clean")
+        client.set_tag(pid, "mlflow.note.content", (
+            f"Leave-one-patient-out cross-validation of {' + '.join(Path(c).name for c in configs)}"
+            f"{' ' + ' '.join(overrides) if overrides else ''} over {len(folds)} patients of {Path(dataset_dir).resolve()}"
+            f"{' plus extra training volumes' if extra_training else ''}; last checkpoint of a fixed budget. "
+            f"Mean over folds (3D): {summary}."))
         client.set_terminated(pid, "FINISHED")
     except BaseException as e:
         client.set_tag(pid, "error", f"{type(e).__name__}: {e}"[:4000])

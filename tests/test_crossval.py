@@ -112,6 +112,7 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("liver-fcn-crossval")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     runs = client.search_runs([exp.experiment_id])
     parents = {r.data.tags["crossval"]: r for r in runs if r.data.tags.get("kind") == "crossval"}
     assert set(parents) == {"plain", "synthetic"}
@@ -127,6 +128,9 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
         assert m["cv_std_dice_liver"] == pytest.approx(np.std(folds))
         assert "cv_mean_shifted_dice_liver" in m and "fold.3Dircadb1.1.train_minutes" in m
         assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"crossval.csv", "crossval.md"}
+        note = parent.data.tags["mlflow.note.content"]
+        assert note.startswith("Leave-one-patient-out cross-validation of train.json") and "over 2 patients" in note
+        assert f"liver IoU {m['cv_mean_iou_liver']:.3f}" in note
         for child in children:  # the held-out patient chose nothing: no validation in the fold
             if child.info.run_name.endswith("-train"):
                 assert child.data.params["val_patients"] == "0" and "val_iou_liver" not in child.data.metrics

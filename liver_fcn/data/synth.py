@@ -157,6 +157,13 @@ def render_ct(
     hu[blobs & body & (depth >= wall)] = liver_hu + rng.uniform(-40, 20)
     gas = _smooth_field(rng, shape, sp, rng.uniform(8, 15)) > rng.uniform(2.2, 3.0)
     hu[gas & body & (depth >= wall)] = rng.uniform(-950, -700)
+    # organ-sized distractors (where a heart, spleen or stomach would be): smooth ellipsoids of
+    # liver-like or blood-pool density, some with a rim, placed inside the body away from the organs
+    # that are painted next; real CT puts such neighbours against the liver
+    labelled = np.any(list(organs.values()), axis=0) if organs else np.zeros(shape, dtype=bool)
+    free = body & (depth >= wall) & ~labelled
+    for _ in range(int(rng.integers(1, 4))):
+        _ellipsoid_distractor(hu, free, sp, rng, liver_hu)
 
     texture = _smooth_field(rng, shape, sp, rng.uniform(3, 10))
     kinds = {}
@@ -192,6 +199,27 @@ def render_ct(
     noise = ndimage.gaussian_filter(noise, [rng.uniform(0.4, 1.0), rng.uniform(0.4, 1.0), 0.0])
     hu += noise / (noise.std() + 1e-6) * rng.uniform(6, 30)
     return np.clip(hu, -1024, 3071)
+
+
+def _ellipsoid_distractor(hu: np.ndarray, free: np.ndarray, sp: Sequence[float], rng: np.random.Generator, liver_hu: float) -> None:
+    """Paint one ellipsoid of 40-120 mm radii (clipped to ``free``) around a random free voxel."""
+    candidates = np.flatnonzero(free[::4, ::4, ::2])
+    if candidates.size == 0:
+        return
+    ci = np.array(np.unravel_index(rng.choice(candidates), free[::4, ::4, ::2].shape)) * [4, 4, 2]
+    radii = rng.uniform(20, 60, size=3) / np.asarray(sp)  # semi-axes in voxels
+    lo = np.maximum(ci - np.ceil(radii).astype(int), 0)
+    hi = np.minimum(ci + np.ceil(radii).astype(int) + 1, free.shape)
+    grid = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    q = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, ci, radii))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    inside = (q < 1.0) & free[box]
+    core = rng.uniform(liver_hu - 40, liver_hu + 30) if rng.random() < 0.6 else rng.uniform(120, 260)
+    region = hu[box]
+    region[inside] = core
+    if rng.random() < 0.5:  # a wall of another density (myocardium, stomach wall)
+        region[inside & (q > rng.uniform(0.5, 0.8))] = rng.uniform(liver_hu - 30, liver_hu + 30)
+    hu[box] = region
 
 
 def _read_masks(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
