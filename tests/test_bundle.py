@@ -26,6 +26,7 @@ TINY = {
     "num_workers": "0",
     "cache_workers": "0",
     "val_slice_batch": "12",
+    "log_every": "1",
 }
 
 

@@ -45,8 +45,8 @@ def main() -> None:
         if key in settings:
             parser[key] = settings[key]
     item = parser.get_parsed_content("validate#dataset")[args.case]
-    net = parser.get_parsed_content("network")
-    net.load_state_dict(state)
+    parser.get_parsed_content("network_def").load_state_dict(state)
+    net = parser.get_parsed_content("network")  # the weights above, in the checkpoint's precision
     net.eval()
     with torch.no_grad():
         logits = parser.get_parsed_content("validate#inferer")(item["image"][None], net)
