@@ -207,6 +207,37 @@ def test_precision_auto_follows_the_cpu_and_trains_in_bf16():
     assert set(net.net.state_dict()) == {k[len("net."):] for k in net.state_dict()}
 
 
+@pytest.mark.parametrize("variant", ["32s", "16s", "8s", "4s"])
+def test_bf16_training_gradients_agree_with_fp32(variant):
+    """Under bf16 autocast every parameter's gradient points where the fp32 one does.
+
+    Guards against wrong low-precision kernels: the CPU's bf16 transposed convolution with a kernel of
+    16 or more gives input gradients at cosine ~0.2 to the true ones, which silently ruins training.
+    """
+    import copy
+
+    from liver_fcn.inference import Precision
+    from liver_fcn.networks import FCN
+
+    torch.manual_seed(0)
+    base = FCN(variant, 1, 4, width=1 / 16).eval()  # eval: no dropout, the two passes see one network
+    with torch.no_grad():  # score layers start at zero; give the backbone a gradient to compare
+        for name, p in base.named_parameters():
+            if name.startswith("score_"):
+                p.normal_(0, 0.05)
+    x, y = torch.randn(2, 1, 96, 96), torch.randint(0, 4, (2, 1, 96, 96))
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        net = copy.deepcopy(base)
+        PartialLabelDiceCELoss(4)(Precision(net, precision, channels_last=True)(x), y).backward()
+        grads[precision] = {k: p.grad.flatten() for k, p in net.named_parameters() if p.grad is not None}
+    assert grads["fp32"].keys() == grads["bf16"].keys() and len(grads["fp32"]) > 20
+    for k, g in grads["fp32"].items():
+        cos = torch.nn.functional.cosine_similarity(g, grads["bf16"][k], dim=0).item()
+        ratio = (grads["bf16"][k].norm() / g.norm()).item()
+        assert cos > 0.95 and 0.8 < ratio < 1.25, (variant, k, cos, ratio)
+
+
 def test_cpu_and_quick_recipes_change_the_budget_not_the_method():
     from monai.bundle import ConfigParser
 
