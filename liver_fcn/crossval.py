@@ -215,7 +215,8 @@ def crossval(
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    # MLflow 3's UI opens an experiment on its runs (not its GenAI traces) for this kind
+    # MLflow 3's UI shows this kind of experiment as "Machine learning"; which view a browser opens on
+    # follows its GenAI / Model training toggle, hence the deep link printed at the end
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, tags={"mlflow.experimentKind": "custom_model_development"})
     parent = client.create_run(exp_id, run_name=f"cv-{name}", tags={"kind": "crossval", "crossval": name})
@@ -283,6 +284,10 @@ def crossval(
         label = t["class"] if t["condition"] == "clean" else f"{t['class']} ({t['condition']})"
         log(f"  {label:<18} Dice {t['dice_mean']:.4f} +- {t['dice_std']:.4f}   IoU {t['iou_mean']:.4f} +- {t['iou_std']:.4f}")
     log(f"  table: {out / 'crossval.md'}")
+    if not uri.startswith("http"):
+        log(f"  browse: mlflow ui --backend-store-uri {uri}")
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    log(f"  runs:   {base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
     return metrics
 
 

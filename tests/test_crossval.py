@@ -112,7 +112,8 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("liver-fcn-crossval")
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # "Machine learning" in the UI
+    assert f"/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in a.stdout
     runs = client.search_runs([exp.experiment_id])
     parents = {r.data.tags["crossval"]: r for r in runs if r.data.tags.get("kind") == "crossval"}
     assert set(parents) == {"plain", "synthetic"}

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # 3D-IRCADb-01 reproduction of the paper: prepare the database, train FCN-8s and FCN-4s from
-# ImageNet VGG16 with the paper's recipe (Adam 3e-4, betas 0.9/0.99, batch 32, 512 x 512 slices,
-# 100 epochs), evaluate both on the test patients, compare them in MLflow.
+# ImageNet VGG16 with train.json's recipe (Adam 3e-4, betas 0.9/0.99, batch 32, 0.8 mm pixels:
+# 512 x 512 around the body, augmentation, cross-entropy + Dice, 20000 iterations with warm-up and
+# cosine decay), evaluate both on the test patients, compare them in MLflow.
 #
-#   workflows/ircadb_paper.sh /path/to/3Dircadb1 [bundle overrides, e.g. --epochs 50]
+#   workflows/ircadb_paper.sh /path/to/3Dircadb1 [bundle overrides, e.g. --iterations 10000]
 #
 # Needs the ImageNet VGG16 weights vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints (or set
-# PRETRAINED=/path/to/file, or PRETRAINED=None to train from scratch), and a GPU: on a CPU one
-# epoch of the 2258 training slices takes hours (make bench).
+# PRETRAINED=/path/to/file, or PRETRAINED=None to train from scratch), and a GPU: on a CPU the
+# full-width network at 512 x 512 takes seconds per slice (make bench); use cpu.json there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IRCADB=${1:?usage: workflows/ircadb_paper.sh /path/to/3Dircadb1 [bundle overrides]}
