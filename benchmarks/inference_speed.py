@@ -1,19 +1,25 @@
-"""Inference speed of the full-width FCN-8s on one 512 x 512 x 120 phantom volume.
+"""Inference speed and memory of the bundle on a synthetic 512 x 512 x N DICOM series.
 
-For each setting - fp32, fp32 with channels-last, bf16 autocast with channels-last - it prints the
-seconds per volume and per slice of the network over the whole volume (slices batched as the
-bundle's SliceInferer does), the achieved GFLOP/s beside this process's measured matrix-multiply
-peak in the same precision, the peak memory, and the Dice of each class between the setting's
-labels and the fp32 labels (a setting is acceptable when every Dice is >= 0.995). A setting slower
-than ``--budget`` seconds per volume is timed on the first slices and its volume time extrapolated
-(marked ``*``). Then it times the whole bundle command (DICOM loading, preprocessing, inference,
-inversion to the input grid, writing) with the bundle's default setting. Nothing is asserted.
+One run prints, for the same series and the same checkpoint:
 
-The weights are random (He-initialised backbone, random score layers), which gives spatially varied
-class maps; class boundaries sit at near-ties of the logits, so the Dice comparison is a stringent
-test of numerical agreement, not of segmentation quality.
+* the bundle command as a user types it (``python -m monai.bundle run inference``, default
+  settings): end-to-end wall time including Python's start, the engine's run time, the network's
+  own time (as the bundle reports it), everything else of the run (loading, preprocessing, the
+  class map on the input grid, post-processing, writing), and the peak resident memory;
+* a naive MONAI pipeline of the same network, as a MONAI user would first write it: fp32,
+  ``Resized`` with its 3D anti-aliasing to the network's grid, softmax, ``Invertd`` of the
+  full-resolution class probabilities, ``argmax``, ``KeepLargestConnectedComponentd`` on the whole
+  volume - timed the same way;
+* the speed-up, and the Dice of each class between the two masks.
 
-    python benchmarks/inference_speed.py [--slices 120] [--size 512] [--no-bundle]
+``--slices 400`` measures memory on a long series. ``--network-only`` times the full-width
+FCN-8s alone on 512 x 512 slices in fp32 and in bf16 (with the GFLOP/s reached) instead. The
+checkpoint is ``--checkpoint`` or, without one, the quick recipe's network (width 1/8, 1.6 mm) with
+random weights (then the masks are noise-like and post-processing works harder than on a real
+model). Each run is a separate process; its wall time is measured from here and its peak RSS by the
+process itself (VmHWM); nothing is asserted.
+
+    python benchmarks/inference_speed.py [--slices 119] [--checkpoint bundle/models/model.pt]
 """
 
 from __future__ import annotations
@@ -21,225 +27,234 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = {"fp32": ("fp32", False), "fp32+channels_last": ("fp32", True), "bf16+channels_last": ("bf16", True)}
+QUICK = {"variant": "8s", "width": 0.125, "in_channels": 1, "class_names": ["background", "liver", "bone", "kidney"],
+         "pixel_spacing": 1.6, "image_size": 256, "hu_window": [-250, 450], "intensity_mean": 0.19, "slice_distance": 2.5}
 
 
-def make_network(seed: int = 0) -> nn.Module:
-    from liver_fcn.networks import FCN
-
-    torch.manual_seed(seed)
-    net = FCN("8s", in_channels=1, out_channels=4, width=1.0)
-    for name in ("score_fr", "score_pool4", "score_pool3"):
-        nn.init.normal_(getattr(net, name).weight, 0, 0.02)
-        nn.init.normal_(getattr(net, name).bias, 0, 0.5)
-    return net.eval()
-
-
-def count_flops(net: nn.Module, size: int) -> float:
-    """Multiply-adds x 2 of the convolutions for one slice."""
-    total = 0.0
-
-    def hook(m, inp, out):
-        nonlocal total
-        k = m.kernel_size[0] * m.kernel_size[1]
-        if isinstance(m, nn.ConvTranspose2d):
-            total += 2.0 * inp[0].numel() * m.out_channels * k / m.groups
-        else:
-            total += 2.0 * out.numel() * (m.in_channels // m.groups) * k
-
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    with torch.no_grad():
-        net(torch.zeros(1, 1, size, size))
-    for h in handles:
-        h.remove()
-    return total
+#: runs a module or script and reports its own peak RSS at exit. The peak is read from /proc/self/status
+#: (VmHWM, per address space): ``ru_maxrss`` of a child started from a large parent inherits the
+#: parent's peak across exec, which would credit this benchmark's own memory to the command.
+WRAP = """
+import atexit, runpy, sys
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("\\nPEAK_RSS_KB " + line.split()[1] + "\\n")
+atexit.register(peak)
+kind, target = sys.argv[1], sys.argv[2]
+sys.argv = [target] + sys.argv[3:]
+runpy.run_module(target, run_name="__main__", alter_sys=True) if kind == "-m" else runpy.run_path(target, run_name="__main__")
+"""
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 4.0) -> float:
-    """Best GFLOP/s of square matrix products in ``dtype`` over a few sizes and repeats.
-
-    On CUDA, fp32 convolutions run in TF32 (cuDNN's default, ``torch.backends.cudnn.allow_tf32``), so
-    the fp32 peak is measured with matrix products in the same mode.
-    """
-    sizes = (512, 1024, 2048, 3072) + ((4096, 8192) if device.type == "cuda" else ())
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    if device.type == "cuda" and dtype == torch.float32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
-    best = 0.0
-    try:
-        for n in sizes:
-            a = torch.randn(n, n, device=device).to(dtype)
-            b = torch.randn(n, n, device=device).to(dtype)
-            t0 = time.perf_counter()
-            a @ b  # warm-up; also tells how long one product takes
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            once = time.perf_counter() - t0
-            if once > seconds:  # a slow path (bf16 without hardware support): stop growing
-                best = max(best, 2.0 * n**3 / once / 1e9)
-                break
-            reps, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds / 4:
-                a @ b
-                reps += 1
-                if device.type == "cuda" and reps % 16 == 0:
-                    torch.cuda.synchronize()  # keep the queue short so the loop measures work done
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, 2.0 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    return best
+def measure(kind: str, target: str, args: list[str]) -> tuple[float, float, str]:
+    """Run ``python -m target args`` (kind ``-m``) or ``python target args``; wall seconds, the
+    process's own peak RSS (GB), its stdout+stderr."""
+    cmd = [sys.executable, "-c", WRAP, kind, target, *args]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(f"{target} failed ({r.returncode}):\n{out[-3000:]}")
+    kb = [int(m) for m in re.findall(r"PEAK_RSS_KB (\d+)", out)]
+    return wall, (kb[-1] / 1e6 if kb else float("nan")), out
 
 
-def sig3(x: float) -> str:
-    """Three significant digits without an exponent: 0.00123, 1.62, 231, 1618."""
-    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+def naive_child(args) -> None:
+    """The naive MONAI pipeline (see the module docstring); prints its timings as JSON."""
+    import time as _t
 
-
-def volume_input(path: Path, size: int, slices: int) -> np.ndarray:
-    """The phantom's preprocessed volume (1, size, size, slices) as the bundle feeds it, cached in ``path``."""
-    if path.exists():
-        return np.load(path)
-    from liver_fcn.data.phantom import make_phantom
-
-    ct = make_phantom(11, size=size, slices=slices).ct.astype(np.float32)  # (z, y, x)
-    x = np.clip((ct + 250.0) / 700.0, 0, 1) - 0.19
-    x = np.ascontiguousarray(np.transpose(x, (2, 1, 0)))[None]
-    np.save(path, x)
-    return x
-
-
-def child(args) -> None:
+    t_start = _t.perf_counter()
+    import torch
+    from monai.data import Dataset, DataLoader, PydicomReader, decollate_batch
     from monai.inferers import SliceInferer
+    from monai.transforms import (
+        Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, EnsureTyped, Invertd, KeepLargestConnectedComponentd,
+        LoadImaged, Orientationd, Resized, SaveImaged, ScaleIntensityRanged, ShiftIntensityd,
+    )
 
     from liver_fcn.inference import Precision
+    from liver_fcn.networks import FCN
+    from liver_fcn.training import load_model_state
 
-    device = torch.device(args.device)
-    precision, channels_last = SETTINGS[args.setting]
-    peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device)
-    vol = torch.from_numpy(volume_input(Path(args.cache), args.size, args.slices))[None].to(device)
-    net = Precision(make_network().to(device), precision, channels_last)
-    inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=args.batch, spatial_dim=2)
+    state, settings = load_model_state(args.checkpoint)
+    net = FCN(settings["variant"], in_channels=1, out_channels=len(settings["class_names"]), width=settings["width"])
+    net.load_state_dict(state)
+    net = Precision(net.eval(), "fp32", channels_last=False)
+    size = settings["image_size"]
+    pre = Compose([
+        LoadImaged("image", reader=PydicomReader()), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
+        Resized("image", spatial_size=(size, size, -1), mode="bilinear", anti_aliasing=True),
+        ScaleIntensityRanged("image", *settings["hu_window"], 0.0, 1.0, clip=True),
+        ShiftIntensityd("image", -settings["intensity_mean"]), EnsureTyped("image", dtype=torch.float32),
+    ])
+    post = Compose([
+        Activationsd("pred", softmax=True),
+        Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+        AsDiscreted("pred", argmax=True),
+        KeepLargestConnectedComponentd("pred", applied_labels=[1], independent=True),
+        SaveImaged("pred", output_dir=args.out, output_postfix="seg", output_dtype="uint8", separate_folder=False, print_log=False),
+    ])
+    loader = DataLoader(Dataset([{"image": args.input}], pre), batch_size=1)
+    inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=16, spatial_dim=2)
+    t_run = _t.perf_counter()
     with torch.no_grad():
-        net(vol[..., 0].expand(args.batch, -1, -1, -1))  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        first = inferer(vol[..., : args.batch], net)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        per_batch = time.perf_counter() - t0
-        n = args.slices if per_batch * args.slices / args.batch <= args.budget else args.batch * 2
-        elapsed = float("inf")
-        for _ in range(3 if device.type == "cuda" else 1):  # a GPU pass is short: best of three
-            t0 = time.perf_counter()
-            logits = inferer(vol[..., :n], net)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = min(elapsed, time.perf_counter() - t0)
-    labels = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
-    np.save(Path(args.cache).with_name(f"labels_{args.setting}.npy"), labels)
-    flops = count_flops(make_network(), args.size) * n
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"setting": args.setting, "slices": n, "seconds": elapsed, "gflops": flops / elapsed / 1e9,
-                      "peak_gflops": peak, "memory_gib": mem, "first_batch_s": per_batch}))
-    del first
+        for batch in loader:
+            batch["pred"] = inferer(batch["image"], net)
+            for item in decollate_batch(batch):
+                post(item)
+    t_end = _t.perf_counter()
+    print(json.dumps({"run": t_end - t_run, "network": net.seconds, "startup": t_run - t_start}))
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> dict:
-    out = {}
-    for c in range(1, 4):
+def dice_per_class(a_path: Path, b_path: Path) -> list[float]:
+    import nibabel as nib
+    import numpy as np
+
+    a, b = (np.asarray(nib.load(str(p)).dataobj) for p in (a_path, b_path))
+    if a.shape != b.shape:
+        raise RuntimeError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    out = []
+    for c in (1, 2, 3):
         x, y = a == c, b == c
-        s = x.sum() + y.sum()
-        out[c] = 1.0 if s == 0 else 2.0 * (x & y).sum() / s
+        s = int(x.sum() + y.sum())
+        out.append(1.0 if s == 0 else 2.0 * float((x & y).sum()) / s)
     return out
 
 
-def bundle_end_to_end(tmp: Path, size: int, slices: int) -> tuple[float, str]:
-    """Time `python -m monai.bundle run inference` on the phantom written as DICOM, default settings."""
+def make_series(tmp: Path, slices: int) -> Path:
     from liver_fcn.data.phantom import write_phantom_patient
 
-    patient = write_phantom_patient(tmp / "dicom", 1, 11, size=size, slices=slices)
-    import zipfile
-
+    patient = write_phantom_patient(tmp / "dicom", 1, 11, size=512, slices=slices)
     with zipfile.ZipFile(patient / "PATIENT_DICOM.zip") as zf:
         zf.extractall(patient)
-    settings = {"variant": "8s", "width": 1.0, "in_channels": 1, "class_names": ["background", "liver", "bone", "kidney"],
-                "pixel_spacing": 380.0 / size, "image_size": size, "hu_window": [-250, 450], "intensity_mean": 0.19}
-    torch.save({"model": make_network().state_dict(), "settings": settings}, tmp / "model.pt")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(REPO / "bundle/configs/inference.json"),
-           "--input", str(patient / "PATIENT_DICOM"), "--output_dir", str(tmp / "out"), "--checkpoint", str(tmp / "model.pt"),
-           "--overlay", "false"]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    elapsed = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-2000:])
-    cfg = json.loads((REPO / "bundle/configs/inference.json").read_text())
-    return elapsed, f"precision={cfg['precision']}, channels_last={cfg['channels_last']}"
+    return patient / "PATIENT_DICOM"
+
+
+def end_to_end(args) -> None:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        series = make_series(tmp, args.slices)
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            from liver_fcn.networks import FCN
+
+            torch.manual_seed(0)
+            net = FCN("8s", in_channels=1, out_channels=4, width=QUICK["width"])
+            checkpoint = str(tmp / "quick_random.pt")
+            torch.save({"model": net.state_dict(), "settings": QUICK}, checkpoint)
+        print(f"synthetic DICOM series 512 x 512 x {args.slices} written in {time.perf_counter() - t0:.0f} s; "
+              f"checkpoint {args.checkpoint or 'quick recipe, random weights'}; torch {torch.__version__}, "
+              f"{os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+        rows = {}
+        bundle = ["run", "inference", "--config_file", "bundle/configs/inference.json",
+                  "--input", str(series), "--checkpoint", checkpoint, "--output_dir", str(tmp / "ours"), "--overlay", "false"]
+        wall, rss, out = measure("-m", "monai.bundle", bundle)
+        m = re.search(r"written to .* \(([\d.]+) s, network ([\d.]+) s, (\w+)", out)
+        run, network, precision = float(m.group(1)), float(m.group(2)), m.group(3)
+        rows[f"bundle ({precision}, body grid)"] = dict(wall=wall, startup=wall - run, run=run, network=network, rss=rss)
+        if not args.no_naive:
+            naive = ["--naive-child", "--input", str(series), "--checkpoint", checkpoint, "--out", str(tmp / "naive")]
+            wall, rss, out = measure("script", __file__, naive)
+            r = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+            rows["naive MONAI (fp32)"] = dict(wall=wall, startup=wall - r["run"], run=r["run"], network=r["network"], rss=rss)
+        print(f"\n{'pipeline':<26} {'wall':>7} {'start-up':>9} {'run':>7} {'network':>8} {'non-network':>12} {'peak RSS':>9}")
+        for name, r in rows.items():
+            print(f"{name:<26} {r['wall']:>6.1f}s {r['startup']:>8.1f}s {r['run']:>6.1f}s {r['network']:>7.2f}s "
+                  f"{r['run'] - r['network']:>11.2f}s {r['rss']:>7.2f}GB")
+        print("(wall: the whole command, Python's start included; run: the engine's run; non-network: run minus network)")
+        if not args.no_naive:
+            names = list(rows)
+            print(f"\nspeed-up of the bundle over the naive pipeline: {rows[names[1]]['wall'] / rows[names[0]]['wall']:.1f}x end to end, "
+                  f"{(rows[names[1]]['run'] - rows[names[1]]['network']) / max(rows[names[0]]['run'] - rows[names[0]]['network'], 1e-9):.1f}x "
+                  "on the non-network work")
+            ours = next((tmp / "ours").glob("*_seg.nii.gz"))
+            theirs = next((tmp / "naive").glob("*_seg.nii.gz"))
+            d = dice_per_class(ours, theirs)
+            print(f"masks, Dice bundle vs naive: liver {d[0]:.4f}, bone {d[1]:.4f}, kidney {d[2]:.4f} "
+                  "(the bundle resamples in physical units and post-processes more, so they need not be identical)")
+
+
+def network_only(args) -> None:
+    """Full-width FCN-8s on 512 x 512 slices, fp32 vs bf16 (channels-last), network alone."""
+    import torch
+
+    from liver_fcn.inference import Precision, native_bf16
+    from liver_fcn.networks import FCN
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    net = FCN("8s", in_channels=1, out_channels=4, width=1.0).eval().to(device)
+    for name in ("score_fr", "score_pool4", "score_pool3"):
+        torch.nn.init.normal_(getattr(net, name).weight, 0, 0.02)
+    flops = 0.0
+
+    def hook(m, inp, out):
+        nonlocal flops
+        k = m.kernel_size[0] * m.kernel_size[1]
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            flops += 2.0 * inp[0].numel() * m.out_channels * k / m.groups
+        else:
+            flops += 2.0 * out.numel() * (m.in_channels // m.groups) * k
+
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    with torch.no_grad():
+        net(torch.zeros(1, 1, args.size, args.size, device=device))
+    for h in hooks:
+        h.remove()
+    x = torch.randn(args.batch, 1, args.size, args.size, device=device)
+    labels = {}
+    settings = ["fp32"] + (["bf16"] if native_bf16(device) else [])
+    print(f"full FCN-8s, {args.size} x {args.size}, {flops / 1e9:.0f} GFLOP a slice, batches of {args.batch}, {device}")
+    for precision in settings:
+        wrapped = Precision(net, precision, channels_last=True)
+        with torch.no_grad():
+            wrapped(x)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            reps = 2 if device.type == "cpu" else 10
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                y = wrapped(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            per_slice = (time.perf_counter() - t0) / reps / args.batch
+        labels[precision] = y.argmax(1)
+        agree = (labels[precision] == labels["fp32"]).float().mean().item()
+        print(f"  {precision}: {per_slice * 1000:.0f} ms a slice = {per_slice * args.slices:.1f} s for {args.slices} slices, "
+              f"{flops / per_slice / 1e9:.0f} GFLOP/s; labels equal to fp32's on {100 * agree:.2f} % of pixels")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--slices", type=int, default=120)
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8, help="slices per network call (SliceInferer sw_batch_size)")
-    p.add_argument("--budget", type=float, default=600.0, help="seconds per setting before extrapolating")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-bundle", action="store_true", help="skip the end-to-end bundle timing")
-    p.add_argument("--setting", help=argparse.SUPPRESS)
-    p.add_argument("--cache", help=argparse.SUPPRESS)
+    p.add_argument("--slices", type=int, default=119)
+    p.add_argument("--checkpoint", help="a liver-fcn checkpoint (default: the quick network, random weights)")
+    p.add_argument("--no-naive", action="store_true", help="time only the bundle (for long series)")
+    p.add_argument("--network-only", action="store_true", help="time the full-width FCN-8s alone, fp32 vs bf16")
+    p.add_argument("--size", type=int, default=512, help="slice size for --network-only")
+    p.add_argument("--batch", type=int, default=8, help="slices per forward pass for --network-only")
+    p.add_argument("--naive-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.setting:
-        return child(args)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        cache = tmp / "volume.npy"
-        t0 = time.perf_counter()
-        volume_input(cache, args.size, args.slices)
-        print(f"phantom {args.size} x {args.size} x {args.slices} built in {time.perf_counter() - t0:.0f} s; "
-              f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
-        results = {}
-        for name in SETTINGS:
-            cmd = [sys.executable, __file__, "--setting", name, "--cache", str(cache), "--slices", str(args.slices),
-                   "--size", str(args.size), "--batch", str(args.batch), "--budget", str(args.budget), "--device", args.device]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
-            results[name] = json.loads(out.strip().splitlines()[-1])
-        ref = np.load(tmp / "labels_fp32.npy")
-        print(f"\n{'setting':<20} {'s/volume':>9} {'s/slice':>8} {'GFLOP/s':>8} {'peak':>7} {'% peak':>7} {'memory':>8}   Dice vs fp32 (liver, bone, kidney)")
-        fastest = None
-        for name, r in results.items():
-            labels = np.load(tmp / f"labels_{name}.npy")
-            n = labels.shape[-1]
-            d = dice(labels, ref[..., :n])
-            per_slice = r["seconds"] / r["slices"]
-            extrap = "*" if r["slices"] < args.slices else " "
-            ok = min(d.values()) >= 0.995
-            print(f"{name:<20} {sig3(per_slice * args.slices):>8}{extrap} {sig3(per_slice):>8} {r['gflops']:>8.0f} {r['peak_gflops']:>7.0f} "
-                  f"{100 * r['gflops'] / r['peak_gflops']:>6.0f}% {r['memory_gib']:>6.2f}GiB   "
-                  f"{d[1]:.4f} {d[2]:.4f} {d[3]:.4f} {'ok' if ok else 'too different'}")
-            if ok and (fastest is None or per_slice < fastest[1]):
-                fastest = (name, per_slice)
-        print(f"\nfastest setting within Dice 0.005 of fp32: {fastest[0]}   (* = extrapolated from the first slices)")
-        if not args.no_bundle:
-            seconds, default = bundle_end_to_end(tmp, args.size, args.slices)
-            print(f"bundle inference command, end to end ({default}): {seconds:.1f} s per volume, "
-                  f"{seconds / args.slices:.3f} s per slice (DICOM loading, preprocessing, inference, inversion, writing)")
+    if args.naive_child:
+        return naive_child(args)
+    if args.network_only:
+        return network_only(args)
+    end_to_end(args)
 
 
 if __name__ == "__main__":

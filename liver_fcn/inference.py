@@ -1,16 +1,22 @@
 """Bundle inference on new CTs: input checks, self-describing checkpoints, per-case outputs.
 
-MONAI gives the pieces of the inference chain (loading, SliceInferer, Invertd back to the input's
-geometry, KeepLargestConnectedComponent); this module adds what a clinical input needs around them:
+MONAI gives the engine (SupervisedEvaluator, SliceInferer, DataLoader workers) and the transforms;
+:mod:`liver_fcn.transforms` brings the logits back onto the input's grid; this module adds what a
+clinical input and an archive of thousands need around them:
 
 * :func:`collect_cases` resolves ``--input`` (a DICOM series folder, a NIfTI file, or a datalist
   JSON of many) and checks every case *before* anything is written, so a bad input never leaves
-  half of the outputs behind;
+  half of the outputs behind; :func:`shard` gives each ``torchrun`` process its share;
 * :class:`ModelSettings` travels inside the checkpoint (``{"model": state_dict, "settings": {...}}``)
   so that inference rebuilds the same network and preprocessing as training without being told;
+* :class:`Precision` runs the network in bf16 where the device has it natively (``precision: auto``)
+  and counts the network's own time;
 * :class:`WriteCased` writes, for each case, the uint8 NIfTI mask on the input's own grid, a JSON
   report (volumes, liver extent, slice range, spacing) with a one-line console summary, an overlay
-  PNG and, on request, a DICOM Segmentation object - each file through a temporary name and a rename.
+  PNG and, on request, a DICOM Segmentation object - staged and moved into place as one set;
+* :class:`CaseDataset` and :class:`CaseRunner` make a case that fails after the checks a line in
+  the summary instead of the end of the run; :func:`finish` writes the one ``summary.json`` of
+  all processes and sets the exit status.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +34,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import Dataset
 from monai.transforms import MapTransform
 
 from liver_fcn.data.dicom import inspect_series
@@ -35,9 +45,14 @@ __all__ = [
     "REQUIRED_SETTINGS",
     "ModelSettings",
     "Precision",
+    "flag",
     "native_bf16",
     "resolve_precision",
+    "CaseDataset",
+    "CaseRunner",
     "WriteCased",
+    "finish",
+    "shard",
     "case_report",
     "checkpoint_settings",
     "collect_cases",
@@ -93,6 +108,24 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
+@reported
+def flag(value, name: str = "option") -> bool:
+    """A boolean bundle option as typed on the command line: ``True``/``False`` or the words
+    true/false, yes/no, on/off, 1/0 in any case (``--overlay false`` reaches the config as the
+    string ``"false"``, which Python would take as true). Anything else is refused with one line."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0"):
+            return False
+    raise InputError(f"--{name} must be true or false, got {value!r}")
+
+
 class Precision(torch.nn.Module):
     """Run a network in fp32 or under bf16 autocast, optionally in channels-last memory layout.
 
@@ -106,16 +139,28 @@ class Precision(torch.nn.Module):
     def __init__(self, net: torch.nn.Module, precision: str = "fp32", channels_last: bool = False) -> None:
         super().__init__()
         device = next(iter(net.parameters()), torch.empty(0)).device
-        self.net, self.precision, self.channels_last = net, resolve_precision(precision, device), bool(channels_last)
+        self.net, self.precision = net, resolve_precision(precision, device)
+        self.channels_last = flag(channels_last, "channels_last")
+        self.seconds = 0.0  # time spent in the network under no_grad (inference), for the run's summary
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        timed = not torch.is_grad_enabled()  # inference: count the network's own time
+        if timed:
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            t0 = time.perf_counter()
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             y = self.net(x)
-        return y.float()
+        y = y.float()
+        if timed:
+            if y.device.type == "cuda":
+                torch.cuda.synchronize(y.device)
+            self.seconds += time.perf_counter() - t0
+        return y
 
 
 @reported
@@ -294,13 +339,6 @@ def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
     return " ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if len(parts) > 2 else "") + f" -> {mask_path}"
 
 
-def report_done(writer: "WriteCased", output_dir: str | os.PathLike) -> int:
-    """Final console line of an inference run; returns the number of cases written."""
-    n = len(writer.written)
-    print(f"{n} case{'s' if n != 1 else ''} written to {output_dir}")
-    return n
-
-
 class WriteCased(MapTransform):
     """Write each case's outputs at the end of the inference post-processing.
 
@@ -325,10 +363,13 @@ class WriteCased(MapTransform):
         super().__init__(keys)
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
-        self.ct_key, self.overlay, self.dicom_seg = ct_key, overlay, dicom_seg
+        self.ct_key, self.overlay, self.dicom_seg = ct_key, flag(overlay, "overlay"), flag(dicom_seg, "dicom_seg")
         self.window = tuple(window)
         self.log = log
         self.written: list[dict] = []
+
+    #: the files of one case, by suffix; a re-run replaces the whole set
+    SUFFIXES = ("_seg.nii.gz", "_overlay.png", "_seg.dcm", "_report.json")
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -338,25 +379,37 @@ class WriteCased(MapTransform):
             seg = np.asarray(pred.detach().cpu()).astype(np.uint8)[0]
             affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            mask_path = write_nifti_atomic(seg, affine, self.output_dir / f"{case}_seg.nii.gz")
-            report = case_report(seg, affine, self.class_names, case)
-            report.update({"input": d.get("source_path", ""), "mask": str(mask_path)})
-            files = {"mask": str(mask_path)}
-            if self.overlay:
-                files["overlay"] = str(self._overlay(d, seg, affine, case))
-            if self.dicom_seg:
-                from liver_fcn.dicom_seg import write_dicom_seg
+            # the case's files are written into a staging folder and moved into place together at
+            # the end: a failure leaves nothing of the case, a re-run replaces its files as one set
+            stage = Path(tempfile.mkdtemp(prefix=f".{case}.", dir=self.output_dir))
+            try:
+                final = {name: self.output_dir / f"{case}{sfx}" for name, sfx in zip(("mask", "overlay", "dicom_seg", "report"), self.SUFFIXES)}
+                write_nifti_atomic(seg, affine, stage / final["mask"].name)
+                report = case_report(seg, affine, self.class_names, case)
+                report.update({"input": d.get("source_path", ""), "mask": str(final["mask"])})
+                made = ["mask"]
+                if self.overlay:
+                    self._overlay(d, seg, affine, case, stage / final["overlay"].name)
+                    made.append("overlay")
+                if self.dicom_seg:
+                    from liver_fcn.dicom_seg import write_dicom_seg
 
-                files["dicom_seg"] = str(
-                    write_dicom_seg(d["source_path"], seg, self.class_names, self.output_dir / f"{case}_seg.dcm", d.get("series_uid"))
-                )
-            report["files"] = files
-            write_json_atomic(self.output_dir / f"{case}_report.json", report)
-            self.log(summary_line(report, mask_path))
+                    write_dicom_seg(d["source_path"], seg, self.class_names, stage / final["dicom_seg"].name, d.get("series_uid"))
+                    made.append("dicom_seg")
+                report["files"] = {name: str(final[name]) for name in made}
+                write_json_atomic(stage / final["report"].name, report)
+                for name, path in final.items():  # files of an earlier run that this one does not make
+                    if name not in made and name != "report":
+                        path.unlink(missing_ok=True)
+                for name in [*made, "report"]:  # the report last: its presence means the set is complete
+                    os.replace(stage / final[name].name, final[name])
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+            self.log(summary_line(report, final["mask"]))
             self.written.append(report)
         return d
 
-    def _overlay(self, d: dict, seg: np.ndarray, affine: np.ndarray, case: str) -> Path:
+    def _overlay(self, d: dict, seg: np.ndarray, affine: np.ndarray, case: str, path: Path) -> Path:
         from liver_fcn.visualize import overlay_montage
 
         ct = np.asarray(d[self.ct_key].detach().cpu())[0] if self.ct_key in d else np.zeros(seg.shape)
@@ -367,6 +420,147 @@ class WriteCased(MapTransform):
         ct_r = nib.orientations.apply_orientation(ct, transform)
         seg_r = nib.orientations.apply_orientation(seg, transform)
         return overlay_montage(
-            ct_r, self.output_dir / f"{case}_overlay.png", pred=seg_r, class_names=self.class_names,
+            ct_r, path, pred=seg_r, class_names=self.class_names,
             window=self.window, title=f"{case}: predicted contours",
         )
+
+
+def _one_line(e: BaseException) -> str:
+    """The root cause of ``e`` in one line (MONAI wraps a transform's error in 'applying transform ...')."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split())
+    return text if isinstance(e, InputError) else f"{type(e).__name__}: {text}"
+
+
+class CaseDataset(Dataset):
+    """MONAI ``Dataset`` of inference cases whose failures are data, not crashes.
+
+    A case whose preprocessing raises (a slice that cannot be decoded after the up-front checks
+    passed, say) comes out as ``{"case", "source_path", "error"}`` with a one-line message, so the
+    engine goes on with the other cases and :class:`CaseRunner` names it in the summary.
+    """
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)
+        except Exception as e:  # noqa: BLE001 - every failure becomes the case's error line
+            item = self.data[index]
+            return {"case": item.get("case", str(index)), "source_path": str(item.get("image", "")), "error": _one_line(e)}
+
+
+class CaseRunner:
+    """The evaluator's iteration for inference: network and post-processing (which writes the case's
+    files) per case, a failing case recorded in :attr:`failed` instead of ending the run.
+
+    Use as ``SupervisedEvaluator(iteration_update=CaseRunner(postprocessing), postprocessing=None)``:
+    the post-processing runs inside the iteration so that its failure is caught with the case's name.
+    """
+
+    def __init__(self, postprocessing) -> None:
+        self.postprocessing = postprocessing
+        self.failed: list[dict] = []
+
+    def __call__(self, engine, batch: dict):
+        from monai.data import decollate_batch
+        from monai.transforms import apply_transform
+
+        cases = [str(c) for c in batch.get("case", ["?"])]
+        sources = [str(c) for c in batch.get("source_path", [""] * len(cases))]
+        if "error" in batch:
+            for case, source, error in zip(cases, sources, batch["error"]):
+                self._fail(case, source, error)
+            return []
+        try:
+            engine.state.batch = batch
+            output = type(engine)._iteration(engine, engine, batch)  # the evaluator's own iteration
+            # a decollating evaluator (MONAI's default) has split batch and output into items already
+            batches = engine.state.batch if isinstance(engine.state.batch, list) else decollate_batch(batch, detach=True)
+            outputs = output if isinstance(output, list) else decollate_batch(output, detach=True)
+            return [apply_transform(self.postprocessing, {**b, **o}) for b, o in zip(batches, outputs)]
+        except Exception as e:  # noqa: BLE001
+            for case, source in zip(cases, sources):
+                self._fail(case, source, _one_line(e))
+            return []
+
+    def _fail(self, case: str, source: str, error: str) -> None:
+        print(f"{case}: FAILED, nothing written: {error}")
+        self.failed.append({"case": case, "input": source, "error": error})
+
+
+def shard(cases: list[dict], rank: int | None = None, world_size: int | None = None) -> list[dict]:
+    """This process's share of ``cases`` under ``torchrun`` (every ``world_size``-th case from
+    ``rank``; ``RANK`` and ``WORLD_SIZE`` from the environment by default). All of them without it."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
+    return list(cases[rank::world_size])
+
+
+def finish(
+    writer: "WriteCased", output_dir: str | os.PathLike, runner: CaseRunner | None = None,
+    network: torch.nn.Module | None = None, engine=None,
+) -> int:
+    """End of an inference run: one summary for all processes (gathered under torchrun), written by
+    the first as ``summary.json`` and printed; exit status 1 when a case failed. Returns the number
+    of cases written by all processes."""
+    import torch.distributed as dist
+
+    mine = {
+        "written": [{"case": r["case"], "input": r.get("input", ""), "files": r.get("files", {})} for r in writer.written],
+        "failed": list(runner.failed) if runner is not None else [],
+        "seconds": float(engine.state.times.get("COMPLETED") or 0.0) if engine is not None and getattr(engine.state, "times", None) else 0.0,
+        "network_seconds": float(network.seconds) if isinstance(network, Precision) else 0.0,
+        "precision": network.precision if isinstance(network, Precision) else "",
+        "device": str(next(iter(network.parameters())).device) if network is not None else "",
+    }
+    parts = [mine]
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    written = [w for p in parts for w in p["written"]]
+    failed = [f for p in parts for f in p["failed"]]
+    rank0 = not distributed or dist.get_rank() == 0
+    if rank0:
+        summary = {
+            "cases": len(written) + len(failed),
+            "written": sorted(written, key=lambda w: w["case"]),
+            "failed": sorted(failed, key=lambda f: f["case"]),
+            "processes": [{k: p[k] for k in ("seconds", "network_seconds", "precision", "device")} | {"cases": len(p["written"])} for p in parts],
+        }
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(output_dir) / "summary.json", summary)
+        timing = f"{max(p['seconds'] for p in parts):.1f} s, network {sum(p['network_seconds'] for p in parts):.1f} s, {mine['precision']}"
+        n = len(written)
+        print(f"{n} case{'s' if n != 1 else ''} written to {output_dir} ({timing}" + (f", {len(parts)} processes" if distributed else "") + ")")
+        if failed:
+            print(f"{len(failed)} case{'s' if len(failed) != 1 else ''} FAILED (see {Path(output_dir) / 'summary.json'}): "
+                  + "; ".join(f"{f['case']}: {f['error']}" for f in failed))
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    if failed:
+        raise SystemExit(1)
+    return len(written)
+
+
+def init_distributed() -> bool:
+    """Join the process group when started by ``torchrun`` with more than one process (gloo: the
+    processes only exchange their summaries; each rank runs its network on its own device).
+    Returns whether this run is distributed."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    return True
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` where a GPU is present (one GPU per torchrun process), else the CPU."""
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")

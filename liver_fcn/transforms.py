@@ -11,8 +11,14 @@
   :class:`~liver_fcn.losses.PartialLabelCrossEntropyLoss`.
 * :class:`AdjacentSlicesd` - stacks the axial slices at fixed distances in mm above and below as
   channels (2.5D input), interpolated between native slices.
-* :class:`InPlaneAntiAliasd` - the Gaussian pre-filter that MONAI's ``Spacingd`` lacks: it smooths
-  in-plane only, and only when the target pixel spacing is coarser than the image's.
+* :class:`InPlaneResampled` - in-plane resampling to a pixel spacing in mm, slices untouched, with
+  PyTorch's 2D anti-aliasing when downsampling (MONAI's ``Spacingd`` has none, and ``Resized``'s is a
+  3D Gaussian), slice chunk by slice chunk.
+* :func:`class_map_on_input_grid` / :class:`ResampleToInputd` - network logits back onto the input's
+  own grid as a uint8 class map, chunk by chunk, from the two affines; what ``Invertd`` would do with
+  the full-resolution float probabilities of every class, without holding them.
+* :class:`KeepLargestComponentsd` - MONAI's largest-connected-component step on each label's bounding
+  box instead of the whole volume.
 * :func:`body_mask` - the patient's body (largest air-separated region above a HU threshold), the
   ``select_fn`` of ``CropForegroundd`` for the body-centred field of view.
 * :class:`FillHolesSlicewised` - hole filling on each axial slice, of background only: vessels inside
@@ -20,10 +26,6 @@
 * :class:`SimulateScannerd` - the same patient as another scanner would have imaged it (thicker
   slabs, coarser pixels, more noise, a HU offset), image and reference on the new grid, for the
   scanner-shift evaluation.
-* :class:`ForegroundProbabilitiesd` - drops the background channel of class probabilities before
-  ``Invertd`` and restores it after. MONAI's inverse of a crop pads with zeros; with the background
-  channel left out, a zero means "background" there, where an all-zero probability vector would let
-  the smallest interpolation leak decide the argmax.
 * :func:`grid_size` - the pixel count of a field of view in mm at a pixel spacing.
 """
 
@@ -37,6 +39,7 @@ import zlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader
 from monai.transforms import LoadImage, MapTransform
@@ -49,12 +52,14 @@ __all__ = [
     "AdjacentSlicesd",
     "EncodePartialLabeld",
     "FillHolesSlicewised",
-    "ForegroundProbabilitiesd",
-    "InPlaneAntiAliasd",
+    "InPlaneResampled",
+    "KeepLargestComponentsd",
     "LoadCTd",
     "LoadOrganMasksd",
+    "ResampleToInputd",
     "SimulateScannerd",
     "body_mask",
+    "class_map_on_input_grid",
     "grid_size",
     "load_ct",
     "voxel_spacing",
@@ -251,32 +256,245 @@ def body_mask(image, threshold: float = -500.0) -> torch.Tensor:
     return torch.as_tensor(np.broadcast_to(body, arr.shape).copy())
 
 
-class InPlaneAntiAliasd(MapTransform):
-    """Gaussian anti-aliasing before an in-plane resampling to ``pixel_spacing`` mm.
+class InPlaneResampled(MapTransform):
+    """Resample the axial plane to ``pixel_spacing`` mm, the slices untouched.
 
-    For each of the first two spatial axes (in-plane after RAS orientation) whose spacing is finer
-    than ``pixel_spacing``, smooths with sigma ``(pixel_spacing / spacing - 1) / 2`` pixels (the rule
-    of scikit-image's ``resize``); the slice axis is never smoothed, and an image already at or
-    coarser than the target spacing is returned unchanged. Not invertible (it changes no geometry).
+    The first two spatial axes (in-plane after RAS orientation) are resampled slice by slice with
+    PyTorch's 2D interpolation: anti-aliased bilinear when downsampling (a triangle filter as wide as
+    the output pixel, so nothing aliases and nothing is spent on 3D), plain bilinear when upsampling,
+    ``nearest-exact`` for the keys whose mode is ``"nearest"`` (class maps). The output pixel ``j``
+    is centred on input pixel ``(j + 0.5) * pixel_spacing / spacing - 0.5``; the affine is updated to
+    match, so :class:`ResampleToInputd` can bring predictions back from the affines alone. Slices
+    are processed ``chunk`` at a time on the image's own device, so the float copy never exceeds a
+    chunk. An axis already within 0.1 % of the target spacing is left as it is.
     """
 
-    def __init__(self, keys: KeysCollection, pixel_spacing: float, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, pixel_spacing: float, mode: Sequence[str] | str = "bilinear", chunk: int = 32,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.pixel_spacing = float(pixel_spacing)
+        modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(modes) != len(self.keys) or any(m not in ("bilinear", "nearest") for m in modes):
+            raise ValueError(f"mode must be 'bilinear' or 'nearest' per key, got {mode!r}")
+        self.modes = dict(zip(self.keys, modes))
+        self.chunk = int(chunk)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = d[key]
-            spacing = voxel_spacing(img)
-            sigma = [max(0.0, (self.pixel_spacing / float(s) - 1.0) / 2.0) for s in spacing[:2]]
-            if max(sigma) < 0.05:
+            d[key] = self.resample(d[key], self.modes[key])
+        return d
+
+    def resample(self, img: torch.Tensor, mode: str) -> torch.Tensor:
+        if img.ndim != 4:
+            raise ValueError(f"InPlaneResampled expects a channel-first 3D image (C, X, Y, Z), got shape {tuple(img.shape)}")
+        spacing = voxel_spacing(img)[:2]
+        # output pixels per input pixel, a hair above the exact ratio so that a whole number of output
+        # pixels (60 x 0.6 / 1.5 = 24) is not lost to rounding (PyTorch floors n * scale in double)
+        scale = [float(s) / self.pixel_spacing * (1.0 + 1e-9) for s in spacing]
+        if all(abs(f - 1.0) < 1e-3 for f in scale):
+            return img
+        c, nx, ny, nz = img.shape
+        size = [int(math.floor(n * f)) for n, f in zip((nx, ny), scale)]
+        data = torch.as_tensor(img)
+        out = torch.empty((c, size[0], size[1], nz), dtype=data.dtype, device=data.device)
+        downsampling = min(scale) < 1.0
+        for z0 in range(0, nz, self.chunk):
+            part = data[..., z0 : z0 + self.chunk].permute(3, 0, 1, 2).float()  # (z, C, X, Y)
+            if mode == "nearest":
+                res = F.interpolate(part, scale_factor=scale, mode="nearest-exact", recompute_scale_factor=False)
+            else:
+                res = F.interpolate(
+                    part, scale_factor=scale, mode="bilinear", align_corners=False, antialias=downsampling,
+                    recompute_scale_factor=False,
+                )
+            out[..., z0 : z0 + self.chunk] = res.permute(1, 2, 3, 0).to(out.dtype)
+        # output voxel j sits at input voxel (j + 0.5) / f - 0.5 along each in-plane axis
+        to_input = torch.eye(4, dtype=torch.float64)
+        for a, f in enumerate(scale):
+            to_input[a, a] = 1.0 / f
+            to_input[a, 3] = 0.5 / f - 0.5
+        if not isinstance(img, MetaTensor):
+            return out
+        affine = img.affine.to(torch.float64) @ to_input
+        meta = {k: v for k, v in img.meta.items() if k != "affine"}
+        meta["spatial_shape"] = np.asarray(out.shape[1:])
+        return MetaTensor(out, affine=affine, meta=meta, applied_operations=list(img.applied_operations))
+
+
+def _axis_map(pre_affine, in_affine, tol: float = 1e-3):
+    """For each axis of the network's grid: the input axis it runs along, and the scale and offset
+    mapping input voxel indices onto it (``pre = scale * input + offset``), from the two affines."""
+    pre = np.asarray(pre_affine.detach().cpu() if isinstance(pre_affine, torch.Tensor) else pre_affine, dtype=np.float64)
+    inp = np.asarray(in_affine.detach().cpu() if isinstance(in_affine, torch.Tensor) else in_affine, dtype=np.float64)
+    m = np.linalg.solve(pre, inp)  # input voxel -> network-grid voxel
+    axes, scales, offsets = [], [], []
+    for a in range(3):
+        row = m[a, :3]
+        i = int(np.argmax(np.abs(row)))
+        if abs(row[i]) < 1e-9 or np.any(np.abs(np.delete(row, i)) > tol * abs(row[i])):
+            raise ValueError("the network's grid is not an axis-aligned resampling of the input grid")
+        axes.append(i)
+        scales.append(float(row[i]))
+        offsets.append(float(m[a, 3]))
+    if sorted(axes) != [0, 1, 2]:
+        raise ValueError("the network's grid is not an axis-aligned resampling of the input grid")
+    return axes, scales, offsets
+
+
+def _lerp_along(t: torch.Tensor, coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """Linear interpolation of ``t`` along ``dim`` at fractional indices ``coords``; zero outside."""
+    size = t.shape[dim]
+    valid = (coords > -0.5) & (coords < size - 0.5)  # half a voxel beyond the end voxels: edge value
+    c = coords.clamp(0, size - 1)
+    lo = torch.floor(c).long()
+    hi = (lo + 1).clamp(max=size - 1)
+    w = (c - lo).to(t.dtype)
+    shape = [1] * t.ndim
+    shape[dim] = -1
+    a, b = t.index_select(dim, lo.to(t.device)), t.index_select(dim, hi.to(t.device))
+    out = torch.lerp(a, b, w.view(shape).to(t.device))
+    if bool(valid.all()):
+        return out
+    return out * valid.view(shape).to(device=t.device, dtype=t.dtype)
+
+
+def _argmax_with_background(prob: torch.Tensor) -> torch.Tensor:
+    """uint8 argmax over [1 - sum(prob), *prob] along dim 0, by running comparisons (an argmax over
+    the leading dimension of a large tensor is many times slower on the CPU)."""
+    best = 1.0 - prob.sum(dim=0)
+    labels = torch.zeros(prob.shape[1:], dtype=torch.uint8, device=prob.device)
+    for c in range(prob.shape[0]):
+        better = prob[c] > best
+        labels.masked_fill_(better, c + 1)
+        best = torch.maximum(best, prob[c])
+    return labels
+
+
+def class_map_on_input_grid(
+    logits: torch.Tensor, pre_affine, in_affine, in_shape: Sequence[int], chunk: int = 16,
+) -> torch.Tensor:
+    """The class map (uint8, ``in_shape``) of network logits ``(C, X', Y', Z')``, brought back onto
+    the input's grid from the two affines, without ever holding the full-resolution probabilities.
+
+    Chunk by chunk along the slice axis: softmax, the foreground probabilities linearly
+    interpolated onto the input voxels (background is one minus their sum, so whatever lies outside
+    the network's grid is background), argmax. The network's grid must be an axis-aligned
+    resampling of the input grid (orientation, in-plane spacing, crops and pads), as the pipeline's
+    geometry makes it; in-plane work is confined to the part of the input that the grid covers.
+    Runs on the logits' device.
+    """
+    axes, scales, offsets = _axis_map(pre_affine, in_affine)
+    out_shape = [int(in_shape[i]) for i in axes]  # the input grid, in the network grid's axis order
+    dev = logits.device
+    coords = [torch.arange(n, dtype=torch.float64) * s + o for n, s, o in zip(out_shape, scales, offsets)]
+    out = torch.zeros(out_shape, dtype=torch.uint8, device=dev)
+    spans = []
+    for a in range(2):  # in-plane: the input rows and columns the network's grid covers
+        inside = torch.nonzero((coords[a] > -0.5) & (coords[a] < logits.shape[a + 1] - 0.5)).flatten()
+        spans.append((int(inside.min()), int(inside.max()) + 1) if inside.numel() else (0, 0))
+    (x0, x1), (y0, y1) = spans
+    zc = coords[2]
+    if x1 > x0 and y1 > y0:
+        # in-plane sampling grid for grid_sample (align_corners: -1 and 1 are the end voxels' centres;
+        # "border": the half voxel beyond them takes the end value), the same for every slice
+        gx = (coords[0][x0:x1] / max(logits.shape[1] - 1, 1) * 2 - 1).float()
+        gy = (coords[1][y0:y1] / max(logits.shape[2] - 1, 1) * 2 - 1).float()
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="xy"), dim=-1)[None].to(dev)  # (1, x, y, 2): (W=y, H=x)
+        for k0 in range(0, out_shape[2], chunk):
+            zs = zc[k0 : k0 + chunk]
+            if not bool(((zs > -0.5) & (zs < logits.shape[3] - 0.5)).any()):
                 continue
-            sigma += [0.0] * (img.ndim - 3)
-            arr = np.asarray(img.detach().cpu(), dtype=np.float32)
-            out = np.stack([ndimage.gaussian_filter(ch, sigma, mode="nearest", truncate=3.0) for ch in arr])
-            t = torch.as_tensor(out, device=img.device)
-            d[key] = like(img, t)
+            lo = int(torch.floor(zs.clamp(0, logits.shape[3] - 1)).min())
+            hi = min(int(torch.ceil(zs.clamp(0, logits.shape[3] - 1)).max()) + 1, logits.shape[3])
+            prob = torch.softmax(logits[..., lo:hi].float(), dim=0)[1:]  # foreground, (C-1, X', Y', z)
+            prob = _lerp_along(prob, zs - lo, 3)  # (C-1, X', Y', k) on the input's slices
+            prob = prob.permute(3, 0, 1, 2).contiguous()  # slices as the batch of a 2D resampling
+            prob = F.grid_sample(prob, grid.expand(prob.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
+            labels = _argmax_with_background(prob.transpose(0, 1))  # (k, x, y)
+            out[x0:x1, y0:y1, k0 : k0 + chunk] = labels.permute(1, 2, 0)
+    inverse = [axes.index(i) for i in range(3)]
+    return out.permute(*inverse).contiguous()
+
+
+class ResampleToInputd(MapTransform):
+    """Network logits on the network's grid -> the uint8 class map on the input's own grid.
+
+    ``keys`` hold the logits ``(C, X', Y', Z')``; ``image_key`` the network's input (its affine is the
+    network grid's); ``ref_key`` the image as loaded (its affine and shape are the input grid's).
+    The result is a ``(1, X, Y, Z)`` uint8 MetaTensor on the CPU with the input's affine, made chunk by
+    chunk by :func:`class_map_on_input_grid` on the logits' device (the GPU's, on a GPU). It replaces softmax + ``Invertd`` +
+    argmax, which hold the full-resolution float probabilities of every class.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "pred", image_key: str = "image", ref_key: str = "ct", chunk: int = 16,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key, self.ref_key, self.chunk = image_key, ref_key, int(chunk)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        ref, img = d[self.ref_key], d[self.image_key]
+        for key in self.key_iterator(d):
+            labels = class_map_on_input_grid(d[key], img.affine, ref.affine, ref.shape[1:], self.chunk)
+            meta = {k: v for k, v in ref.meta.items() if k != "affine"}
+            # the uint8 map goes to the CPU for the post-processing (connected components, holes)
+            d[key] = MetaTensor(labels[None].cpu(), affine=ref.affine.clone(), meta=meta)
+        return d
+
+
+def _bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every True voxel of ``mask`` (grown by ``margin``), or None."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
+class KeepLargestComponentsd(MapTransform):
+    """Keep the ``num_components`` largest 3D connected components of each of ``applied_labels`` in a
+    class map (1, X, Y, Z); the voxels of smaller components become background.
+
+    MONAI's ``KeepLargestConnectedComponentd`` (independent labels) with the same result, computed by
+    MONAI's ``get_largest_connected_component_mask`` on the label's bounding box instead of the whole
+    volume: on a 512 x 512 CT the organs fill a small part of it. Full (26-) connectivity.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, applied_labels: Sequence[int] = (1,), num_components: int = 1,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.applied_labels = [int(v) for v in applied_labels]
+        self.num_components = int(num_components)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from monai.transforms.utils import get_largest_connected_component_mask
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != 1:
+                raise ValueError(f"{key}: KeepLargestComponentsd expects a class map with one channel, got {img.shape[0]}")
+            arr = np.array(img.detach().cpu() if isinstance(img, torch.Tensor) else img)[0]
+            for label in self.applied_labels:
+                mask = arr == label
+                box = _bounding_box(mask)
+                if box is None:
+                    continue
+                sub = mask[box]
+                keep = np.asarray(get_largest_connected_component_mask(sub, num_components=self.num_components))
+                region = arr[box]
+                region[sub & ~keep] = 0
+            out = torch.as_tensor(arr[None])
+            d[key] = like(img, out.to(img.device)) if isinstance(img, torch.Tensor) else arr[None]
         return d
 
 
@@ -310,8 +528,10 @@ class FillHolesSlicewised(MapTransform):
             for label in self.applied_labels:
                 present = (moved == label).reshape(moved.shape[0], -1).any(axis=1)
                 for k in np.flatnonzero(present):
-                    filled = ndimage.binary_fill_holes(moved[k] == label)
-                    result[k][filled & (moved[k] == 0)] = label
+                    box = _bounding_box(moved[k] == label, margin=1)  # a hole lies inside its label's box
+                    sl, res = moved[k][box], result[k][box]
+                    filled = ndimage.binary_fill_holes(sl == label)
+                    res[filled & (sl == 0)] = label
             if isinstance(img, torch.Tensor):
                 d[key] = like(img, torch.as_tensor(out[None], device=img.device))
             else:
@@ -445,29 +665,4 @@ class SimulateScannerd(MapTransform):
             lmeta = {k: v for k, v in (dict(lab.meta) if isinstance(lab, MetaTensor) else {}).items() if k != "affine"}
             lmeta["spatial_shape"] = np.asarray(new)
             d[key] = MetaTensor(merged, affine=new_affine.clone(), meta=lmeta)
-        return d
-
-
-class ForegroundProbabilitiesd(MapTransform):
-    """Class probabilities without their background channel (``restore=False``), or back with it
-    (``restore=True``: background = 1 - the sum of the others, clipped at 0).
-
-    Use around ``Invertd``: after the inverse of a crop, the padded voxels are zero in every channel
-    inverted; without the background channel that reads as "certainly background".
-    """
-
-    def __init__(self, keys: KeysCollection = "pred", restore: bool = False, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.restore = restore
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            p = d[key]
-            if self.restore:
-                background = torch.clamp(1.0 - p.sum(dim=0, keepdim=True), min=0.0)
-                out = torch.cat([torch.as_tensor(background), torch.as_tensor(p)], dim=0)
-            else:
-                out = torch.as_tensor(p)[1:]
-            d[key] = like(p, out)
         return d

@@ -97,7 +97,7 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
     local = Path(client.download_artifacts(run.info.run_id, next(a for a in artifacts if a.endswith(".json"))))
     cfg = json.loads(local.read_text())
     assert cfg["iterations"] == 4 and cfg["network_def"]["variant"] == "4s"  # the config as run, overrides applied
-    assert cfg["pipeline"]["geometry"][2]["_target_"] == "Spacingd"  # the shared chain, copied in by the macro
+    assert cfg["pipeline"]["resample"][1]["_target_"] == "liver_fcn.transforms.InPlaneResampled"  # the shared chain, copied in
     resolved = cfg["_resolved_"]
     assert resolved["ckpt_dir"] == str(out / "models") and resolved["run_name"] == run.info.run_name
     assert resolved["num_classes"] == 4 and resolved["device"] == "cpu"
@@ -154,7 +154,7 @@ def test_inference_with_the_trained_checkpoint(trained, prepared, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     name = patient["patient"]
     files = sorted(p.name for p in (tmp_path / "pred").iterdir())
-    assert files == [f"{name}_overlay.png", f"{name}_report.json", f"{name}_seg.dcm", f"{name}_seg.nii.gz"]
+    assert files == [f"{name}_overlay.png", f"{name}_report.json", f"{name}_seg.dcm", f"{name}_seg.nii.gz", "summary.json"]
     report = json.loads((tmp_path / "pred" / f"{name}_report.json").read_text())
     assert report["shape"] == patient["shape"] and report["spacing_mm"] == pytest.approx(patient["spacing"], abs=1e-3)
     assert f"{name}: " in r.stdout and "1 case written to" in r.stdout

@@ -215,7 +215,9 @@ def test_datalist_input_runs_every_case(threshold_ckpt, tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([{"image": "a.nii.gz"}, "b.nii.gz"]))
     infer(threshold_ckpt, tmp_path / "list.json", tmp_path / "out", overlay=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "a_report.json", "a_seg.nii.gz", "b_report.json", "b_seg.nii.gz"]
+        "a_report.json", "a_seg.nii.gz", "b_report.json", "b_seg.nii.gz", "summary.json"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [w["case"] for w in summary["written"]] == ["a", "b"] and summary["failed"] == []
 
 
 def test_report_volume_is_voxel_count_times_voxel_volume():
@@ -338,3 +340,81 @@ def test_no_input_given(threshold_ckpt, tmp_path):
         bundle_run("inference", config_file=CONFIG, output_dir=str(tmp_path / "o"), checkpoint=str(threshold_ckpt),
                    network_def=THRESHOLD_NET, logging_file=False)
     assert "no input: pass --input" in str(input_error(e.value))
+
+
+# ---- a failing case, case file sets, boolean options, through the command a user types ----
+
+@pytest.fixture(scope="module")
+def small_fcn(tmp_path_factory) -> Path:
+    """A small real FCN checkpoint (random weights) for runs through `python -m monai.bundle`."""
+    torch.manual_seed(0)
+    net = FCN("8s", in_channels=1, out_channels=4, width=1 / 16)
+    path = tmp_path_factory.mktemp("fcn") / "model.pt"
+    torch.save({"model": net.state_dict(), "settings": {**SETTINGS, "width": 1 / 16, "pixel_spacing": 2.0, "image_size": 96}}, path)
+    return path
+
+
+def bundle_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG, *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def nifti_case(path: Path) -> Path:
+    ct, _ = block_volume(shape=(6, 40, 48))
+    nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.int16), np.diag([2.0, 2.0, 5.0, 1.0])), str(path))
+    return path
+
+
+def test_a_case_failing_after_the_checks_is_named_and_the_others_are_kept(small_fcn, tmp_path):
+    nifti_case(tmp_path / "a.nii.gz")
+    nifti_case(tmp_path / "c.nii.gz")
+    bad = nifti_case(tmp_path / "b.nii")
+    bad.write_bytes(bad.read_bytes()[:-2000])  # the header and the first slice read, the end is cut off
+    (tmp_path / "list.json").write_text(json.dumps(["a.nii.gz", "b.nii", "c.nii.gz"]))
+    out = tmp_path / "out"
+    r = bundle_cli("--input", str(tmp_path / "list.json"), "--checkpoint", str(small_fcn), "--output_dir", str(out))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-2].startswith("2 cases written to") and lines[-1].startswith("1 case FAILED")
+    assert "b: " in lines[-1] and "b.nii" in lines[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [w["case"] for w in summary["written"]] == ["a", "c"]
+    assert [f["case"] for f in summary["failed"]] == ["b"] and "b.nii" in summary["failed"][0]["error"]
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith("b")], names  # nothing of the failed case
+    assert not [n for n in names if n.startswith(".")], names  # no staging left behind
+    assert {"a_seg.nii.gz", "a_report.json", "a_overlay.png", "c_seg.nii.gz"} <= set(names)
+
+
+def test_rerun_replaces_a_case_as_one_set_and_lowercase_false_means_false(small_fcn, tmp_path):
+    src = nifti_case(tmp_path / "x.nii.gz")
+    out = tmp_path / "out"
+    r = bundle_cli("--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "x_overlay.png").exists()
+    r = bundle_cli("--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(out), "--overlay", "false",
+                   "--postprocess", "FALSE")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (out / "x_overlay.png").exists()  # the earlier run's overlay is not left beside the new mask
+    report = json.loads((out / "x_report.json").read_text())
+    assert set(report["files"]) == {"mask"}
+    r = bundle_cli("--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(tmp_path / "o2"), "--overlay", "maybe")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --overlay must be true or false, got 'maybe'"
+    assert not (tmp_path / "o2").exists()
+
+
+def test_precision_auto_is_the_default_and_bf16_masks_agree_with_fp32(small_fcn, tmp_path):
+    from liver_fcn.inference import native_bf16
+
+    cfg = json.loads(Path(CONFIG).read_text())
+    assert cfg["precision"] == "auto" and cfg["body_only"] is True
+    if not native_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16): auto runs fp32")
+    src = nifti_case(tmp_path / "x.nii.gz")
+    masks = {}
+    for precision in ("fp32", "auto"):
+        bundle_run("inference", config_file=CONFIG, input=str(src), output_dir=str(tmp_path / precision), checkpoint=str(small_fcn),
+                   precision=precision, overlay=False, postprocess=False, logging_file=False)
+        masks[precision] = np.asarray(nib.load(str(tmp_path / precision / "x_seg.nii.gz")).dataobj)
+    assert (masks["fp32"] == masks["auto"]).mean() > 0.99  # random weights: many near-ties, still nearly all equal

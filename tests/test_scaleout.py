@@ -3,6 +3,7 @@ ImageNet initialisation and staged training through the bundle command."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -76,6 +77,37 @@ def test_torchrun_two_processes_on_cpu_log_one_finished_run(prepared_two_val, tm
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith("module.") for k in state)  # the plain network, not the DDP wrapper
     print(f"torchrun --nproc_per_node 2 on CPU (gloo), 4 iterations: {elapsed:.1f} s")
+
+
+def test_torchrun_shards_an_archive_and_writes_one_summary(tmp_path):
+    """torchrun --nproc_per_node 2 on CPU: each process writes its own cases, the first the summary."""
+    import nibabel as nib
+    import numpy as np
+
+    from liver_fcn.networks import FCN
+
+    torch.manual_seed(0)
+    settings = {"variant": "8s", "width": 1 / 16, "in_channels": 1, "class_names": ["background", "liver", "bone", "kidney"],
+                "pixel_spacing": 2.0, "image_size": 96, "hu_window": [-250, 450], "intensity_mean": 0.19}
+    torch.save({"model": FCN("8s", 1, 4, width=1 / 16).state_dict(), "settings": settings}, tmp_path / "model.pt")
+    ct = np.full((48, 40, 6), -1000, np.int16)
+    ct[10:30, 10:30, 1:5] = 60
+    names = [f"case{i}" for i in range(5)]
+    for n in names:
+        nib.save(nib.Nifti1Image(ct, np.diag([2.0, 2.0, 5.0, 1.0])), str(tmp_path / f"{n}.nii.gz"))
+    (tmp_path / "list.json").write_text(json.dumps([f"{n}.nii.gz" for n in names]))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "monai.bundle", "run", "inference", "--config_file", str(REPO / "bundle/configs/inference.json"),
+           "--input", str(tmp_path / "list.json"), "--checkpoint", str(tmp_path / "model.pt"), "--output_dir", str(out),
+           "--overlay", "false"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [w["case"] for w in summary["written"]] == names and summary["failed"] == []
+    assert sorted(p["cases"] for p in summary["processes"]) == [2, 3]  # cases 0, 2, 4 and 1, 3
+    assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == [f"{n}_seg.nii.gz" for n in names]
+    assert r.stdout.count("5 cases written to") == 1  # one summary line, from the first process
 
 
 def free_port() -> int:

@@ -104,6 +104,15 @@ def _check_pixel_data(ds: pydicom.Dataset, path: Path) -> None:
         raise InputError(f"{path}: truncated DICOM file ({have} of {expected} bytes of pixel data)")
 
 
+def _release_pixels(ds: pydicom.Dataset) -> None:
+    """Free a dataset's pixel data, encoded and decoded (pydicom caches the decoded array)."""
+    if "PixelData" in ds:
+        del ds.PixelData
+    for cache in ("_pixel_array", "_pixel_id"):
+        if hasattr(ds, cache):
+            setattr(ds, cache, None if cache == "_pixel_array" else {})
+
+
 def _require(ds: pydicom.Dataset, path: Path, *tags: str) -> None:
     missing = [t for t in tags if t not in ds or ds[t].value in (None, "")]
     if missing:
@@ -244,15 +253,27 @@ class CTSeriesReader(PydicomReader):
         return datasets
 
     def _combine_dicom_series(self, data, filenames):
-        """Stack slices already ordered along the normal (PydicomReader re-sorts by InstanceNumber)."""
-        arrays = []
-        for ds, name in zip(data, filenames):
+        """Stack slices already ordered along the normal (PydicomReader re-sorts by InstanceNumber).
+
+        The volume is float32 from the start and filled slice by slice; each slice's encoded and
+        decoded pixels are dropped from its dataset once copied (pydicom keeps the decoded array,
+        and MONAI's rescale makes it float64): the peak is one volume, not four."""
+        volume = None
+        for i, (ds, name) in enumerate(zip(data, filenames)):
             try:
-                arrays.append(self._get_array_data(ds, name))
+                arr = self._get_array_data(ds, name)
             except InputError:
                 raise
             except Exception as e:
                 raise InputError(f"{name}: cannot decode pixel data ({type(e).__name__}: {e})") from None
+            if volume is None:
+                volume = np.empty(arr.shape + (len(data),), dtype=np.float32)
+            elif arr.shape != volume.shape[:-1]:
+                raise InputError(f"{name}: slice of {arr.shape} pixels in a series of {volume.shape[:-1]}")
+            volume[..., i] = arr
+            del arr
+            if i not in (0, len(data) - 1):  # the first and last headers are read below
+                _release_pixels(ds)
         first = data[0]
         # MONAI turns the header into metadata through pydicom's JSON conversion, which drops decimal
         # strings longer than DICOM's 16 characters (3D-IRCADb-01's SliceThickness, for one) and logs
@@ -268,8 +289,10 @@ class CTSeriesReader(PydicomReader):
         step = info.slice_spacing if info is not None else 1.0
         metadata["spacing"] = np.asarray([*map(float, first.PixelSpacing), step])
         metadata["lastImagePositionPatient"] = np.asarray(data[-1].ImagePositionPatient, dtype=float)
-        metadata[MetaKeys.SPATIAL_SHAPE] = arrays[0].shape + (len(arrays),)
+        metadata[MetaKeys.SPATIAL_SHAPE] = volume.shape
         if info is not None:
             metadata["series_uid"] = info.series_uid
             metadata["modality"] = info.modality
-        return np.stack(arrays, axis=-1), metadata
+        for ds in (data[0], data[-1]):
+            _release_pixels(ds)
+        return volume, metadata
