@@ -1,7 +1,7 @@
 # liver-fcn: the two commands of the README, and their set-up.
 #   make demo   set up .venv, write phantom patients, prepare them, train FCN-8s on the CPU (~6 min)
 #   make test   set up .venv and run the test suite
-#   make bench  print inference speed (fp32 / bf16, GFLOP/s, memory) and training speed (s/slice)
+#   make bench  print inference speed and memory (the bundle against a naive MONAI pipeline) and training speed (s/slice)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
