@@ -47,6 +47,7 @@ __all__ = [
     "Precision",
     "flag",
     "native_bf16",
+    "quality_flags",
     "resolve_precision",
     "CaseDataset",
     "CaseRunner",
@@ -198,6 +199,28 @@ def _case_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "case"
 
 
+def check_nifti_affine(img, path) -> None:
+    """Refuse a NIfTI whose voxel-to-world affine cannot place it: not finite, or singular (a zero
+    or degenerate matrix, zero voxel volume), or whose qform and sform (both set) disagree by more
+    than 1 mm over the volume. nibabel and MONAI would otherwise fall back to another matrix - an
+    identity, say - and volumes in mL would silently be wrong."""
+    header = img.header
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: NIfTI affine is not finite")
+    lin = affine[:3, :3]
+    size = np.sqrt((lin**2).sum(axis=0))
+    if np.any(size < 1e-6) or abs(np.linalg.det(lin)) < 1e-9 * max(float(np.prod(size)), 1e-30):
+        raise InputError(f"{path}: NIfTI affine is singular (voxel sizes {np.round(size, 4).tolist()} mm): the voxels cannot be placed")
+    if hasattr(header, "get_qform") and int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0:
+        q, s = header.get_qform(), header.get_sform()
+        shape = np.asarray(img.shape[:3], dtype=np.float64)
+        corners = np.array([[a, b, c, 1.0] for a in (0, shape[0] - 1) for b in (0, shape[1] - 1) for c in (0, shape[2] - 1)])
+        gap = float(np.abs(corners @ q.T - corners @ s.T)[:, :3].max())
+        if gap > 1.0:
+            raise InputError(f"{path}: NIfTI qform and sform disagree by {gap:.1f} mm; fix the header or drop one of them")
+
+
 def _check_nifti(path: Path) -> tuple:
     try:
         img = nib.load(str(path))
@@ -207,8 +230,12 @@ def _check_nifti(path: Path) -> tuple:
         if len(shape) != 3:
             raise InputError(f"{path}: NIfTI image has shape {img.shape}; a 3D CT volume is expected")
         np.asanyarray(img.dataobj[..., :1])  # reads (and so checks) the start of the data
-        if not np.all(np.isfinite(img.affine)):
-            raise InputError(f"{path}: NIfTI affine is not finite")
+        check_nifti_affine(img, path)
+        if np.issubdtype(img.get_data_dtype(), np.floating):  # only floats can hold NaN: read them all
+            data = np.asanyarray(img.dataobj)
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            if bad:
+                raise InputError(f"{path}: {bad} voxel{'s' if bad != 1 else ''} not finite (NaN or infinity); a CT holds numbers of HU")
     except InputError:
         raise
     except Exception as e:
@@ -324,6 +351,43 @@ def case_report(seg: np.ndarray, affine: np.ndarray, class_names: Sequence[str],
     return report
 
 
+def quality_flags(
+    seg: np.ndarray, affine: np.ndarray, class_names: Sequence[str], volumes_ml: Mapping[str, float],
+    entropy: Mapping | None = None, components: Mapping | None = None,
+    liver_range_ml: Sequence[float] = (800.0, 3000.0), max_entropy: float = 0.35,
+) -> dict:
+    """Quality-control flags of one case's mask, for a human to look at before using it.
+
+    - the liver volume outside ``liver_range_ml`` (an adult liver is 1.2-2.1 L in the 16
+      3D-IRCADb-01 livers measured; the default flags only the implausible);
+    - the liver in several components of at least the counter's size before post-processing
+      (``components``, from :class:`~liver_fcn.transforms.CountComponentsd`);
+    - the liver or a kidney touching the first or last slice along the head-feet axis: the scan may
+      cut the organ off, and its volume is then too small;
+    - a mean normalised entropy of the class probabilities above ``max_entropy`` inside a segmented
+      organ (``entropy``, from :class:`~liver_fcn.transforms.ResampleToInputd`): the network was unsure.
+    """
+    flags: list[str] = []
+    liver_ml = float(volumes_ml.get("liver", 0.0))
+    lo, hi = (float(v) for v in liver_range_ml)
+    if not lo <= liver_ml <= hi:
+        flags.append(f"liver volume {liver_ml:.0f} mL outside {lo:.0f}-{hi:.0f} mL")
+    pieces = list((components or {}).get("1", []))
+    if len(pieces) > 1:
+        flags.append(f"liver in {len(pieces)} large pieces before post-processing ({', '.join(f'{v:.0f}' for v in pieces)} mL)")
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    axis = int(np.argmax(np.abs(a[2]) / np.maximum(np.sqrt((a**2).sum(axis=0)), 1e-12)))  # the head-feet voxel axis
+    ends = np.concatenate([np.take(seg, [0], axis=axis).ravel(), np.take(seg, [seg.shape[axis] - 1], axis=axis).ravel()])
+    for c, name in enumerate(class_names):
+        if name in ("liver", "kidney") and np.any(ends == c):
+            flags.append(f"{name} touches the first or last slice: the scan may cut it off")
+    mean_entropy = {class_names[int(c)]: round(float(h), 4) for c, h in (entropy or {}).items() if int(c) < len(class_names)}
+    for name, h in mean_entropy.items():
+        if name in ("liver", "kidney") and h > max_entropy:
+            flags.append(f"low confidence in the {name} (mean entropy {h:.2f} > {max_entropy:.2f})")
+    return {"flags": flags, "mean_entropy": mean_entropy, "liver_components_ml": [round(v, 1) for v in pieces]}
+
+
 def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
     vols = report["volumes_ml"]
     parts = [f"{report['case']}:"]
@@ -336,7 +400,9 @@ def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
     else:
         parts.append("no liver found")
     parts += [f"{k} {v:.0f} mL" for k, v in vols.items() if k != "liver"]
-    return " ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if len(parts) > 2 else "") + f" -> {mask_path}"
+    flags = (report.get("qc") or {}).get("flags") or []
+    qc = f" [QC: {'; '.join(flags)}]" if flags else ""
+    return " ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if len(parts) > 2 else "") + qc + f" -> {mask_path}"
 
 
 class WriteCased(MapTransform):
@@ -358,9 +424,12 @@ class WriteCased(MapTransform):
         overlay: bool = True,
         dicom_seg: bool = False,
         window: Sequence[float] = (-250, 450),
+        qc_liver_ml: Sequence[float] = (800.0, 3000.0),
+        qc_max_entropy: float = 0.35,
         log=print,
     ) -> None:
         super().__init__(keys)
+        self.qc_liver_ml, self.qc_max_entropy = tuple(qc_liver_ml), float(qc_max_entropy)
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.ct_key, self.overlay, self.dicom_seg = ct_key, flag(overlay, "overlay"), flag(dicom_seg, "dicom_seg")
@@ -387,6 +456,10 @@ class WriteCased(MapTransform):
                 write_nifti_atomic(seg, affine, stage / final["mask"].name)
                 report = case_report(seg, affine, self.class_names, case)
                 report.update({"input": d.get("source_path", ""), "mask": str(final["mask"])})
+                report["qc"] = quality_flags(
+                    seg, affine, self.class_names, report["volumes_ml"], d.get("entropy"), d.get("components"),
+                    self.qc_liver_ml, self.qc_max_entropy,
+                )
                 made = ["mask"]
                 if self.overlay:
                     self._overlay(d, seg, affine, case, stage / final["overlay"].name)

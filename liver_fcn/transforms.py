@@ -50,6 +50,7 @@ from liver_fcn.errors import InputError
 
 __all__ = [
     "AdjacentSlicesd",
+    "CountComponentsd",
     "EncodePartialLabeld",
     "FillHolesSlicewised",
     "InPlaneResampled",
@@ -92,11 +93,15 @@ def load_ct(path, loader: LoadImage | None = None, series_uid: str | None = None
     else:
         raise InputError(f"{p}: not a DICOM series folder or a NIfTI file (.nii, .nii.gz)")
     try:
-        return loader(p, reader=reader)
+        img = loader(p, reader=reader)
     except InputError:
         raise
     except Exception as e:  # a corrupt NIfTI, an undecodable slice ...
         raise InputError(f"{p}: cannot be read ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    if img.is_floating_point() and not bool(torch.isfinite(img).all()):
+        bad = int((~torch.isfinite(img)).sum())
+        raise InputError(f"{p}: {bad} voxel{'s' if bad != 1 else ''} not finite (NaN or infinity); a CT holds numbers of HU")
+    return img
 
 
 class LoadCTd(MapTransform):
@@ -374,7 +379,7 @@ def _argmax_with_background(prob: torch.Tensor) -> torch.Tensor:
 
 
 def class_map_on_input_grid(
-    logits: torch.Tensor, pre_affine, in_affine, in_shape: Sequence[int], chunk: int = 16,
+    logits: torch.Tensor, pre_affine, in_affine, in_shape: Sequence[int], chunk: int = 16, entropy: dict | None = None,
 ) -> torch.Tensor:
     """The class map (uint8, ``in_shape``) of network logits ``(C, X', Y', Z')``, brought back onto
     the input's grid from the two affines, without ever holding the full-resolution probabilities.
@@ -385,8 +390,15 @@ def class_map_on_input_grid(
     resampling of the input grid (orientation, in-plane spacing, crops and pads), as the pipeline's
     geometry makes it; in-plane work is confined to the part of the input that the grid covers.
     Runs on the logits' device.
+
+    ``entropy``: a dict that receives, for each class c >= 1 found, the mean normalised entropy of the
+    class probabilities (0: certain, 1: uniform over the classes) over the voxels labelled c - how
+    sure the network was inside what it segmented.
     """
     axes, scales, offsets = _axis_map(pre_affine, in_affine)
+    n_classes = logits.shape[0]
+    h_sum = torch.zeros(n_classes, dtype=torch.float64, device=logits.device)
+    h_count = torch.zeros(n_classes, dtype=torch.float64, device=logits.device)
     out_shape = [int(in_shape[i]) for i in axes]  # the input grid, in the network grid's axis order
     dev = logits.device
     coords = [torch.arange(n, dtype=torch.float64) * s + o for n, s, o in zip(out_shape, scales, offsets)]
@@ -415,6 +427,17 @@ def class_map_on_input_grid(
             prob = F.grid_sample(prob, grid.expand(prob.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
             labels = _argmax_with_background(prob.transpose(0, 1))  # (k, x, y)
             out[x0:x1, y0:y1, k0 : k0 + chunk] = labels.permute(1, 2, 0)
+            if entropy is not None:
+                fg = prob.transpose(0, 1).clamp_min(0)  # (C-1, k, x, y)
+                full = torch.cat([(1.0 - fg.sum(0, keepdim=True)).clamp_min(0), fg])
+                h = -(full * torch.log(full.clamp_min(1e-12))).sum(0) / math.log(n_classes)
+                lab = labels.long().flatten()
+                h_sum.index_add_(0, lab, h.flatten().double())
+                h_count.index_add_(0, lab, torch.ones_like(lab, dtype=torch.float64))
+    if entropy is not None:
+        for c in range(1, n_classes):
+            if h_count[c] > 0:
+                entropy[c] = float(h_sum[c] / h_count[c])
     inverse = [axes.index(i) for i in range(3)]
     return out.permute(*inverse).contiguous()
 
@@ -431,16 +454,19 @@ class ResampleToInputd(MapTransform):
 
     def __init__(
         self, keys: KeysCollection = "pred", image_key: str = "image", ref_key: str = "ct", chunk: int = 16,
-        allow_missing_keys: bool = False,
+        entropy_key: str | None = "entropy", allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.image_key, self.ref_key, self.chunk = image_key, ref_key, int(chunk)
+        self.image_key, self.ref_key, self.chunk, self.entropy_key = image_key, ref_key, int(chunk), entropy_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         ref, img = d[self.ref_key], d[self.image_key]
         for key in self.key_iterator(d):
-            labels = class_map_on_input_grid(d[key], img.affine, ref.affine, ref.shape[1:], self.chunk)
+            entropy: dict | None = {} if self.entropy_key else None
+            labels = class_map_on_input_grid(d[key], img.affine, ref.affine, ref.shape[1:], self.chunk, entropy)
+            if self.entropy_key:
+                d[self.entropy_key] = entropy  # {class index: mean normalised entropy inside it}
             meta = {k: v for k, v in ref.meta.items() if k != "affine"}
             # the uint8 map goes to the CPU for the post-processing (connected components, holes)
             d[key] = MetaTensor(labels[None].cpu(), affine=ref.affine.clone(), meta=meta)
@@ -495,6 +521,33 @@ class KeepLargestComponentsd(MapTransform):
                 region[sub & ~keep] = 0
             out = torch.as_tensor(arr[None])
             d[key] = like(img, out.to(img.device)) if isinstance(img, torch.Tensor) else arr[None]
+        return d
+
+
+class CountComponentsd(MapTransform):
+    """Record, before the post-processing keeps the largest, the sizes (mL) of the 3D connected
+    components of one label of a class map (1, X, Y, Z) that are at least ``min_ml``: ``out_key``
+    receives ``{"<label>": [sizes, largest first]}`` (merged into an existing dict). A liver that comes
+    out in several large pieces is worth a look."""
+
+    def __init__(self, keys: KeysCollection = "pred", label: int = 1, min_ml: float = 20.0, out_key: str = "components") -> None:
+        super().__init__(keys)
+        self.label, self.min_ml, self.out_key = int(label), float(min_ml), out_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)[0]
+            mask = arr == self.label
+            sizes: list[float] = []
+            box = _bounding_box(mask)
+            if box is not None:
+                labels, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+                voxel_ml = float(np.prod(voxel_spacing(img))) / 1000.0
+                counts = np.bincount(labels.ravel())[1:] * voxel_ml
+                sizes = sorted((float(c) for c in counts if c >= self.min_ml), reverse=True)
+            d[self.out_key] = {**dict(d.get(self.out_key) or {}), str(self.label): sizes}
         return d
 
 

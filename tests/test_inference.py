@@ -293,6 +293,28 @@ def bad_inputs(tmp: Path) -> dict:
     cases["duplicate case names"] = (tmp / "dupes.json", {}, r"case name 'ok' is also that of")
     cases["DICOM SEG of a NIfTI"] = (nii, {"dicom_seg": True}, r"ok.nii.gz: a DICOM Segmentation needs a DICOM series input")
     cases["checkpoint missing"] = (nii, {"checkpoint": str(tmp / "none.pt")}, r"none.pt: checkpoint not found")
+    flat = nib.Nifti1Image(np.zeros((40, 40, 4), np.int16), np.eye(4))  # nibabel and MONAI would fall back to another matrix
+    flat.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)  # a singular sform (slices of no thickness), no qform
+    flat.set_qform(None, code=0)
+    nib.save(flat, str(tmp / "flat.nii.gz"))
+    cases["singular affine"] = (tmp / "flat.nii.gz", {}, r"flat.nii.gz: NIfTI affine is singular")
+    zero = nib.Nifti1Image(np.zeros((40, 40, 4), np.int16), np.eye(4))
+    zero.set_sform(np.zeros((4, 4)), code=1)
+    zero.set_qform(None, code=0)
+    nib.save(zero, str(tmp / "zero.nii.gz"))
+    cases["zero affine"] = (tmp / "zero.nii.gz", {}, r"zero.nii.gz: NIfTI affine is singular")
+    two = nib.Nifti1Image(np.zeros((40, 40, 4), np.int16), np.eye(4))
+    moved = np.eye(4)
+    moved[:3, 3] = [0.0, 0.0, 72.0]  # a tilted-gantry conversion that fixed one matrix only
+    two.set_qform(np.eye(4), code=1)
+    two.set_sform(moved, code=1)
+    nib.save(two, str(tmp / "two_forms.nii.gz"))
+    cases["qform and sform disagree"] = (tmp / "two_forms.nii.gz", {}, r"two_forms.nii.gz: NIfTI qform and sform disagree by 72.0 mm")
+    vals = np.zeros((40, 40, 4), np.float32)
+    vals[3, 4, 1] = np.nan
+    vals[5, 5, 2] = np.inf
+    nib.save(nib.Nifti1Image(vals, np.eye(4)), str(tmp / "nan.nii.gz"))
+    cases["NaN voxels"] = (tmp / "nan.nii.gz", {}, r"nan.nii.gz: 2 voxels not finite")
     return cases
 
 
@@ -418,3 +440,42 @@ def test_precision_auto_is_the_default_and_bf16_masks_agree_with_fp32(small_fcn,
                    precision=precision, overlay=False, postprocess=False, logging_file=False)
         masks[precision] = np.asarray(nib.load(str(tmp_path / precision / "x_seg.nii.gz")).dataobj)
     assert (masks["fp32"] == masks["auto"]).mean() > 0.99  # random weights: many near-ties, still nearly all equal
+
+
+def test_quality_flags_each_fire_on_their_own_case():
+    from liver_fcn.inference import quality_flags
+
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    seg = np.zeros((60, 60, 30), np.uint8)
+    seg[10:50, 10:50, 5:25] = 1  # 40 x 40 x 20 voxels of 1.28 mm^3: 41 mL
+    vols = {"liver": 41.0, "bone": 0.0, "kidney": 0.0}
+    flags = quality_flags(seg, affine, CLASSES, vols)["flags"]
+    assert flags == ["liver volume 41 mL outside 800-3000 mL"]
+    assert quality_flags(seg, affine, CLASSES, {"liver": 1500.0})["flags"] == []
+    assert "liver in 2 large pieces" in quality_flags(seg, affine, CLASSES, {"liver": 1500.0}, components={"1": [1400.0, 90.0]})["flags"][0]
+    touching = seg.copy()
+    touching[20:30, 20:30, 29] = 3  # a kidney on the last slice
+    assert quality_flags(touching, affine, CLASSES, {"liver": 1500.0})["flags"] == ["kidney touches the first or last slice: the scan may cut it off"]
+    # the head-feet axis is found from the affine, whatever the voxel order
+    sideways = np.transpose(touching, (2, 0, 1))
+    assert quality_flags(sideways, affine[:, [2, 0, 1, 3]], CLASSES, {"liver": 1500.0})["flags"] == quality_flags(touching, affine, CLASSES, {"liver": 1500.0})["flags"]
+    unsure = quality_flags(seg, affine, CLASSES, {"liver": 1500.0}, entropy={1: 0.6, 2: 0.9})
+    assert unsure["flags"] == ["low confidence in the liver (mean entropy 0.60 > 0.35)"] and unsure["mean_entropy"]["bone"] == 0.9
+
+
+def test_entropy_and_liver_pieces_are_measured_where_the_mask_is():
+    from monai.data import MetaTensor
+
+    from liver_fcn.transforms import CountComponentsd, class_map_on_input_grid
+
+    logits = torch.zeros(4, 20, 20, 6)
+    logits[1, :10] = 12.0  # a confident liver in one half, a tie of all four classes elsewhere
+    entropy: dict = {}
+    affine = torch.eye(4, dtype=torch.float64)
+    labels = class_map_on_input_grid(logits, affine, affine, (20, 20, 6), chunk=4, entropy=entropy)
+    assert (labels[:10] == 1).all() and entropy[1] < 0.01
+    seg = torch.zeros(1, 30, 30, 10, dtype=torch.uint8)
+    seg[0, 2:12, 2:12, 2:8] = 1  # 600 voxels of 8 mm^3 = 4.8 mL
+    seg[0, 20:25, 20:25, 2:4] = 1  # 50 voxels = 0.4 mL
+    out = CountComponentsd("pred", label=1, min_ml=0.3)({"pred": MetaTensor(seg, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))})
+    assert out["components"]["1"] == pytest.approx([4.8, 0.4])
