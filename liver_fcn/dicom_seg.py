@@ -18,7 +18,7 @@ import pydicom
 from liver_fcn.data.dicom import inspect_series
 from liver_fcn.outputs import atomic_path
 
-__all__ = ["SEGMENT_CODES", "write_dicom_seg"]
+__all__ = ["prepare_sources", "write_dicom_seg"]
 
 
 def _codes() -> dict:
@@ -32,11 +32,45 @@ def _codes() -> dict:
     }
 
 
-SEGMENT_CODES = ("liver", "bone", "kidney", "spleen")
 TYPE2_ATTRIBUTES = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "AccessionNumber",
 )
+
+
+def prepare_sources(sources: list) -> list[str]:
+    """Make the CT's headers usable as a SEG's sources, in memory (the files are not touched); returns
+    the UIDs generated, by keyword.
+
+    Type 2 patient and study attributes may be empty but must be present. An empty
+    SpecificCharacterSet (as some vendors write it) means the default repertoire: it is removed
+    rather than passed on as an invalid value. A de-identified series without Study, Series or SOP
+    Instance UIDs gets generated ones - one Study and Series UID for all slices, one SOP UID each - so
+    the SEG can be built; it then references those generated UIDs, not the archive's images.
+    """
+    from pydicom.uid import generate_uid
+
+    generated: list[str] = []
+    shared: dict[str, str] = {}
+    for ds in sources:
+        for keyword in TYPE2_ATTRIBUTES:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        if "SpecificCharacterSet" in ds and not str(ds.SpecificCharacterSet or "").strip():
+            del ds.SpecificCharacterSet
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+            if not str(ds.get(keyword, "") or "").strip():
+                if keyword not in shared:
+                    shared[keyword] = generate_uid()
+                    generated.append(keyword)
+                setattr(ds, keyword, shared[keyword])
+        if not str(ds.get("SOPInstanceUID", "") or "").strip():
+            ds.SOPInstanceUID = generate_uid()
+            if "SOPInstanceUID" not in generated:
+                generated.append("SOPInstanceUID")
+        if not str(ds.get("SOPClassUID", "") or "").strip():
+            ds.SOPClassUID = pydicom.uid.CTImageStorage
+    return generated
 
 
 def write_dicom_seg(
@@ -45,10 +79,13 @@ def write_dicom_seg(
     class_names: Sequence[str],
     path: str | os.PathLike,
     series_uid: str | None = None,
+    generated_uids: list | None = None,
 ) -> Path:
     """Write a DICOM SEG for ``seg`` (the class map on the series' grid, MONAI axis order (col, row, slice)).
 
     The slices are matched to the CT by position (the order CTSeriesReader stacks them in).
+    ``generated_uids`` receives the keywords of the source UIDs that had to be generated
+    (:func:`prepare_sources`).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -57,10 +94,7 @@ def write_dicom_seg(
 
     info = inspect_series(series_folder, series_uid=series_uid or None, modality="CT")
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in info.files]
-    for ds in sources:  # type 2 patient/study attributes may be empty but must be present
-        for keyword in TYPE2_ATTRIBUTES:
-            if keyword not in ds:
-                setattr(ds, keyword, "")
+    generated = prepare_sources(sources)
     frames = np.ascontiguousarray(np.transpose(seg, (2, 1, 0)))  # (slice, row, column)
     if frames.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
         raise ValueError(f"mask shape {seg.shape} does not match the series {info.shape}")
@@ -112,4 +146,6 @@ def write_dicom_seg(
     )
     with atomic_path(path) as tmp:
         segmentation.save_as(tmp)
+    if generated_uids is not None:
+        generated_uids.extend(generated)
     return Path(path)

@@ -55,6 +55,7 @@ __all__ = [
     "finish",
     "shard",
     "case_report",
+    "check_output_dir",
     "checkpoint_settings",
     "collect_cases",
     "write_nifti_atomic",
@@ -467,8 +468,15 @@ class WriteCased(MapTransform):
                 if self.dicom_seg:
                     from liver_fcn.dicom_seg import write_dicom_seg
 
-                    write_dicom_seg(d["source_path"], seg, self.class_names, stage / final["dicom_seg"].name, d.get("series_uid"))
+                    generated: list[str] = []
+                    write_dicom_seg(d["source_path"], seg, self.class_names, stage / final["dicom_seg"].name, d.get("series_uid"),
+                                    generated_uids=generated)
                     made.append("dicom_seg")
+                    if generated:
+                        report["dicom_seg_note"] = (
+                            f"the CT series has no {', '.join(generated)}: the SEG references generated UIDs, "
+                            "so a PACS cannot match it to the series by UID"
+                        )
                 report["files"] = {name: str(final[name]) for name in made}
                 write_json_atomic(stage / final["report"].name, report)
                 for name, path in final.items():  # files of an earlier run that this one does not make
@@ -496,6 +504,23 @@ class WriteCased(MapTransform):
             ct_r, path, pred=seg_r, class_names=self.class_names,
             window=self.window, title=f"{case}: predicted contours",
         )
+
+
+@reported
+def check_output_dir(path: str | os.PathLike) -> bool:
+    """Refuse, before any work, an output folder that cannot be written: a file in its place or on its
+    path, or no write permission where it would be created. Creates nothing."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{path}: output folder cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: output folder is not writable ({probe}: permission denied)")
+    return True
 
 
 def _one_line(e: BaseException) -> str:

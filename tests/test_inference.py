@@ -160,6 +160,56 @@ def test_dicom_seg_references_the_ct_and_matches_the_mask(tmp_path):
         assert np.array_equal(frames[f].astype(bool), block[k]), k
 
 
+def deidentify(series: Path, **blank) -> None:
+    """Blank the UIDs (and, by keyword, other attributes) of every file of a series, as de-identifying
+    exports do: present but empty."""
+    for f in series.iterdir():
+        ds = pydicom.dcmread(f)
+        for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"):
+            setattr(ds, keyword, "")
+        for keyword, value in blank.items():
+            setattr(ds, keyword, value)
+        ds.save_as(f)
+
+
+def test_deidentified_series_with_blank_uids_is_read_and_gets_a_seg(tmp_path):
+    import highdicom as hd
+
+    ct, block = block_volume(shape=(8, 64, 96))
+    series = write_series(tmp_path / "anon", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags())
+    deidentify(series, SpecificCharacterSet="")  # an empty character set, as one vendor writes it
+    infer(checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128), series, tmp_path / "out", dicom_seg=True, overlay=False)
+    mask = np.transpose(np.asarray(nib.load(str(tmp_path / "out" / "anon_seg.nii.gz")).dataobj), (2, 1, 0))
+    assert dice(mask == 1, block) > 0.99
+    report = json.loads((tmp_path / "out" / "anon_report.json").read_text())
+    assert "SeriesInstanceUID" in report["dicom_seg_note"] and "SOPInstanceUID" in report["dicom_seg_note"]
+    seg = hd.seg.segread(tmp_path / "out" / "anon_seg.dcm")
+    assert seg.NumberOfFrames == 8 and seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+
+
+def test_two_phases_on_one_grid_without_uids_are_refused_naming_both_files(threshold_ckpt, tmp_path):
+    from pydicom.uid import generate_uid
+
+    ct, _ = block_volume(shape=(4, 40, 40))
+    frame = generate_uid()  # one scan session: one frame of reference
+    for other_frame, expected in ((frame, r"venous_image_\d: same slice position as image_\d .*duplicate slice"),
+                                  (generate_uid(), r"folder holds 2 series: \(no SeriesInstanceUID.*put each series in its own folder")):
+        folder = write_series(tmp_path / "phases", ct, SeriesGeometry(), SeriesTags(series_description="arterial", frame_of_reference_uid=frame))
+        write_series(tmp_path / "venous", ct + 50, SeriesGeometry(), SeriesTags(series_description="venous", frame_of_reference_uid=other_frame))
+        for f in (tmp_path / "venous").iterdir():
+            shutil.copy(f, folder / f"venous_{f.name}")
+        deidentify(folder)
+        with pytest.raises(Exception) as e:
+            infer(threshold_ckpt, folder, tmp_path / "out")
+        import re
+
+        err = str(input_error(e.value))
+        assert re.search(expected, err), err
+        assert not (tmp_path / "out").exists()
+        shutil.rmtree(tmp_path / "phases")
+        shutil.rmtree(tmp_path / "venous")
+
+
 def test_axes_in_another_order_come_back_in_that_order(threshold_ckpt, tmp_path):
     """A NIfTI stored with its voxel axes as (x, z, y), e.g. a coronal reconstruction."""
     ct, block = block_volume(shape=(24, 60, 70))
@@ -424,6 +474,10 @@ def test_rerun_replaces_a_case_as_one_set_and_lowercase_false_means_false(small_
     r = bundle_cli("--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(tmp_path / "o2"), "--overlay", "maybe")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --overlay must be true or false, got 'maybe'"
     assert not (tmp_path / "o2").exists()
+    (tmp_path / "afile").write_text("x")  # an output folder under a file: refused before any work
+    r = bundle_cli("--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(tmp_path / "afile" / "out"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("output folder cannot be created: " + str(tmp_path / "afile") + " is a file")
+    assert "written to" not in r.stdout
 
 
 def test_precision_auto_is_the_default_and_bf16_masks_agree_with_fp32(small_fcn, tmp_path):

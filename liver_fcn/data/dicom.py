@@ -119,15 +119,29 @@ def _require(ds: pydicom.Dataset, path: Path, *tags: str) -> None:
         raise InputError(f"{path}: DICOM slice lacks {', '.join(missing)}")
 
 
+def _series_key(ds: pydicom.Dataset, f: Path) -> str:
+    """What identifies a slice's series: its SeriesInstanceUID, or - for a series de-identified down to
+    blank UIDs - its geometry (orientation, pixel grid and spacing, Frame of Reference where present).
+    Two images at one position of one geometry (two contrast phases, say) are then caught as duplicate
+    slices, naming both files."""
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        return uid
+    _require(ds, f, "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+    orient = ",".join(f"{float(v):.4f}" for v in ds.ImageOrientationPatient)
+    spacing = ",".join(f"{float(v):.4f}" for v in ds.PixelSpacing)
+    frame = str(ds.get("FrameOfReferenceUID", "") or "").strip() or "-"
+    return f"(no SeriesInstanceUID: {int(ds.Rows)}x{int(ds.Columns)} at {spacing} mm, orientation {orient}, frame {frame})"
+
+
 def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, series_uid: str | None, modality):
     """Check one series and return (datasets, files, info) ordered along the slice normal."""
     for ds, f in zip(datasets, files):
         if "PixelData" not in ds:
             raise InputError(f"{f}: DICOM file has no pixel data (truncated, or not an image slice)")
-        _require(ds, f, "SeriesInstanceUID")
     by_uid: dict[str, list[int]] = defaultdict(list)
     for i, ds in enumerate(datasets):
-        by_uid[str(ds.get("SeriesInstanceUID", ""))].append(i)
+        by_uid[_series_key(ds, f=files[i])].append(i)
     if series_uid is not None:
         if series_uid not in by_uid:
             raise InputError(f"{folder}: no series with SeriesInstanceUID {series_uid} (found {', '.join(by_uid)})")
@@ -138,8 +152,10 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
         for uid, idx in by_uid.items():
             desc = str(datasets[idx[0]].get("SeriesDescription", "")) or "no description"
             parts.append(f"{uid} ({desc}, {len(idx)} files)")
-        raise InputError(f"{folder}: folder holds {len(by_uid)} series: {'; '.join(parts)}; pick one by its UID")
-    uid = next(iter({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}))
+        advice = ("pick one by its UID" if all(not k.startswith("(") for k in by_uid)
+                  else "series without a UID cannot be picked by one: put each series in its own folder")
+        raise InputError(f"{folder}: folder holds {len(by_uid)} series: {'; '.join(parts)}; {advice}")
+    uid = str(datasets[0].get("SeriesInstanceUID", "") or "").strip()  # "" for a de-identified series
 
     for ds, f in zip(datasets, files):
         _require(ds, f, "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
