@@ -132,3 +132,43 @@ def test_mixed_sizes_and_duplicates(series, tmp_path):
     (folder / "intruder").unlink()
     shutil.copy(folder / "image_1", folder / "copy_of_1")
     expect_error(folder, r"same slice position")
+
+
+# ---- compressed transfer syntaxes, through pydicom's pixel plugins ----
+
+def ct_like(shape=(5, 48, 56)) -> np.ndarray:
+    """int16 HU with air, soft tissue, bone and noise: every bit of the range in use."""
+    rng = np.random.default_rng(3)
+    ct = np.full(shape, -1000, np.int16)
+    ct[:, 8:40, 8:48] = 40
+    ct[:, 20:28, 24:32] = 1200
+    return np.clip(ct + rng.normal(0, 30, shape), -1024, 3071).astype(np.int16)
+
+
+@pytest.mark.parametrize("syntax, options, max_error", [
+    (pydicom.uid.RLELossless, {}, 0),
+    (pydicom.uid.JPEGLSLossless, {}, 0),
+    (pydicom.uid.JPEG2000Lossless, {}, 0),
+    (pydicom.uid.DeflatedExplicitVRLittleEndian, {}, 0),
+    (pydicom.uid.JPEGLSNearLossless, {"jls_error": 3}, 3),  # near-lossless: at most the stated error
+    (pydicom.uid.JPEG2000, {"j2k_psnr": [80]}, None),  # lossy: the RMS error is bounded below
+], ids=["RLE", "JPEG-LS", "JPEG2000-lossless", "Deflate", "JPEG-LS-near-lossless", "JPEG2000-lossy"])
+def test_compressed_series_read_as_the_uncompressed_one(tmp_path, syntax, options, max_error):
+    ct = ct_like()
+    raw = write_series(tmp_path / "raw", ct, SeriesGeometry(), SeriesTags())
+    packed = tmp_path / "packed"
+    shutil.copytree(raw, packed)
+    for f in packed.iterdir():
+        ds = pydicom.dcmread(f)
+        if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            ds.file_meta.TransferSyntaxUID = syntax  # the whole data set deflated, pixels as they are
+        else:
+            ds.compress(syntax, **options)
+        ds.save_as(f, enforce_file_format=True)
+    assert pydicom.dcmread(next(packed.iterdir())).file_meta.TransferSyntaxUID == syntax
+    want, got = np.asarray(load_ct(raw)), np.asarray(load_ct(packed))
+    assert got.shape == want.shape
+    if max_error is None:
+        assert float(np.sqrt(np.mean((got - want) ** 2))) < 10.0  # HU
+    else:
+        assert float(np.abs(got - want).max()) <= max_error

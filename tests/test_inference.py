@@ -342,6 +342,23 @@ def bad_inputs(tmp: Path) -> dict:
     (tmp / "dupes.json").write_text(json.dumps([str(nii), str(nii)]))
     cases["duplicate case names"] = (tmp / "dupes.json", {}, r"case name 'ok' is also that of")
     cases["DICOM SEG of a NIfTI"] = (nii, {"dicom_seg": True}, r"ok.nii.gz: a DICOM Segmentation needs a DICOM series input")
+    s = good_series(tmp, "tilted")  # a 15 degree gantry tilt: each slice shifted along y as it steps in z
+    for f in s.iterdir():
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + z * float(np.tan(np.radians(15))), z]
+        ds.save_as(f)
+    cases["gantry tilt"] = (s, {}, r"tilted: gantry-tilted series: the slices step 15.0 degrees off their normal")
+    s = good_series(tmp, "enhanced")  # one multi-frame file standing for the series
+    first = sorted(s.iterdir())[0]
+    ds = pydicom.dcmread(first)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.NumberOfFrames = 6
+    ds.PixelData = ds.PixelData * 6
+    for f in s.iterdir():
+        f.unlink()
+    ds.save_as(s / "enhanced.dcm")
+    cases["Enhanced CT"] = (s, {}, r"enhanced.dcm: an Enhanced \(multi-frame\) CT image of 6 frames")
     cases["checkpoint missing"] = (nii, {"checkpoint": str(tmp / "none.pt")}, r"none.pt: checkpoint not found")
     flat = nib.Nifti1Image(np.zeros((40, 40, 4), np.int16), np.eye(4))  # nibabel and MONAI would fall back to another matrix
     flat.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)  # a singular sform (slices of no thickness), no qform
@@ -533,3 +550,19 @@ def test_entropy_and_liver_pieces_are_measured_where_the_mask_is():
     seg[0, 20:25, 20:25, 2:4] = 1  # 50 voxels = 0.4 mL
     out = CountComponentsd("pred", label=1, min_ml=0.3)({"pred": MetaTensor(seg, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))})
     assert out["components"]["1"] == pytest.approx([4.8, 0.4])
+
+
+def test_largest_liver_component_kept_by_default_and_both_without_postprocessing(threshold_ckpt, tmp_path):
+    ct = np.full((12, 60, 80), -1000, dtype=np.int16)
+    ct[:, 5:58, 5:78] = -150  # a body of fat (below the threshold network's liver), holding both blocks
+    ct[2:10, 10:40, 10:40] = 100  # the liver
+    ct[2:10, 45:55, 60:70] = 100  # a separate, smaller blob the threshold network also calls liver
+    src = tmp_path / "two.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)), np.eye(4)), str(src))
+    sizes = {}
+    for post in (True, False):
+        infer(threshold_ckpt, src, tmp_path / f"out{post}", overlay=False, postprocess=post)
+        seg = np.asarray(nib.load(str(tmp_path / f"out{post}" / "two_seg.nii.gz")).dataobj)
+        sizes[post] = int((seg == 1).sum())
+    assert sizes[True] == pytest.approx(8 * 30 * 30, rel=0.05)  # the blob is gone
+    assert sizes[False] == pytest.approx(8 * 30 * 30 + 8 * 10 * 10, rel=0.05)  # kept when switched off

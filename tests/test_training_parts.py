@@ -42,6 +42,21 @@ def test_organ_masks_merge_into_one_class_map(volumes):
         assert liver_ml <= entry["volumes_ml"]["liver"] + 0.01  # bone/kidney painted later may win a few voxels
 
 
+def test_each_class_holds_exactly_its_own_mask_voxels_later_classes_winning_overlaps(volumes):
+    from liver_fcn.transforms import load_ct
+
+    files, ds = volumes
+    for entry, item in zip(files, ds):
+        expected = np.zeros(item["label"].shape[1:], np.uint8)
+        for c, name in enumerate(CLASSES[1:], 1):  # painted in class order: bone over liver, kidney over both
+            for folder in entry["masks"].get(name, []):
+                expected[np.asarray(load_ct(folder, modality=None)[0]) > 0] = c
+        lab = np.asarray(item["label"][0])
+        for c in range(1, 4):
+            assert int((lab == c).sum()) == int((expected == c).sum()), (entry["patient"], CLASSES[c])
+        assert np.array_equal(lab, expected), entry["patient"]
+
+
 def test_mask_of_another_shape_is_refused(volumes, prepared):
     files, _ = volumes
     entry = dict(files[0])

@@ -41,6 +41,13 @@ _UNCOMPRESSED = {
 }
 
 
+#: Enhanced CT and other multi-frame image classes: one file holds the whole series
+_MULTIFRAME_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
+}
+
+
 @dataclass
 class SeriesInfo:
     """What the headers of one ordered series say."""
@@ -139,6 +146,12 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
     for ds, f in zip(datasets, files):
         if "PixelData" not in ds:
             raise InputError(f"{f}: DICOM file has no pixel data (truncated, or not an image slice)")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1 or str(ds.get("SOPClassUID", "")) in _MULTIFRAME_CLASSES:
+            raise InputError(
+                f"{f}: an Enhanced (multi-frame) CT image of {frames} frames; export the series as single-frame "
+                "CT images (one file per slice)"
+            )
     by_uid: dict[str, list[int]] = defaultdict(list)
     for i, ds in enumerate(datasets):
         by_uid[_series_key(ds, f=files[i])].append(i)
@@ -182,6 +195,14 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
     dist = pos @ normal
     order = np.argsort(dist, kind="stable")
     datasets, files, pos, dist = [datasets[i] for i in order], [files[i] for i in order], pos[order], dist[order]
+    span = pos[-1] - pos[0]
+    if np.linalg.norm(span) > 1e-3:
+        tilt = float(np.degrees(np.arccos(min(1.0, abs(float(span @ normal)) / float(np.linalg.norm(span))))))
+        if tilt > 0.5:
+            raise InputError(
+                f"{folder}: gantry-tilted series: the slices step {tilt:.1f} degrees off their normal; "
+                "resample it onto an untilted grid (or export it untilted) first"
+            )
     gaps = np.diff(dist)
     dup = np.flatnonzero(gaps < 1e-3)
     if dup.size:
