@@ -101,6 +101,7 @@ def native_bf16(device: torch.device | str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@reported
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``"auto"`` -> ``"bf16"`` where the device has native bf16, else ``"fp32"``; others unchanged."""
     if precision == "auto":

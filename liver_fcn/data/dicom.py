@@ -174,6 +174,9 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
         _require(ds, f, "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
         if modality is not None and str(ds.get("Modality", "")).upper() != modality:
             raise InputError(f"{f}: modality is {ds.get('Modality', 'missing')!s}, expected {modality}")
+        samples, photometric = int(ds.get("SamplesPerPixel", 1) or 1), str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        if samples != 1 or not photometric.upper().startswith("MONOCHROME"):
+            raise InputError(f"{f}: a {photometric} image of {samples} samples per pixel; a CT slice holds one grey value per pixel")
         _check_pixel_data(ds, f)
     if len(datasets) < 2:
         raise InputError(f"{folder}: series has {len(datasets)} slice; a volume needs at least 2")
