@@ -56,7 +56,7 @@ def test_torchrun_two_processes_on_cpu_log_one_finished_run(prepared_two_val, tm
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "monai.bundle", "run", "training",
         "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")]),
         "--dataset_dir", str(prepared_two_val), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
@@ -97,7 +97,7 @@ def test_torchrun_shards_an_archive_and_writes_one_summary(tmp_path):
         nib.save(nib.Nifti1Image(ct, np.diag([2.0, 2.0, 5.0, 1.0])), str(tmp_path / f"{n}.nii.gz"))
     (tmp_path / "list.json").write_text(json.dumps([f"{n}.nii.gz" for n in names]))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "monai.bundle", "run", "inference", "--config_file", str(REPO / "bundle/configs/inference.json"),
            "--input", str(tmp_path / "list.json"), "--checkpoint", str(tmp_path / "model.pt"), "--output_dir", str(out),
            "--overlay", "false"]
@@ -120,27 +120,37 @@ def free_port() -> int:
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and a local artifact store."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-        "--workers", "1",
-    ]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.close()
+    # a free port can be taken by another process between our probe and the server's bind: the
+    # server then exits, and it is started again on another port
+    for attempt in range(5):
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+            "--workers", "1",
+        ]
+        log = open(root / "server.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        up = False
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200 and proc.poll() is None:
+                        up = True
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        if up:
+            break
+        log.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        if time.time() >= deadline or attempt == 4:
             pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
     yield url, root
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
@@ -185,7 +195,7 @@ def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path / 'resume.db'}"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_TRACKING_URI"] = uri
-    periods = 8  # validation periods of 2 iterations
+    periods = 30  # validation periods of 2 iterations: far more than can pass between two polls
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
            "--dataset_dir", str(prepared), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
            *tiny_overrides(iterations=2 * periods)]
