@@ -201,3 +201,28 @@ def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
             "test_shift_change_dice_liver"} <= set(run.data.metrics)
     assert run.data.tags["trained_run"].startswith("fcn4s-")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.csv", "summary.csv", "summary.json"}
+
+
+def test_evaluation_leaves_out_classes_a_patient_has_no_masks_for(trained, prepared, tmp_path):
+    """Through `run evaluating`: a patient without kidney masks is named, and its kidney is not scored
+    (NaN, left out of the mean) rather than scored 0."""
+    out, _ = trained
+    entries = json.loads((prepared / "datalist.json").read_text())["training"]
+    without = [e["patient"] for e in entries if not e["annotated"][3]]
+    assert without, "the phantom set should hold a patient without kidney masks"
+    r = bundle(
+        "run", "evaluating", "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
+        "--dataset_dir", str(prepared), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(out / "models"),
+        "--eval_split", "training", "--eval_name", "no-kidney", "--scanner_shift", "false",
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with open(tmp_path / "eval" / "evaluation" / "no-kidney" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({row["patient"] for row in rows}) == sorted(e["patient"] for e in entries)
+    assert {row["condition"] for row in rows} == {"clean"}  # --scanner_shift false, typed as a user types it
+    for row in rows:
+        scored = row["class"] != "kidney" or row["patient"] not in without
+        assert row["annotated"] == str(scored) and (row["dice"] != "nan") == scored, row
+    summary = json.loads((tmp_path / "eval" / "evaluation" / "no-kidney" / "summary.json").read_text())
+    kidney = next(s for s in summary if s["class"] == "kidney" and s["metric"] == "dice")
+    assert kidney["n"] == len(entries) - len(without)
