@@ -606,3 +606,23 @@ def test_largest_liver_component_kept_by_default_and_both_without_postprocessing
         sizes[post] = int((seg == 1).sum())
     assert sizes[True] == pytest.approx(8 * 30 * 30, rel=0.05)  # the blob is gone
     assert sizes[False] == pytest.approx(8 * 30 * 30 + 8 * 10 * 10, rel=0.05)  # kept when switched off
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The Error lines of dciodvfy (dicom3tools), the DICOM standard's conformance checker, on a file."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools)")
+    r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("variant", ["phantom writer", "vendor header variants"])
+def test_dicom_seg_passes_the_standards_checker(tmp_path, variant):
+    ct, _ = block_volume(shape=(6, 48, 64))
+    series = write_series(tmp_path / "ct", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags())
+    if variant == "vendor header variants":  # an empty character set, a retired PN form, blank IDs and UIDs
+        deidentify(series, SpecificCharacterSet="", PatientName="DOE^JOHN^^^", PatientID="", AccessionNumber="",
+                   StudyID="")
+    infer(checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128), series, tmp_path / "out", dicom_seg=True, overlay=False)
+    assert dciodvfy_errors(tmp_path / "out" / "ct_seg.dcm") == []
