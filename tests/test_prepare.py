@@ -121,6 +121,22 @@ def test_zip_with_parent_entry(phantom_copy, tmp_path):
     assert not (phantom_copy / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
 
 
+def test_zip_with_a_broken_deflate_stream(phantom_copy, tmp_path):
+    """Not a bad CRC but compressed data zlib cannot inflate: still one line naming the entry."""
+    z = phantom_copy / "3Dircadb1.2" / "PATIENT_DICOM.zip"
+    with zipfile.ZipFile(z, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("PATIENT_DICOM/image_99", bytes(range(256)) * 64)
+    with zipfile.ZipFile(z) as zf:
+        info = zf.getinfo("PATIENT_DICOM/image_99")
+    data = bytearray(z.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    data[start : start + 8] = b"\xff" * 8  # an invalid deflate block type
+    z.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"3Dircadb1.2/PATIENT_DICOM.zip: corrupt entry 'PATIENT_DICOM/image_99' \(error: "):
+        prepare(phantom_copy, tmp_path / "out", log=quiet)
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_zip_with_symlink_or_absolute_entry(phantom_copy, tmp_path):
     z = phantom_copy / "3Dircadb1.3" / "PATIENT_DICOM.zip"
     info = zipfile.ZipInfo("PATIENT_DICOM/link")

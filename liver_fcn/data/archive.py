@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from liver_fcn.errors import InputError
@@ -108,8 +109,8 @@ def safe_extract(
                         dst.write(chunk)
             except FileExistsError:
                 raise InputError(f"{path}: entry {info.filename!r} collides with an existing file") from None
-            except zipfile.BadZipFile as e:
-                raise InputError(f"{path}: corrupt entry {info.filename!r} ({e})") from None
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad CRC, a broken deflate stream, a cut-off entry
+                raise InputError(f"{path}: corrupt entry {info.filename!r} ({type(e).__name__}: {e})") from None
             out.append(target)
     return out
 
