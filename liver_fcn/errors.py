@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
-__all__ = ["InputError", "reported"]
+__all__ = ["InputError", "reported", "root_cause"]
 
 
 class InputError(ValueError):
@@ -13,6 +13,14 @@ class InputError(ValueError):
 
     It is raised before any output is written. The command-line tools print it without a traceback.
     """
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost ``__cause__`` of ``e``: MONAI wraps what a transform or config expression raises
+    ("applying transform ...", "Failed to evaluate ..."), and the user needs the original."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
 
 
 def _bundle_cli() -> bool:

@@ -38,7 +38,7 @@ from monai.data import Dataset
 from monai.transforms import MapTransform
 
 from liver_fcn.data.dicom import inspect_series
-from liver_fcn.errors import InputError, reported
+from liver_fcn.errors import InputError, reported, root_cause
 from liver_fcn.outputs import atomic_path, write_json_atomic
 
 __all__ = [
@@ -526,8 +526,7 @@ def check_output_dir(path: str | os.PathLike) -> bool:
 
 def _one_line(e: BaseException) -> str:
     """The root cause of ``e`` in one line (MONAI wraps a transform's error in 'applying transform ...')."""
-    while e.__cause__ is not None:
-        e = e.__cause__
+    e = root_cause(e)
     text = " ".join(str(e).split())
     return text if isinstance(e, InputError) else f"{type(e).__name__}: {text}"
 

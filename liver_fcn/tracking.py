@@ -24,6 +24,7 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
 
+from liver_fcn.errors import root_cause
 from liver_fcn.outputs import atomic_path
 
 __all__ = [
@@ -108,9 +109,7 @@ class MLflowRunHandler(MLFlowHandler):
         """Mark the run FAILED (with the error as a tag), then let the exception go on."""
         if self.cur_run is not None:
             run_id = self.cur_run.info.run_id
-            root = e  # MONAI wraps what a transform raises: report the original cause
-            while root.__cause__ is not None:
-                root = root.__cause__
+            root = root_cause(e)  # MONAI wraps what a transform raises: report the original cause
             message = f"{type(root).__name__}: {root}" + (f" (in {type(e).__name__}: {e})" if root is not e else "")
             try:
                 self.client.set_tag(run_id, "error", message[:4000])

@@ -225,13 +225,33 @@ def like(reference, data: torch.Tensor) -> torch.Tensor:
     return data
 
 
+def _numpy(x, dtype=None) -> np.ndarray:
+    """A tensor (on any device) or an array as a NumPy array, without a copy where none is needed."""
+    return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=dtype)
+
+
+def _class_map(img, key, who: str) -> np.ndarray:
+    """The 3D array of a one-channel class map ``(1, X, Y, Z)``; anything else is refused."""
+    if img.shape[0] != 1:
+        raise ValueError(f"{key}: {who} expects a class map with one channel, got {img.shape[0]}")
+    return _numpy(img)[0]
+
+
+def _like_class_map(img, arr: np.ndarray):
+    """``arr`` (X, Y, Z) back in the form of the class map ``img``: a tensor with its metadata and
+    device, or an array."""
+    if isinstance(img, torch.Tensor):
+        return like(img, torch.as_tensor(arr[None], device=img.device))
+    return arr[None]
+
+
 def voxel_spacing(img) -> np.ndarray:
     """Voxel spacing in mm along each spatial axis, from a MetaTensor's affine (ones without one)."""
     affine = getattr(img, "affine", None)
     n = img.ndim - 1
     if affine is None:
         return np.ones(n)
-    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    a = _numpy(affine, np.float64)
     return np.sqrt((a[:n, :n] ** 2).sum(axis=0))
 
 
@@ -250,7 +270,7 @@ def body_mask(image, threshold: float = -500.0) -> torch.Tensor:
 
     Meant as ``CropForegroundd(select_fn=body_mask)`` on a CT in HU.
     """
-    arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
+    arr = _numpy(image)
     above = (arr > threshold).any(axis=0)  # over channels
     labels, n = ndimage.label(above)
     if n == 0:
@@ -332,8 +352,7 @@ class InPlaneResampled(MapTransform):
 def _axis_map(pre_affine, in_affine, tol: float = 1e-3):
     """For each axis of the network's grid: the input axis it runs along, and the scale and offset
     mapping input voxel indices onto it (``pre = scale * input + offset``), from the two affines."""
-    pre = np.asarray(pre_affine.detach().cpu() if isinstance(pre_affine, torch.Tensor) else pre_affine, dtype=np.float64)
-    inp = np.asarray(in_affine.detach().cpu() if isinstance(in_affine, torch.Tensor) else in_affine, dtype=np.float64)
+    pre, inp = _numpy(pre_affine, np.float64), _numpy(in_affine, np.float64)
     m = np.linalg.solve(pre, inp)  # input voxel -> network-grid voxel
     axes, scales, offsets = [], [], []
     for a in range(3):
@@ -507,9 +526,7 @@ class KeepLargestComponentsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            if img.shape[0] != 1:
-                raise ValueError(f"{key}: KeepLargestComponentsd expects a class map with one channel, got {img.shape[0]}")
-            arr = np.array(img.detach().cpu() if isinstance(img, torch.Tensor) else img)[0]
+            arr = np.array(_class_map(img, key, "KeepLargestComponentsd"))  # a copy, changed in place
             for label in self.applied_labels:
                 mask = arr == label
                 box = _bounding_box(mask)
@@ -519,8 +536,7 @@ class KeepLargestComponentsd(MapTransform):
                 keep = np.asarray(get_largest_connected_component_mask(sub, num_components=self.num_components))
                 region = arr[box]
                 region[sub & ~keep] = 0
-            out = torch.as_tensor(arr[None])
-            d[key] = like(img, out.to(img.device)) if isinstance(img, torch.Tensor) else arr[None]
+            d[key] = _like_class_map(img, arr)
         return d
 
 
@@ -538,8 +554,7 @@ class CountComponentsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)[0]
-            mask = arr == self.label
+            mask = _class_map(img, key, "CountComponentsd") == self.label
             sizes: list[float] = []
             box = _bounding_box(mask)
             if box is not None:
@@ -572,9 +587,7 @@ class FillHolesSlicewised(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            if img.shape[0] != 1:
-                raise ValueError(f"{key}: FillHolesSlicewised expects a class map with one channel, got {img.shape[0]}")
-            arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)[0]
+            arr = _class_map(img, key, "FillHolesSlicewised")
             out = np.array(arr, copy=True)
             axis = self.axis % arr.ndim if self.axis < 0 else self.axis - 1
             moved, result = np.moveaxis(arr, axis, 0), np.moveaxis(out, axis, 0)
@@ -585,10 +598,7 @@ class FillHolesSlicewised(MapTransform):
                     sl, res = moved[k][box], result[k][box]
                     filled = ndimage.binary_fill_holes(sl == label)
                     res[filled & (sl == 0)] = label
-            if isinstance(img, torch.Tensor):
-                d[key] = like(img, torch.as_tensor(out[None], device=img.device))
-            else:
-                d[key] = out[None]
+            d[key] = _like_class_map(img, out)
         return d
 
 
