@@ -108,3 +108,70 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
     assert m["test_dice_liver"] > 0.97 and m["test_shifted_dice_liver"] > 0.85
     assert m["test_shift_change_dice_liver"] == pytest.approx(m["test_shifted_dice_liver"] - m["test_dice_liver"])
     assert math.isnan(m["test_dice_kidney"]) and run.data.params["scanner_shift"].startswith("3 mm slabs, 1.5 mm pixels")
+
+
+def test_bundle_evaluation_values_equal_metrics_computed_directly(tmp_path):
+    """A network of known output (it marks the 100 HU block as liver) scored through the real
+    ``run evaluating`` against a reference that is the block minus its top two slices and minus a
+    one-pixel rim on one side: the report must give what plain NumPy/SciPy compute on the input
+    grid - Dice, IoU, RVD with its sign (prediction larger than reference: positive), volumes in mL
+    and surface distances in mm from the 2.5 mm slices, not in voxels."""
+    import csv
+    import json
+
+    import nibabel as nib
+    import torch
+    from monai.bundle import run as bundle_run
+    from scipy import ndimage
+
+    from .conftest import REPO
+    from .test_inference import SETTINGS, THRESHOLD_NET, block_volume
+
+    spacing = (1.0, 1.0, 2.5)  # the checkpoint's 1 mm pixels: the in-plane grid is kept as it is
+    ct, block = block_volume()
+    pred = block.copy()  # (slices, rows, cols)
+    ref = block.copy()
+    ref[13:15] = False  # the reference stops two slices (5 mm) below the block's top
+    ref[:, 20:70, 30] = False  # and one column (1 mm) inside its left face
+    folder = tmp_path / "data" / "p1"
+    folder.mkdir(parents=True)
+    affine = np.diag([*spacing, 1.0])
+    nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)), affine), str(folder / "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(np.transpose(ref, (2, 1, 0)).astype(np.uint8), affine), str(folder / "liver.nii.gz"))
+    entry = {"patient": "p1", "image": "p1/ct.nii.gz", "masks": {"liver": ["p1/liver.nii.gz"]}, "annotated": [True, True, False, False]}
+    (tmp_path / "data" / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": [entry]}))
+    (tmp_path / "models").mkdir()
+    torch.save({"model": {"threshold": torch.tensor(0.05)}, "settings": {**SETTINGS, "run_name": "known"}},
+               tmp_path / "models" / "model.pt")
+    configs = [str(REPO / "bundle" / "configs" / f) for f in ("train.json", "evaluate.json")]
+    bundle_run("evaluating", config_file=configs, dataset_dir=str(tmp_path / "data"), ckpt_dir=str(tmp_path / "models"),
+               output_dir=str(tmp_path / "eval"), eval_name="known", network_def=THRESHOLD_NET, scanner_shift=False,
+               logging_file=False)
+    with open(tmp_path / "eval" / "evaluation" / "known" / "metrics.csv", newline="") as f:
+        (row,) = [r for r in csv.DictReader(f) if r["class"] == "liver"]
+
+    # directly, on the input grid
+    sp = spacing[::-1]  # numpy axes are (slices, rows, cols): 2.5, 1, 1 mm
+    n_pred, n_ref, n_both = int(pred.sum()), int(ref.sum()), int((pred & ref).sum())
+    dice = 2 * n_both / (n_pred + n_ref)
+    iou = n_both / (n_pred + n_ref - n_both)
+
+    def surface_distances(a, b):
+        """Distances (mm) from the border voxels of a to the nearest border voxel of b."""
+        border_a = a & ~ndimage.binary_erosion(a)
+        border_b = b & ~ndimage.binary_erosion(b)
+        return ndimage.distance_transform_edt(~border_b, sampling=sp)[border_a]
+
+    d_pr, d_rp = surface_distances(pred, ref), surface_distances(ref, pred)
+    want = {
+        "dice": dice, "iou": iou, "voe": 100 * (1 - iou), "rvd": 100 * (n_pred - n_ref) / n_ref,
+        "mssd": max(d_pr.max(), d_rp.max()), "assd": (d_pr.sum() + d_rp.sum()) / (d_pr.size + d_rp.size),
+        "volume_pred_ml": n_pred * 2.5 / 1000, "volume_ref_ml": n_ref * 2.5 / 1000,
+    }
+    # the block's top corner on the trimmed face is two slices (5 mm) and one pixel (1 mm) from the reference
+    assert want["rvd"] > 0 and want["mssd"] == pytest.approx(math.hypot(5.0, 1.0))
+    for k, v in want.items():
+        assert float(row[k]) == pytest.approx(v, rel=1e-4), (k, row[k], v)
+    # the paper's slice IoU: the mean over the slices where either mask has liver
+    per_slice = [(pred[z] & ref[z]).sum() / (pred[z] | ref[z]).sum() for z in range(pred.shape[0]) if (pred[z] | ref[z]).any()]
+    assert float(row["slice_iou"]) == pytest.approx(float(np.mean(per_slice)), rel=1e-4)

@@ -421,6 +421,17 @@ def bad_inputs(tmp: Path) -> dict:
     vals[5, 5, 2] = np.inf
     nib.save(nib.Nifti1Image(vals, np.eye(4)), str(tmp / "nan.nii.gz"))
     cases["NaN voxels"] = (tmp / "nan.nii.gz", {}, r"nan.nii.gz: 2 voxels not finite")
+    s = good_series(tmp, "rle")  # RLE compressed; one slice's segment table points past its data
+    for f in s.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.compress(pydicom.uid.RLELossless)
+        ds.save_as(f)
+    raw = bytearray((s / "image_4").read_bytes())
+    frame = next(pydicom.encaps.generate_frames(pydicom.dcmread(s / "image_4").PixelData, number_of_frames=1))
+    at = bytes(raw).find(frame[:64])
+    raw[at + 8:at + 12] = (1 << 20).to_bytes(4, "little")
+    (s / "image_4").write_bytes(bytes(raw))
+    cases["corrupt RLE pixel data"] = (s, {}, r"image_4: cannot decode pixel data \(RuntimeError: .*RLE segment")
     return cases
 
 

@@ -95,9 +95,9 @@ def _read(path: Path, pixels: bool) -> pydicom.Dataset:
 def _check_pixel_data(ds: pydicom.Dataset, path: Path) -> None:
     if "PixelData" not in ds:
         raise InputError(f"{path}: DICOM file has no pixel data (truncated, or not an image slice)")
-    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)
+    tsyntax = _transfer_syntax(ds)
     if tsyntax not in _UNCOMPRESSED or tsyntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
-        return  # encapsulated data: checked when decoded
+        return  # encapsulated data: decoded by inspect_series
     expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
     expected *= int(ds.get("NumberOfFrames", 1) or 1)
     raw = ds.get_item("PixelData")
@@ -239,11 +239,33 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
 def inspect_series(
     folder: str | os.PathLike, series_uid: str | None = None, modality: str | None = "CT"
 ) -> SeriesInfo:
-    """Check a series folder from its headers (pixel data is located but not decoded)."""
+    """Check a series folder from its headers. Uncompressed pixel data is located and its length
+    checked; compressed pixel data (JPEG, JPEG-LS, JPEG 2000, RLE) is decoded, so that a corrupt
+    slice is found here, before any output, and not halfway through a run."""
     folder = Path(folder)
     files = series_files(folder)
     datasets = [_read(f, pixels=False) for f in files]
-    return _order(datasets, files, folder, series_uid, modality)[2]
+    datasets, files, info = _order(datasets, files, folder, series_uid, modality)
+    for ds, f in zip(datasets, files):
+        if _transfer_syntax(ds) not in _UNCOMPRESSED:
+            _decode(f)
+    return info
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID:
+    return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)
+
+
+def _undecodable(path, e: Exception) -> InputError:
+    """One line for a slice that no pixel decoder could read (pydicom lists each plugin's reason on a line)."""
+    return InputError(f"{path}: cannot decode pixel data ({type(e).__name__}: {' '.join(str(e).split())})")
+
+
+def _decode(path: Path) -> None:
+    try:
+        pydicom.pixels.pixel_array(str(path))
+    except Exception as e:
+        raise _undecodable(path, e) from None
 
 
 class _DropMessages(logging.Filter):
@@ -305,7 +327,7 @@ class CTSeriesReader(PydicomReader):
             except InputError:
                 raise
             except Exception as e:
-                raise InputError(f"{name}: cannot decode pixel data ({type(e).__name__}: {e})") from None
+                raise _undecodable(name, e) from None
             if volume is None:
                 volume = np.empty(arr.shape + (len(data),), dtype=np.float32)
             elif arr.shape != volume.shape[:-1]:
