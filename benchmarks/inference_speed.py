@@ -35,8 +35,10 @@ import time
 import zipfile
 from pathlib import Path
 
+from liver_fcn import CLASS_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
-QUICK = {"variant": "8s", "width": 0.125, "in_channels": 1, "class_names": ["background", "liver", "bone", "kidney"],
+QUICK = {"variant": "8s", "width": 0.125, "in_channels": 1, "class_names": list(CLASS_NAMES),
          "pixel_spacing": 1.6, "image_size": 256, "hu_window": [-250, 450], "intensity_mean": 0.19, "slice_distance": 2.5}
 
 
@@ -85,7 +87,7 @@ def naive_child(args) -> None:
 
     from liver_fcn.inference import Precision
     from liver_fcn.networks import FCN
-    from liver_fcn.training import load_model_state
+    from liver_fcn.checkpoint import load_model_state
 
     state, settings = load_model_state(args.checkpoint)
     net = FCN(settings["variant"], in_channels=1, out_channels=len(settings["class_names"]), width=settings["width"])

@@ -35,12 +35,12 @@ def parser_for(files: list[str], overrides: dict, keep_mlflow: bool):
     p.read_config([str(CONFIGS / f) for f in files])
     for k, v in overrides.items():
         p[k] = v
-    if not keep_mlflow:
-        for path in ("train#handlers", "validate#handlers", "evaluate#handlers"):
+    if not keep_mlflow:  # the handlers are named: switch the MLflow ones off
+        for path in ("train#mlflow_handler", "validate#mlflow_handler", "evaluation_mlflow_handler"):
             if path in p:
-                p[path] = [h for h in p[path] if "MLflow" not in str(h.get("_target_", "") if isinstance(h, dict) else h)]
+                p[path + "#_disabled_"] = True
         if "training" in p:
-            p["training"] = [x for x in p["training"] if "tracking." not in str(x)]
+            p["training"] = [x for x in p["training"] if "tracking." not in str(x) and "reporting." not in str(x)]
     return p
 
 

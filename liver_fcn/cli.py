@@ -48,7 +48,8 @@ def _prepare(args: argparse.Namespace) -> int:
 def _summary(args: argparse.Namespace) -> int:
     import mlflow
 
-    from liver_fcn.tracking import print_run_summary, resolve_tracking_uri
+    from liver_fcn.reporting import print_run_summary
+    from liver_fcn.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.output_dir, args.tracking_uri)
     run_name = args.run_name
@@ -59,7 +60,7 @@ def _summary(args: argparse.Namespace) -> int:
         if not runs:
             raise InputError(f"{uri}: no runs in experiment {args.experiment!r}")
         run_name = runs[0].info.run_name
-    return 0 if print_run_summary(uri, args.experiment, run_name) else 1
+    return 0 if print_run_summary(uri, args.experiment, run_name, log=print) else 1
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -96,7 +97,8 @@ def _compare(args: argparse.Namespace) -> int:
     import io
     from pathlib import Path
 
-    from liver_fcn.tracking import compare_runs, comparison_table, plot_curves, resolve_tracking_uri
+    from liver_fcn.reporting import best_column, compare_runs, comparison_table, plot_curves
+    from liver_fcn.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.output_dir, args.tracking_uri)
     if args.crossval:
@@ -127,6 +129,16 @@ def _compare(args: argparse.Namespace) -> int:
     write_text_atomic(out / "comparison.csv", buf.getvalue())
     plot_curves(curves, out / "curves.png", title=f"{args.experiment}: validation curves")
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'curves.png'}")
+    if args.promote:
+        from liver_fcn.registry import promote
+
+        best = next((r for r in rows if r["status"] == "FINISHED"), None)
+        if best is None:
+            raise InputError(f"{uri}: no FINISHED run in experiment {args.experiment!r} to promote")
+        version = promote(uri, args.registered_model, args.promote, best["run_id"])
+        score = best.get(best_column(args.metric), float("nan"))
+        print(f"models:/{args.registered_model}@{args.promote} -> version {version.version} "
+              f"(run {best['run']}, best {args.metric} {score:.4f})")
     return 0
 
 
@@ -180,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the bundle's store)")
     co.add_argument("--output-dir", default="bundle/eval", help="bundle output folder holding mlruns.db")
     co.add_argument("--out", help="folder for comparison.md/.csv and curves.png (default <output-dir>/compare/<experiment>)")
+    co.add_argument("--promote", metavar="ALIAS",
+                    help="point this alias (e.g. champion) of the registered model at the best FINISHED run's version")
+    co.add_argument("--registered-model", default="liver-fcn", help="registered model name for --promote (default liver-fcn)")
     co.add_argument("--crossval", nargs=2, metavar=("A", "B"),
                     help="compare two cross-validations (liver-fcn crossval --name) fold by fold instead")
     co.set_defaults(func=_compare)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from liver_fcn.data.ircadb import patient_ids
 from liver_fcn.errors import InputError
 from liver_fcn.outputs import write_json_atomic, write_text_atomic
 
@@ -84,12 +85,7 @@ def fold_datalists(
         p = p / "datalist.json" if p.is_dir() else p
         extra += load_datalist(p, "training")
     names = [e["patient"] for e in entries]
-    wanted = []
-    for p in patients:
-        key = p if p in names else f"3Dircadb1.{p}"
-        if key not in names:
-            raise InputError(f"{p}: no such patient in {datalist} (have {', '.join(names)})")
-        wanted.append(key)
+    wanted = patient_ids(patients, names, f"in {datalist}")
     base = json.loads(datalist.read_text())
     folds = []
     for held in entries:
@@ -242,7 +238,7 @@ def crossval(
             common = ["--dataset_dir", str(folder), "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "eval"),
                       "--experiment_name", experiment, "--parent_run_id", repr(pid)]
             train_cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(list(configs)),
-                         *common, "--run_name", f"cv-{name}-{tag}-train", *overrides]
+                         *common, "--run_name", f"cv-{name}-{tag}-train", "--registered_model_name", "None", *overrides]
             log(f"[{i}/{len(folds)}] training without {patient} ...")
             train_s = _run(train_cmd, env, folder / "train.log", log)
             eval_cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", str(eval_configs),

@@ -12,6 +12,7 @@ an Ignite handler that writes the per-patient CSV and the summary and puts the s
 
 from __future__ import annotations
 
+import logging
 import csv
 import io
 import math
@@ -27,6 +28,8 @@ from monai.metrics import compute_average_surface_distance, compute_dice, comput
 from liver_fcn.outputs import write_json_atomic, write_text_atomic
 
 __all__ = ["CONDITIONS", "METRICS", "EvaluationReport", "class_metrics", "evaluation_name", "slice_iou", "with_conditions"]
+
+logger = logging.getLogger(__name__)
 
 #: the scan as acquired, and the same scan after a simulated change of scanner (SimulateScannerd)
 CONDITIONS = ("clean", "shifted")
@@ -122,13 +125,13 @@ class EvaluationReport:
         output_dir: str | os.PathLike,
         prefix: str = "test_",
         label_key: str = "label",
-        log=print,
+        log=None,
     ) -> None:
         self.class_names = list(class_names)
         self.output_dir = Path(output_dir)
         self.prefix = prefix
         self.label_key = label_key
-        self.log = log
+        self.log = log or logger.info
         self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:

@@ -7,13 +7,15 @@ clinical input and an archive of thousands need around them:
 * :func:`collect_cases` resolves ``--input`` (a DICOM series folder, a NIfTI file, or a datalist
   JSON of many) and checks every case *before* anything is written, so a bad input never leaves
   half of the outputs behind; :func:`shard` gives each ``torchrun`` process its share;
-* :class:`ModelSettings` travels inside the checkpoint (``{"model": state_dict, "settings": {...}}``)
-  so that inference rebuilds the same network and preprocessing as training without being told;
+* the checkpoint (:mod:`liver_fcn.checkpoint`) carries the settings of its network and
+  preprocessing, so inference rebuilds both as training had them without being told;
 * :class:`Precision` runs the network in bf16 where the device has it natively (``precision: auto``)
   and counts the network's own time;
-* :class:`WriteCased` writes, for each case, the uint8 NIfTI mask on the input's own grid, a JSON
-  report (volumes, liver extent, slice range, spacing) with a one-line console summary, an overlay
-  PNG and, on request, a DICOM Segmentation object - staged and moved into place as one set;
+* the case's outputs are named steps of inference.json's post-processing, each switchable or
+  replaceable: :class:`WriteMaskd` (the uint8 NIfTI mask on the input's own grid),
+  :class:`CaseReportd` (volumes, liver extent, slice range, spacing, QC flags), :class:`WriteOverlayd`
+  (a PNG) and :class:`WriteDicomSegd` (a DICOM Segmentation object), between :class:`StageCased` and
+  :class:`CommitCased`, which moves the case's files into place as one set;
 * :class:`CaseDataset` and :class:`CaseRunner` make a case that fails after the checks a line in
   the summary instead of the end of the run; :func:`finish` writes the one ``summary.json`` of
   all processes and sets the exit status.
@@ -21,6 +23,7 @@ clinical input and an archive of thousands need around them:
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import re
@@ -35,15 +38,13 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import Dataset
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Transform
 
 from liver_fcn.data.dicom import inspect_series
 from liver_fcn.errors import InputError, reported, root_cause
 from liver_fcn.outputs import atomic_path, write_json_atomic
 
 __all__ = [
-    "REQUIRED_SETTINGS",
-    "ModelSettings",
     "Precision",
     "flag",
     "native_bf16",
@@ -51,40 +52,22 @@ __all__ = [
     "resolve_precision",
     "CaseDataset",
     "CaseRunner",
-    "WriteCased",
+    "CaseOutput",
+    "CaseReportd",
+    "CommitCased",
+    "StageCased",
+    "WriteDicomSegd",
+    "WriteMaskd",
+    "WriteOverlayd",
     "finish",
     "shard",
     "case_report",
     "check_output_dir",
-    "checkpoint_settings",
     "collect_cases",
     "write_nifti_atomic",
 ]
 
-#: settings a checkpoint must carry: they rebuild the network and its preprocessing
-REQUIRED_SETTINGS = ("variant", "width", "in_channels", "class_names", "pixel_spacing", "image_size", "hu_window", "intensity_mean")
-#: settings with a default when a checkpoint leaves them out
-OPTIONAL_SETTINGS: dict = {"padding": "aligned", "slice_distance": None}
-CLASS_NAMES = ["background", "liver", "bone", "kidney"]
-
-
-class ModelSettings:
-    """What inference must know about a trained network, saved beside its weights.
-
-    Used as ``CheckpointSaver(save_dict={"model": net, "settings": ModelSettings(...)})``, so the
-    checkpoint is ``{"model": state_dict, "settings": {...}}`` (plain values: loads with
-    ``weights_only=True``).
-    """
-
-    def __init__(self, **settings) -> None:
-        self.settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
-
-    def state_dict(self) -> dict:
-        return dict(self.settings)
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.settings = dict(state)
-
+logger = logging.getLogger(__name__)
 
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
@@ -164,31 +147,6 @@ class Precision(torch.nn.Module):
                 torch.cuda.synchronize(y.device)
             self.seconds += time.perf_counter() - t0
         return y
-
-
-@reported
-def checkpoint_settings(path: str | os.PathLike, overrides: Mapping | None = None) -> dict:
-    """Settings stored in a checkpoint (with :data:`OPTIONAL_SETTINGS` filled in), under ``overrides``
-    (their not-None values).
-
-    A checkpoint without the settings that define the network and its physical-space preprocessing
-    (:data:`REQUIRED_SETTINGS`) - a bare state dict, or one written before pixel spacing was recorded -
-    is refused with one line rather than run with guessed preprocessing.
-    """
-    from liver_fcn.training import load_model_state
-
-    _, stored = load_model_state(path)
-    settings = dict(OPTIONAL_SETTINGS)
-    settings.update(stored)
-    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    missing = [k for k in REQUIRED_SETTINGS if settings.get(k) is None]
-    if missing:
-        what = "holds no settings" if not stored else f"lacks the settings {', '.join(missing)}"
-        raise InputError(
-            f"{path}: checkpoint {what}, so its preprocessing cannot be reproduced "
-            "(written by an older liver-fcn?); train it again with this version"
-        )
-    return settings
 
 
 def _case_name(path: Path) -> str:
@@ -407,104 +365,183 @@ def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
     return " ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if len(parts) > 2 else "") + qc + f" -> {mask_path}"
 
 
-class WriteCased(MapTransform):
-    """Write each case's outputs at the end of the inference post-processing.
+class StageCased(Transform):
+    """Open the case's staging folder in ``output_dir`` (``d["stage"]``): the output steps after it
+    (:class:`WriteMaskd`, :class:`CaseReportd`, :class:`WriteOverlayd`, :class:`WriteDicomSegd`, or a
+    user's own :class:`CaseOutput`) write into it, and :class:`CommitCased` moves the set into place.
+    A case that fails in between leaves only its staging folder, which :func:`finish` removes."""
 
-    Expects ``pred``: the class map (1, X, Y, Z) already inverted onto the input's grid (a
-    MetaTensor with the input's affine), ``ct``: the CT as loaded (HU, same grid), and ``case``.
-
-    Writes into ``output_dir``: ``<case>_seg.nii.gz`` (uint8), ``<case>_report.json``,
-    ``<case>_overlay.png`` (if ``overlay``), ``<case>_seg.dcm`` (if ``dicom_seg``, DICOM input only).
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "pred",
-        output_dir: str | os.PathLike = "inference",
-        class_names: Sequence[str] = CLASS_NAMES,
-        ct_key: str = "ct",
-        overlay: bool = True,
-        dicom_seg: bool = False,
-        window: Sequence[float] = (-250, 450),
-        qc_liver_ml: Sequence[float] = (800.0, 3000.0),
-        qc_max_entropy: float = 0.35,
-        log=print,
-    ) -> None:
-        super().__init__(keys)
-        self.qc_liver_ml, self.qc_max_entropy = tuple(qc_liver_ml), float(qc_max_entropy)
+    def __init__(self, output_dir: str | os.PathLike = "inference") -> None:
         self.output_dir = Path(output_dir)
-        self.class_names = list(class_names)
-        self.ct_key, self.overlay, self.dicom_seg = ct_key, flag(overlay, "overlay"), flag(dicom_seg, "dicom_seg")
-        self.window = tuple(window)
-        self.log = log
-        self.written: list[dict] = []
-
-    #: the files of one case, by suffix; a re-run replaces the whole set
-    SUFFIXES = ("_seg.nii.gz", "_overlay.png", "_seg.dcm", "_report.json")
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        case = str(d.get("case", "case"))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        d["stage"] = tempfile.mkdtemp(prefix=f".{d.get('case', 'case')}.", suffix=STAGE_SUFFIX, dir=self.output_dir)
+        d["outputs"] = {}
+        return d
+
+
+#: the staging folders' name ending
+STAGE_SUFFIX = ".stage"
+
+
+class CaseOutput(MapTransform):
+    """One file of a case, written into its staging folder (:class:`StageCased`) and named in
+    ``d["outputs"]``. ``enabled=False`` (a bundle option such as ``--overlay false``) writes nothing.
+
+    Expects ``pred``: the class map (1, X, Y, Z) on the input's grid (a MetaTensor with the input's
+    affine) and ``case``. Subclasses set :attr:`name` and :attr:`suffix` and implement :meth:`write`.
+    """
+
+    #: the output's name in the report's ``files``, and the end of its file name
+    name, suffix = "output", ""
+
+    def __init__(self, keys: KeysCollection = "pred", enabled: bool = True) -> None:
+        super().__init__(keys)
+        self.enabled = flag(enabled, self.name)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        if "stage" not in d:
+            raise RuntimeError(f"{type(self).__name__} runs after StageCased, which opens the case's staging folder")
         for key in self.key_iterator(d):
             pred = d[key]
             seg = np.asarray(pred.detach().cpu()).astype(np.uint8)[0]
             affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            # the case's files are written into a staging folder and moved into place together at
-            # the end: a failure leaves nothing of the case, a re-run replaces its files as one set
-            stage = Path(tempfile.mkdtemp(prefix=f".{case}.", dir=self.output_dir))
-            try:
-                final = {name: self.output_dir / f"{case}{sfx}" for name, sfx in zip(("mask", "overlay", "dicom_seg", "report"), self.SUFFIXES)}
-                write_nifti_atomic(seg, affine, stage / final["mask"].name)
-                report = case_report(seg, affine, self.class_names, case)
-                report.update({"input": d.get("source_path", ""), "mask": str(final["mask"])})
-                report["qc"] = quality_flags(
-                    seg, affine, self.class_names, report["volumes_ml"], d.get("entropy"), d.get("components"),
-                    self.qc_liver_ml, self.qc_max_entropy,
-                )
-                made = ["mask"]
-                if self.overlay:
-                    self._overlay(d, seg, affine, case, stage / final["overlay"].name)
-                    made.append("overlay")
-                if self.dicom_seg:
-                    from liver_fcn.dicom_seg import write_dicom_seg
-
-                    generated: list[str] = []
-                    write_dicom_seg(d["source_path"], seg, self.class_names, stage / final["dicom_seg"].name, d.get("series_uid"),
-                                    generated_uids=generated)
-                    made.append("dicom_seg")
-                    if generated:
-                        report["dicom_seg_note"] = (
-                            f"the CT series has no {', '.join(generated)}: the SEG references generated UIDs, "
-                            "so a PACS cannot match it to the series by UID"
-                        )
-                report["files"] = {name: str(final[name]) for name in made}
-                write_json_atomic(stage / final["report"].name, report)
-                for name, path in final.items():  # files of an earlier run that this one does not make
-                    if name not in made and name != "report":
-                        path.unlink(missing_ok=True)
-                for name in [*made, "report"]:  # the report last: its presence means the set is complete
-                    os.replace(stage / final[name].name, final[name])
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
-            self.log(summary_line(report, final["mask"]))
-            self.written.append(report)
+            path = Path(d["stage"]) / f"{d.get('case', 'case')}{self.suffix}"
+            self.write(d, seg, affine, path)
+            d["outputs"][self.name] = path.name
         return d
 
-    def _overlay(self, d: dict, seg: np.ndarray, affine: np.ndarray, case: str, path: Path) -> Path:
+    def write(self, d: dict, seg: np.ndarray, affine: np.ndarray, path: Path) -> None:
+        raise NotImplementedError
+
+
+class WriteMaskd(CaseOutput):
+    """``<case>_seg.nii.gz``: the uint8 class map on the input's own grid."""
+
+    name, suffix = "mask", "_seg.nii.gz"
+
+    def write(self, d, seg, affine, path) -> None:
+        write_nifti_atomic(seg, affine, path)
+
+
+class CaseReportd(CaseOutput):
+    """The case report (``d["report"]``: volumes, liver extent, slice range, spacing, QC flags), written
+    as ``<case>_report.json`` by :class:`CommitCased` once every file of the case is there."""
+
+    name = "report"
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        *,
+        class_names: Sequence[str],
+        qc_liver_ml: Sequence[float] = (800.0, 3000.0),
+        qc_max_entropy: float = 0.35,
+    ) -> None:
+        super().__init__(keys)
+        self.class_names = list(class_names)
+        self.qc_liver_ml, self.qc_max_entropy = tuple(qc_liver_ml), float(qc_max_entropy)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            seg = np.asarray(d[key].detach().cpu()).astype(np.uint8)[0]
+            affine = np.asarray(d[key].affine.detach().cpu(), dtype=np.float64)
+            report = case_report(seg, affine, self.class_names, str(d.get("case", "case")))
+            report["input"] = d.get("source_path", "")
+            report["qc"] = quality_flags(
+                seg, affine, self.class_names, report["volumes_ml"], d.get("entropy"), d.get("components"),
+                self.qc_liver_ml, self.qc_max_entropy,
+            )
+            d["report"] = report
+        return d
+
+
+class WriteOverlayd(CaseOutput):
+    """``<case>_overlay.png``: predicted contours on the CT (``ct_key``, HU), in RAS voxel order
+    whatever the input's orientation."""
+
+    name, suffix = "overlay", "_overlay.png"
+
+    def __init__(self, keys: KeysCollection = "pred", enabled: bool = True, *, class_names: Sequence[str],
+                 ct_key: str = "ct", window: Sequence[float] = (-250, 450)) -> None:
+        super().__init__(keys, enabled)
+        self.class_names, self.ct_key, self.window = list(class_names), ct_key, tuple(window)
+
+    def write(self, d, seg, affine, path) -> None:
         from liver_fcn.visualize import overlay_montage
 
         ct = np.asarray(d[self.ct_key].detach().cpu())[0] if self.ct_key in d else np.zeros(seg.shape)
-        # show in RAS voxel order whatever the input's orientation
-        ornt = nib.orientations.io_orientation(affine)
-        ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
-        transform = nib.orientations.ornt_transform(ornt, ras)
-        ct_r = nib.orientations.apply_orientation(ct, transform)
-        seg_r = nib.orientations.apply_orientation(seg, transform)
-        return overlay_montage(
-            ct_r, path, pred=seg_r, class_names=self.class_names,
-            window=self.window, title=f"{case}: predicted contours",
+        transform = nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(("R", "A", "S"))
         )
+        overlay_montage(
+            nib.orientations.apply_orientation(ct, transform), path,
+            pred=nib.orientations.apply_orientation(seg, transform), class_names=self.class_names,
+            window=self.window, title=f"{d.get('case', 'case')}: predicted contours",
+        )
+
+
+class WriteDicomSegd(CaseOutput):
+    """``<case>_seg.dcm``: a DICOM Segmentation object referencing the CT series (DICOM input only;
+    :func:`collect_cases` refuses ``--dicom_seg`` for a NIfTI before anything runs)."""
+
+    name, suffix = "dicom_seg", "_seg.dcm"
+
+    def __init__(self, keys: KeysCollection = "pred", enabled: bool = False, *, class_names: Sequence[str]) -> None:
+        super().__init__(keys, enabled)
+        self.class_names = list(class_names)
+
+    def write(self, d, seg, affine, path) -> None:
+        from liver_fcn.dicom_seg import write_dicom_seg
+
+        generated: list[str] = []
+        write_dicom_seg(d["source_path"], seg, self.class_names, path, d.get("series_uid"), generated_uids=generated)
+        if generated and "report" in d:
+            d["report"]["dicom_seg_note"] = (
+                f"the CT series has no {', '.join(generated)}: the SEG references generated UIDs, "
+                "so a PACS cannot match it to the series by UID"
+            )
+
+
+class CommitCased(Transform):
+    """Move the case's staged files into ``output_dir`` as one set, the report last (its presence
+    means the set is complete), remove files of an earlier run that this one did not make (by the
+    known ``suffixes``), log the case's one-line summary and keep the report for :func:`finish`."""
+
+    def __init__(self, output_dir: str | os.PathLike = "inference",
+                 suffixes: Sequence[str] = ("_seg.nii.gz", "_overlay.png", "_seg.dcm"), log=None) -> None:
+        self.output_dir, self.suffixes = Path(output_dir), tuple(suffixes)
+        self.log = log or logger.info
+        self.written: list[dict] = []
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        case, stage = str(d.get("case", "case")), Path(d["stage"])
+        report = dict(d.get("report") or {"case": case})
+        made = {name: self.output_dir / filename for name, filename in d.get("outputs", {}).items()}
+        report["files"] = {name: str(path) for name, path in made.items()}
+        if "mask" in made:
+            report["mask"] = str(made["mask"])
+        report_path = self.output_dir / f"{case}_report.json"
+        write_json_atomic(stage / report_path.name, report)
+        try:
+            for sfx in self.suffixes:  # files of an earlier run that this one does not make
+                old = self.output_dir / f"{case}{sfx}"
+                if old not in made.values():
+                    old.unlink(missing_ok=True)
+            for path in [*made.values(), report_path]:
+                os.replace(stage / path.name, path)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        self.log(summary_line(report, made.get("mask", "")))
+        self.written.append(report)
+        return d
 
 
 @reported
@@ -582,7 +619,7 @@ class CaseRunner:
             return []
 
     def _fail(self, case: str, source: str, error: str) -> None:
-        print(f"{case}: FAILED, nothing written: {error}")
+        logger.error(f"{case}: FAILED, nothing written: {error}")
         self.failed.append({"case": case, "input": source, "error": error})
 
 
@@ -595,7 +632,7 @@ def shard(cases: list[dict], rank: int | None = None, world_size: int | None = N
 
 
 def finish(
-    writer: "WriteCased", output_dir: str | os.PathLike, runner: CaseRunner | None = None,
+    writer: "CommitCased", output_dir: str | os.PathLike, runner: CaseRunner | None = None,
     network: torch.nn.Module | None = None, engine=None,
 ) -> int:
     """End of an inference run: one summary for all processes (gathered under torchrun), written by
@@ -627,12 +664,14 @@ def finish(
             "processes": [{k: p[k] for k in ("seconds", "network_seconds", "precision", "device")} | {"cases": len(p["written"])} for p in parts],
         }
         Path(output_dir).mkdir(parents=True, exist_ok=True)
+        for stage in Path(output_dir).glob(f".*{STAGE_SUFFIX}"):  # what failed cases had staged
+            shutil.rmtree(stage, ignore_errors=True)
         write_json_atomic(Path(output_dir) / "summary.json", summary)
         timing = f"{max(p['seconds'] for p in parts):.1f} s, network {sum(p['network_seconds'] for p in parts):.1f} s, {mine['precision']}"
         n = len(written)
-        print(f"{n} case{'s' if n != 1 else ''} written to {output_dir} ({timing}" + (f", {len(parts)} processes" if distributed else "") + ")")
+        logger.info(f"{n} case{'s' if n != 1 else ''} written to {output_dir} ({timing}" + (f", {len(parts)} processes" if distributed else "") + ")")
         if failed:
-            print(f"{len(failed)} case{'s' if len(failed) != 1 else ''} FAILED (see {Path(output_dir) / 'summary.json'}): "
+            logger.error(f"{len(failed)} case{'s' if len(failed) != 1 else ''} FAILED (see {Path(output_dir) / 'summary.json'}): "
                   + "; ".join(f"{f['case']}: {f['error']}" for f in failed))
     if distributed:
         dist.barrier()

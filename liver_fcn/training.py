@@ -3,11 +3,9 @@
 * :func:`prepare_network` initialises a network from another checkpoint before training - the
   staged FCN training (FCN-32s -> 16s -> 8s -> 4s): every tensor the two variants share is loaded,
   the new skip scores keep their zero initialisation and the new upsamplers their bilinear kernels.
-* :func:`latest_checkpoint` / :func:`resume_state` find the last per-epoch training checkpoint
-  (model, optimizer, trainer state and the MLflow run it belongs to) so that a killed training
-  continues where it stopped and logs into the same run. MONAI's CheckpointSaver and
-  CheckpointLoader do the saving and loading; :class:`AtomicCheckpointSaver` makes each write
-  atomic, so a process killed while saving never leaves a truncated checkpoint behind.
+* :class:`AtomicCheckpointSaver` makes each checkpoint write atomic, so a process killed while
+  saving never leaves a truncated checkpoint behind (what a checkpoint holds, and how a killed
+  training finds the one to resume from: :mod:`liver_fcn.checkpoint`).
 * :func:`terminate_on_signal` turns SIGTERM into an exception inside the training loop, so that a
   killed training ends its MLflow run as FAILED (Ctrl-C already does) instead of leaving it RUNNING;
   :func:`finish_epoch_before_terminating` lets an epoch that has finished its iterations also finish
@@ -24,18 +22,18 @@ of the data set.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import re
 import signal
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from ignite.engine import Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
+from liver_fcn.checkpoint import load_model_state
 from liver_fcn.errors import InputError, reported
 
 __all__ = [
@@ -43,41 +41,21 @@ __all__ = [
     "FinalModelSaver",
     "augmentation_summary",
     "warmup_decay_schedule",
-    "BestModelTracking",
     "check_world_size",
     "finish_epoch_before_terminating",
-    "RunIdentity",
     "TrainingTerminated",
-    "latest_checkpoint",
-    "load_model_state",
     "prepare_network",
-    "resume_state",
     "terminate_on_signal",
     "termination_held",
 ]
 
-EPOCH_CKPT = re.compile(r"^(?P<run>.+)_checkpoint_epoch=(?P<epoch>\d+)\.pt$")
-
-
-def load_model_state(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(state dict, settings) of a model checkpoint, plain or ``{"model": ..., "settings": ...}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found; train first or give another checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        return ckpt["model"], dict(ckpt.get("settings") or {})
-    if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt, {}
-    raise InputError(f"{path}: not a model checkpoint (expected a state dict or {{'model': state_dict}})")
+logger = logging.getLogger(__name__)
 
 
 @reported
-def prepare_network(network: torch.nn.Module, device, init_checkpoint: str | os.PathLike | None = None, log=print):
+def prepare_network(network: torch.nn.Module, device, init_checkpoint: str | os.PathLike | None = None, log=None):
     """Move ``network`` to ``device``, first initialising it from ``init_checkpoint`` if given."""
+    log = log or logger.info
     if init_checkpoint and str(init_checkpoint).strip().lower() not in ("none", "null", "false"):
         state, _ = load_model_state(init_checkpoint)
         own = network.state_dict()
@@ -99,81 +77,6 @@ def prepare_network(network: torch.nn.Module, device, init_checkpoint: str | os.
             + (f"; not used: {', '.join(dropped)}" if dropped else "")
         )
     return network.to(device)
-
-
-class RunIdentity:
-    """The MLflow run a training belongs to, saved in its checkpoints (plain values)."""
-
-    def __init__(self, run_name: str, experiment_name: str) -> None:
-        self.run_name, self.experiment_name = run_name, experiment_name
-
-    def state_dict(self) -> dict:
-        return {"run_name": self.run_name, "experiment_name": self.experiment_name}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.run_name, self.experiment_name = state["run_name"], state["experiment_name"]
-
-
-class BestModelTracking:
-    """Saves and restores which score the best-model CheckpointSaver has kept so far.
-
-    MONAI's CheckpointSaver can reload that list (``load_state_dict``) but does not expose it for
-    saving; without it a resumed run would overwrite the best checkpoint with its next, possibly
-    worse, validation.
-    """
-
-    def __init__(self, saver) -> None:
-        self.saver = saver
-
-    def state_dict(self) -> dict:
-        inner = getattr(self.saver, "_key_metric_checkpoint", None)
-        return inner.state_dict() if inner is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.saver.load_state_dict(state)
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike, run_name: str | None = None) -> Path | None:
-    """The newest per-epoch training checkpoint (``<run>_checkpoint_epoch=N.pt``) in ``ckpt_dir``.
-
-    With ``run_name``, the newest of that run. None when there is none.
-    """
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return None
-    found = [
-        (p.stat().st_mtime, int(m.group("epoch")), p)
-        for p in folder.iterdir()
-        if (m := EPOCH_CKPT.match(p.name)) and (run_name is None or m.group("run") == run_name)
-    ]
-    return max(found)[2] if found else None
-
-
-@reported
-def resume_state(ckpt_dir: str | os.PathLike, resume: bool | str, settings: dict | None = None) -> dict:
-    """What to resume from: ``{"checkpoint": path or None, "run_name": ..., "epoch": ...}``.
-
-    ``resume``: False (a new run), True (the newest training checkpoint in ``ckpt_dir``) or a run
-    name (that run's newest checkpoint). No checkpoint to resume from is an error; so is one written
-    by a network of other settings (variant, width ...), named in the message.
-    """
-    if resume is False or resume is None or str(resume).lower() in ("false", "0", "no", ""):
-        return {"checkpoint": None, "run_name": None, "epoch": 0}
-    run_name = None if resume is True or str(resume).lower() in ("true", "1", "yes") else str(resume)
-    path = latest_checkpoint(ckpt_dir, run_name)
-    if path is None:
-        what = f"of run {run_name} " if run_name else ""
-        raise InputError(f"{ckpt_dir}: no training checkpoint {what}(<run>_checkpoint_epoch=N.pt) to resume from")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = ckpt.get("settings", {})
-    for key, value in (settings or {}).items():
-        if key in saved and saved[key] != value and key not in ("run_name", "experiment_name"):
-            raise InputError(f"{path}: trained with {key}={saved[key]!r}, this run has {key}={value!r}")
-    run = ckpt.get("run", {})
-    trainer = ckpt.get("trainer", {})  # ignite's state: iteration, epoch_length, max_epochs
-    epoch = int(trainer.get("iteration", 0)) // max(1, int(trainer.get("epoch_length") or 1))
-    return {"checkpoint": str(path), "run_name": run.get("run_name"), "epoch": epoch}
 
 
 class TrainingTerminated(Exception):

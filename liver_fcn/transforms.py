@@ -45,6 +45,7 @@ from monai.data import MetaTensor, NibabelReader
 from monai.transforms import LoadImage, MapTransform
 from scipy import ndimage
 
+from liver_fcn import CLASS_NAMES
 from liver_fcn.data.dicom import CTSeriesReader
 from liver_fcn.errors import InputError
 
@@ -147,7 +148,7 @@ class LoadOrganMasksd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection = "masks",
-        class_names: Sequence[str] = ("background", "liver", "bone", "kidney"),
+        class_names: Sequence[str] = CLASS_NAMES,
         image_key: str = "image",
         label_key: str = "label",
         annotated_key: str = "annotated",

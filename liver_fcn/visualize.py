@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from liver_fcn import CLASS_NAMES
 from liver_fcn.outputs import atomic_path
 
 __all__ = ["CLASS_COLOURS", "overlay_montage", "pick_slices", "save_figure"]
@@ -42,7 +43,7 @@ def overlay_montage(
     pred: np.ndarray | None = None,
     truth: np.ndarray | None = None,
     slices: Sequence[int] | None = None,
-    class_names: Sequence[str] = ("background", "liver", "bone", "kidney"),
+    class_names: Sequence[str] = CLASS_NAMES,
     window: tuple[float, float] | None = None,
     title: str | None = None,
 ) -> Path:

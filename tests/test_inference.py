@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -516,7 +515,7 @@ def test_a_case_failing_after_the_checks_is_named_and_the_others_are_kept(small_
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[-2].startswith("2 cases written to") and lines[-1].startswith("1 case FAILED")
+    assert " - INFO - 2 cases written to " in lines[-2] and " - ERROR - 1 case FAILED " in lines[-1]
     assert "b: " in lines[-1] and "b.nii" in lines[-1]
     summary = json.loads((out / "summary.json").read_text())
     assert [w["case"] for w in summary["written"]] == ["a", "c"]

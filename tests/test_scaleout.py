@@ -173,9 +173,10 @@ def test_team_server_two_runs_compared_over_http(mlflow_server, prepared, tmp_pa
     client, runs = runs_of(url, "team")
     assert sorted(x.data.params["variant"] for x in runs) == ["4s", "8s"]
     assert all(x.info.status == "FINISHED" for x in runs)
-    for x in runs:  # artifacts went through the server into its artifact store
-        assert "model.pt" in {a.path for a in client.list_artifacts(x.info.run_id)}
-    assert list((root / "artifacts").rglob("model.pt"))
+    # each run's best checkpoint is a version of the server's registered model, its files in the server's store
+    versions = client.search_model_versions("name = 'liver-fcn'")
+    assert sorted(v.run_id for v in versions) == sorted(x.info.run_id for x in runs)
+    assert len(list((root / "artifacts").rglob("model.pt"))) == 2
     out = tmp_path / "compare"
     c = subprocess.run(
         [sys.executable, "-m", "liver_fcn.cli", "compare", "--experiment", "team", "--tracking-uri", url, "--out", str(out)],
@@ -187,7 +188,7 @@ def test_team_server_two_runs_compared_over_http(mlflow_server, prepared, tmp_pa
     md = (out / "comparison.md").read_text()
     assert md.count("| fcn") == 2 and "best iou liver" in md
     header = (out / "comparison.csv").read_text().splitlines()[0]
-    assert header.startswith("run,status,variant,width,image_size,lr,batch_size,best_iou_liver")
+    assert header.startswith("run,run_id,status,variant,width,image_size,lr,batch_size,best_iou_liver")
     assert (out / "curves.png").stat().st_size > 10_000
 
 

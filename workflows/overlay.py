@@ -16,14 +16,8 @@ import ast
 import torch
 from monai.bundle import ConfigParser
 
-from liver_fcn.training import load_model_state
+from liver_fcn.checkpoint import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, load_model_state
 from liver_fcn.visualize import overlay_montage
-
-# checkpoint settings that are top-level ids of train.json
-SETTING_IDS = (
-    "variant", "width", "padding", "in_channels", "class_names", "pixel_spacing", "image_size", "slice_distance",
-    "hu_window", "intensity_mean",
-)
 
 
 def main() -> None:
@@ -41,7 +35,7 @@ def main() -> None:
     parser["dataset_dir"] = args.dataset_dir
     parser["device"] = "$torch.device('cpu')"
     state, settings = load_model_state(args.checkpoint)
-    for key in SETTING_IDS:
+    for key in (*REQUIRED_SETTINGS, *OPTIONAL_SETTINGS):  # each is a top-level id of train.json
         if key in settings:
             parser[key] = settings[key]
     item = parser.get_parsed_content("validate#dataset")[args.case]

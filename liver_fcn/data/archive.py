@@ -10,7 +10,6 @@ actually written, so a lying header cannot inflate past the bound).
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import zipfile
 import zlib
@@ -113,7 +112,3 @@ def safe_extract(
                 raise InputError(f"{path}: corrupt entry {info.filename!r} ({type(e).__name__}: {e})") from None
             out.append(target)
     return out
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

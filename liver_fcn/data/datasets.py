@@ -29,6 +29,23 @@ from liver_fcn.errors import InputError, reported
 __all__ = ["SliceDataset", "load_datalist"]
 
 
+def datalist_classes(path: str | os.PathLike) -> list[str]:
+    """The class names a ``liver-fcn prepare`` datalist records (background first), or the shipped
+    recipe's (:data:`liver_fcn.CLASS_NAMES`) where there is no datalist yet (``verify_net_in_out``,
+    say: a training without one stops at its first read of the data)."""
+    from liver_fcn import CLASS_NAMES
+
+    path = Path(path)
+    if path.is_file():
+        try:
+            classes = json.loads(path.read_text()).get("classes")
+        except (json.JSONDecodeError, AttributeError):
+            classes = None  # load_datalist reports the broken file
+        if classes:
+            return [str(c) for c in classes]
+    return list(CLASS_NAMES)
+
+
 @reported
 def load_datalist(
     path: str | os.PathLike, split: str = "training", base_dir: str | None = None, required: bool = True

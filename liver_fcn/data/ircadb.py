@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from liver_fcn import CLASS_NAMES
 from liver_fcn.data.archive import check_zip, safe_extract
 from liver_fcn.data.dicom import inspect_series
 from liver_fcn.errors import InputError
@@ -41,7 +42,7 @@ __all__ = [
     "split_patients",
 ]
 
-DEFAULT_CLASSES: list[str] = ["background", "liver", "bone", "kidney"]
+DEFAULT_CLASSES: list[str] = list(CLASS_NAMES)
 #: class -> alternatives; an alternative is one organ folder or a list of folders that together
 #: make the class. The class is annotated for a patient when one alternative is complete.
 DEFAULT_ORGANS: dict[str, list] = {
@@ -199,6 +200,18 @@ def _apportion(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
+def patient_ids(wanted: Sequence[str], names, where: str) -> list[str]:
+    """The datalist ids of ``wanted`` patients, given as ids (``3Dircadb1.7``) or numbers (``7``);
+    one line naming the first that ``names`` lacks."""
+    out = []
+    for it in wanted:
+        key = it if it in names else f"3Dircadb1.{it}"
+        if key not in names:
+            raise InputError(f"{it}: no such patient {where} (have {', '.join(names)})")
+        out.append(key)
+    return out
+
+
 def split_patients(
     entries: list[dict],
     seed: int = 0,
@@ -214,17 +227,8 @@ def split_patients(
     empty, with three or more neither is the test split (when its fraction is above zero).
     """
     names = {e["patient"]: e for e in entries}
-
-    def pick(items: Sequence[str], what: str) -> list[str]:
-        out = []
-        for it in items:
-            key = it if it in names else f"3Dircadb1.{it}"
-            if key not in names:
-                raise InputError(f"{it}: no such patient for the {what} split (have {', '.join(names)})")
-            out.append(key)
-        return out
-
-    pinned_val, pinned_test = pick(val_patients, "validation"), pick(test_patients, "test")
+    pinned_val = patient_ids(val_patients, names, "for the validation split")
+    pinned_test = patient_ids(test_patients, names, "for the test split")
     if set(pinned_val) & set(pinned_test):
         raise InputError(f"{sorted(set(pinned_val) & set(pinned_test))[0]}: pinned to both validation and test")
     free = [e for e in entries if e["patient"] not in pinned_val + pinned_test]

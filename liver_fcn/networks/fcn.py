@@ -25,7 +25,9 @@ In both geometries the offsets are derived from the layers' kernel, stride and p
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -150,6 +152,24 @@ def _ch(c: int, width: float) -> int:
     return max(1, int(round(c * width)))
 
 
+class Float32ConvTranspose2d(nn.ConvTranspose2d):
+    """A transposed convolution that runs in float32, outside any autocast region.
+
+    PyTorch's CPU bfloat16 transposed convolution returns wrong input gradients for kernels of 16
+    and more (the stride-8, -16 and -32 upsamplers: gradient cosine about 0.2 against float32), which
+    would corrupt every gradient upstream of it in bf16 training. The upsamplers have one channel
+    per class, so float32 costs little. Its parameters are those of ``nn.ConvTranspose2d``.
+    """
+
+    def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.conv_transpose2d(input.float(), self.weight, self.bias, self.stride, self.padding,
+                                      self.output_padding, self.groups, self.dilation)
+        with torch.autocast(input.device.type, enabled=False):
+            return F.conv_transpose2d(input.float(), self.weight.float(), self.bias, self.stride, self.padding,
+                                      self.output_padding, self.groups, self.dilation)
+
+
 class FCN(nn.Module):
     """FCN-32s/16s/8s/4s semantic segmentation network on VGG16.
 
@@ -163,6 +183,8 @@ class FCN(nn.Module):
         learn_upsampling: let the bilinear transposed convolutions train (frozen in the reference).
         pretrained: path of a torchvision-layout ImageNet VGG16 state dict to initialise the backbone,
             ``True`` to look for ``vgg16-397923af.pth`` in ``$TORCH_HOME/hub/checkpoints``, or None.
+        settings: the checkpoint's settings (see :mod:`liver_fcn.checkpoint`), kept as the JSON text
+            ``self.settings`` so that a TorchScript export carries them.
 
     Input ``(N, in_channels, H, W)`` with H, W >= 32; output ``(N, out_channels, H, W)`` logits.
     """
@@ -177,8 +199,12 @@ class FCN(nn.Module):
         dropout: float = 0.5,
         learn_upsampling: bool = False,
         pretrained: str | bool | None = None,
+        settings: dict | None = None,
     ) -> None:
         super().__init__()
+        # what the network was trained with (pixel spacing, HU window ...): kept as JSON text, which
+        # TorchScript saves with the module, so an exported network still describes its preprocessing
+        self.settings = json.dumps(dict(settings), sort_keys=True) if settings else ""
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
         if width <= 0:
@@ -199,8 +225,6 @@ class FCN(nn.Module):
                 layers += [nn.Conv2d(c_in, c_out, 3, padding=geo["conv1_1_pad"] if first else 1), nn.ReLU(True)]
                 c_in, first = c_out, False
         self.features = nn.Sequential(*layers)
-        # indices in `features` after which pool2..pool5 are available (torchvision layout)
-        self._taps = {9: "pool2", 16: "pool3", 23: "pool4", 30: "pool5"}
         c_fc = _ch(4096, width)
         self.fc6 = nn.Sequential(nn.Conv2d(c_in, c_fc, 7, padding=geo["fc6_pad"]), nn.ReLU(True), nn.Dropout2d(dropout))
         self.fc7 = nn.Sequential(nn.Conv2d(c_fc, c_fc, 1), nn.ReLU(True), nn.Dropout2d(dropout))
@@ -210,11 +234,9 @@ class FCN(nn.Module):
             setattr(self, f"score_{skip}", nn.Conv2d(skip_channels[skip], out_channels, 1))
         # 2x upsamplers before each skip; the final upsampler is named after its stride so that a
         # coarser variant's checkpoint shares every name it can with a finer one.
-        self.up_names = ["upscore_fr", "upscore_pool4", "upscore_pool3"][: len(self.skips)]
-        for name in self.up_names:
+        for name in ["upscore_fr", "upscore_pool4", "upscore_pool3"][: len(self.skips)]:
             setattr(self, name, self._upsampler(2, geo["deconv_pad"](2)))
-        self.final_name = f"upscore{self.out_stride}"
-        setattr(self, self.final_name, self._upsampler(self.out_stride, geo["deconv_pad"](self.out_stride)))
+        setattr(self, f"upscore{self.out_stride}", self._upsampler(self.out_stride, geo["deconv_pad"](self.out_stride)))
         for m in self.modules():
             if isinstance(m, nn.ConvTranspose2d):
                 m.weight.requires_grad_(bool(learn_upsampling))
@@ -229,7 +251,7 @@ class FCN(nn.Module):
             load_vgg16_weights(self, None if auto else pretrained)
 
     def _upsampler(self, stride: int, pad: int) -> nn.ConvTranspose2d:
-        up = nn.ConvTranspose2d(self.out_channels, self.out_channels, 2 * stride, stride, pad, bias=False)
+        up = Float32ConvTranspose2d(self.out_channels, self.out_channels, 2 * stride, stride, pad, bias=False)
         with torch.no_grad():
             up.weight.copy_(bilinear_kernel(self.out_channels, 2 * stride))
         return up
@@ -247,51 +269,60 @@ class FCN(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def backbone(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pool2..pool5 feature maps and fc7 of the VGG16 backbone (no input padding applied)."""
-        feats: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.features):
+    def pools(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pool2, pool3, pool4 and pool5 of the VGG16 backbone (no input padding applied)."""
+        pool2, pool3, pool4 = x, x, x
+        for i, layer in enumerate(self.features):  # torchvision layout: pool2 is layer 9, pool3 16, pool4 23
             x = layer(x)
-            if i in self._taps:
-                feats[self._taps[i]] = x
-        feats["fc7"] = self.fc7(self.fc6(x))
+            if i == 9:
+                pool2 = x
+            elif i == 16:
+                pool3 = x
+            elif i == 23:
+                pool4 = x
+        return pool2, pool3, pool4, x
+
+    @torch.jit.unused
+    def backbone(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone's feature maps by name: pool2..pool5 and fc7."""
+        feats = dict(zip(("pool2", "pool3", "pool4", "pool5"), self.pools(x)))
+        feats["fc7"] = self.fc7(self.fc6(feats["pool5"]))
         return feats
 
     @staticmethod
-    def _crop(x: torch.Tensor, offset: int, size: tuple[int, int], what: str) -> torch.Tensor:
-        h, w = size
+    def _crop(x: torch.Tensor, offset: int, h: int, w: int) -> torch.Tensor:
         if x.shape[-2] < offset + h or x.shape[-1] < offset + w:
-            raise RuntimeError(f"{what}: map of {tuple(x.shape[-2:])} too small to crop {h}x{w} at offset {offset}")
+            raise RuntimeError("FCN: a score map is too small to crop " + str(h) + "x" + str(w) + " at offset " + str(offset))
         return x[..., offset : offset + h, offset : offset + w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+        """Written for TorchScript as well (``monai.bundle ckpt_export`` scripts it): the skips a variant
+        has are found with ``hasattr``, which TorchScript resolves when it compiles."""
+        h, w = x.shape[-2], x.shape[-1]
         if h < 32 or w < 32:
-            raise ValueError(f"FCN input must be at least 32x32 pixels, got {h}x{w}")
-        if self.padding == "aligned":
-            ph, pw = (-h) % 32, (-w) % 32
-            if ph or pw:
-                x = F.pad(x, (0, pw, 0, ph))
-        feats = self.backbone(x)
-        score = self.score_fr(feats["fc7"])
-        for up_name, skip in zip(self.up_names, self.skips):
-            score = self._upsample(up_name, score)
-            skip_score = getattr(self, f"score_{skip}")(feats[skip])
-            skip_score = self._crop(skip_score, self.offsets[skip], tuple(score.shape[-2:]), skip)
-            score = score + skip_score
-        score = self._upsample(self.final_name, score)
-        return self._crop(score, self.offsets["final"], (h, w), "final upsampling")
-
-    def _upsample(self, name: str, score: torch.Tensor) -> torch.Tensor:
-        """Run an upsampler in float32, outside any autocast region.
-
-        PyTorch's CPU bfloat16 transposed convolution returns wrong input gradients for kernels of
-        16 and more (the stride-8, -16 and -32 upsamplers: gradient cosine about 0.2 against float32),
-        which would corrupt every gradient upstream of it in bf16 training. The upsamplers have one
-        channel per class, so float32 costs little.
-        """
-        with torch.autocast(score.device.type, enabled=False):
-            return getattr(self, name)(score.float())
+            raise ValueError("FCN input must be at least 32x32 pixels, got " + str(h) + "x" + str(w))
+        if self.padding == "aligned":  # up to a multiple of 32; padded even by 0, so that an ONNX export
+            x = F.pad(x, [0, (32 - w % 32) % 32, 0, (32 - h % 32) % 32])  # with dynamic sizes keeps the step
+        pool2, pool3, pool4, pool5 = self.pools(x)
+        score = self.score_fr(self.fc7(self.fc6(pool5)))
+        if hasattr(self, "score_pool4"):
+            score = self.upscore_fr(score)
+            score = score + self._crop(self.score_pool4(pool4), self.offsets["pool4"], score.shape[-2], score.shape[-1])
+        if hasattr(self, "score_pool3"):
+            score = self.upscore_pool4(score)
+            score = score + self._crop(self.score_pool3(pool3), self.offsets["pool3"], score.shape[-2], score.shape[-1])
+        if hasattr(self, "score_pool2"):
+            score = self.upscore_pool3(score)
+            score = score + self._crop(self.score_pool2(pool2), self.offsets["pool2"], score.shape[-2], score.shape[-1])
+        if hasattr(self, "upscore4"):
+            score = self.upscore4(score)
+        elif hasattr(self, "upscore8"):
+            score = self.upscore8(score)
+        elif hasattr(self, "upscore16"):
+            score = self.upscore16(score)
+        else:
+            score = self.upscore32(score)
+        return self._crop(score, self.offsets["final"], h, w)
 
     def extra_repr(self) -> str:
         return f"variant={self.variant}, padding={self.padding}, width={self.width}, offsets={self.offsets}"

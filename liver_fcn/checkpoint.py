@@ -1,0 +1,251 @@
+"""The checkpoint format: what a trained model file holds and every way of reading one.
+
+A checkpoint is ``{"model": state_dict, "settings": {...}}`` (plain values, loads with
+``weights_only=True``): the settings rebuild the network and its physical-space preprocessing
+(:data:`REQUIRED_SETTINGS`), so inference needs nothing but the file. Training checkpoints add the
+optimizer, the trainer's state and the MLflow run (:class:`RunIdentity`) so that a killed training
+resumes into the same run (:func:`resume_state`).
+
+Inference and evaluation take, as ``--checkpoint``:
+
+* such a checkpoint (``model.pt``);
+* a TorchScript file written by ``python -m monai.bundle ckpt_export`` - the network carries its
+  settings as its ``settings`` attribute (JSON), which TorchScript saves with the module;
+* an MLflow model URI, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``, from the tracking store
+  of ``MLFLOW_TRACKING_URI`` (see :mod:`liver_fcn.registry`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from liver_fcn.errors import InputError, reported
+
+__all__ = [
+    "EPOCH_CKPT",
+    "OPTIONAL_SETTINGS",
+    "REQUIRED_SETTINGS",
+    "BestModelTracking",
+    "ModelSettings",
+    "RunIdentity",
+    "checkpoint_settings",
+    "is_torchscript",
+    "latest_checkpoint",
+    "load_model",
+    "load_model_state",
+    "local_checkpoint",
+    "network_from_settings",
+    "resume_state",
+]
+
+#: settings a checkpoint must carry: they rebuild the network and its preprocessing
+REQUIRED_SETTINGS = ("variant", "width", "in_channels", "class_names", "pixel_spacing", "image_size", "hu_window", "intensity_mean")
+#: settings with a default when a checkpoint leaves them out
+OPTIONAL_SETTINGS: dict = {"padding": "aligned", "slice_distance": None}
+#: per-period training checkpoints, ``<run>_checkpoint_epoch=N.pt``
+EPOCH_CKPT = re.compile(r"^(?P<run>.+)_checkpoint_epoch=(?P<epoch>\d+)\.pt$")
+
+
+class ModelSettings:
+    """What inference must know about a trained network, saved beside its weights.
+
+    Used as ``CheckpointSaver(save_dict={"model": net, "settings": ModelSettings(settings, run_name=...)})``,
+    so the checkpoint is ``{"model": state_dict, "settings": {...}}``. ``train.json`` defines the
+    settings once (``model_settings``); the checkpoint, the resume check and the MLflow parameters all
+    take that one dict.
+    """
+
+    def __init__(self, settings: Mapping | None = None, **more) -> None:
+        merged = {**dict(settings or {}), **more}
+        self.settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in merged.items()}
+
+    def state_dict(self) -> dict:
+        return dict(self.settings)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.settings = dict(state)
+
+
+class RunIdentity:
+    """The MLflow run a training belongs to, saved in its checkpoints (plain values)."""
+
+    def __init__(self, run_name: str, experiment_name: str) -> None:
+        self.run_name, self.experiment_name = run_name, experiment_name
+
+    def state_dict(self) -> dict:
+        return {"run_name": self.run_name, "experiment_name": self.experiment_name}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_name, self.experiment_name = state["run_name"], state["experiment_name"]
+
+
+class BestModelTracking:
+    """Saves and restores which score the best-model CheckpointSaver has kept so far.
+
+    MONAI's CheckpointSaver can reload that list (``load_state_dict``) but does not expose it for
+    saving; without it a resumed run would overwrite the best checkpoint with its next, possibly
+    worse, validation.
+    """
+
+    def __init__(self, saver) -> None:
+        self.saver = saver
+
+    def state_dict(self) -> dict:
+        inner = getattr(self.saver, "_key_metric_checkpoint", None)
+        return inner.state_dict() if inner is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.saver.load_state_dict(state)
+
+
+def local_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str | None = None) -> Path:
+    """The local file of ``checkpoint``: the path itself, or the checkpoint of an MLflow model URI
+    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) in the registry of ``tracking_uri`` (default
+    ``MLFLOW_TRACKING_URI``), downloaded once per process."""
+    text = str(checkpoint)
+    if text.startswith("models:/"):
+        from liver_fcn.registry import download_checkpoint
+
+        return download_checkpoint(text, tracking_uri)
+    return Path(checkpoint)
+
+
+def network_from_settings(settings: Mapping) -> torch.nn.Module:
+    """The network a checkpoint's settings describe (untrained: load its weights with :func:`load_model`)."""
+    from liver_fcn.networks import FCN
+
+    return FCN(settings["variant"], int(settings["in_channels"]), len(settings["class_names"]), float(settings["width"]),
+               settings.get("padding") or "aligned", settings=settings)
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``) rather than a ``torch.save`` file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_torchscript(path: Path, device="cpu") -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.load(str(path), map_location=device)
+    except Exception as e:
+        raise InputError(f"{path}: cannot be read as a TorchScript model ({type(e).__name__}: {e})") from None
+
+
+def load_model_state(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(state dict, settings) of a model checkpoint: ``{"model": ..., "settings": ...}``, a bare
+    state dict (no settings), a TorchScript export or an MLflow model URI."""
+    path = local_checkpoint(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found; train first or give another checkpoint")
+    if is_torchscript(path):
+        module = _load_torchscript(path)
+        return dict(module.state_dict()), _script_settings(module, path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        return ckpt["model"], dict(ckpt.get("settings") or {})
+    if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt, {}
+    raise InputError(f"{path}: not a model checkpoint (expected a state dict or {{'model': state_dict}})")
+
+
+def _script_settings(module, path: Path) -> dict:
+    text = getattr(module, "settings", "") or ""
+    try:
+        return dict(json.loads(text)) if text else {}
+    except (ValueError, TypeError):
+        raise InputError(f"{path}: the exported network's settings are not valid JSON") from None
+
+
+@reported
+def checkpoint_settings(checkpoint: str | os.PathLike, overrides: Mapping | None = None) -> dict:
+    """Settings stored in a checkpoint (with :data:`OPTIONAL_SETTINGS` filled in), under ``overrides``
+    (their not-None values).
+
+    A checkpoint without the settings that define the network and its physical-space preprocessing
+    (:data:`REQUIRED_SETTINGS`) - a bare state dict, or one written before pixel spacing was recorded -
+    is refused with one line rather than run with guessed preprocessing.
+    """
+    _, stored = load_model_state(checkpoint)
+    settings = dict(OPTIONAL_SETTINGS)
+    settings.update(stored)
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    missing = [k for k in REQUIRED_SETTINGS if settings.get(k) is None]
+    if missing:
+        what = "holds no settings" if not stored else f"lacks the settings {', '.join(missing)}"
+        raise InputError(
+            f"{checkpoint}: checkpoint {what}, so its preprocessing cannot be reproduced "
+            "(written by an older liver-fcn?); train it again with this version"
+        )
+    return settings
+
+
+@reported
+def load_model(checkpoint: str | os.PathLike, network: torch.nn.Module, device="cpu") -> torch.nn.Module:
+    """The network to run: ``network`` (built from the checkpoint's settings) with the checkpoint's
+    weights, or - for a TorchScript export - the exported module itself. On ``device``, in eval mode."""
+    path = local_checkpoint(checkpoint)
+    if path.is_file() and is_torchscript(path):
+        return _load_torchscript(path, device).eval()
+    state, _ = load_model_state(path)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise InputError(f"{path}: weights do not fit the network its settings describe ({first[0] if first else e})") from None
+    return network.to(device).eval()
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, run_name: str | None = None) -> Path | None:
+    """The newest per-epoch training checkpoint (``<run>_checkpoint_epoch=N.pt``) in ``ckpt_dir``.
+
+    With ``run_name``, the newest of that run. None when there is none.
+    """
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    found = [
+        (p.stat().st_mtime, int(m.group("epoch")), p)
+        for p in folder.iterdir()
+        if (m := EPOCH_CKPT.match(p.name)) and (run_name is None or m.group("run") == run_name)
+    ]
+    return max(found)[2] if found else None
+
+
+@reported
+def resume_state(ckpt_dir: str | os.PathLike, resume: bool | str, settings: dict | None = None) -> dict:
+    """What to resume from: ``{"checkpoint": path or None, "run_name": ..., "epoch": ...}``.
+
+    ``resume``: False (a new run), True (the newest training checkpoint in ``ckpt_dir``) or a run
+    name (that run's newest checkpoint). No checkpoint to resume from is an error; so is one written
+    by a network of other settings (variant, width ...), named in the message.
+    """
+    if resume is False or resume is None or str(resume).lower() in ("false", "0", "no", ""):
+        return {"checkpoint": None, "run_name": None, "epoch": 0}
+    run_name = None if resume is True or str(resume).lower() in ("true", "1", "yes") else str(resume)
+    path = latest_checkpoint(ckpt_dir, run_name)
+    if path is None:
+        what = f"of run {run_name} " if run_name else ""
+        raise InputError(f"{ckpt_dir}: no training checkpoint {what}(<run>_checkpoint_epoch=N.pt) to resume from")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = ckpt.get("settings", {})
+    for key, value in (settings or {}).items():
+        if key in saved and saved[key] != value and key not in ("run_name", "experiment_name"):
+            raise InputError(f"{path}: trained with {key}={saved[key]!r}, this run has {key}={value!r}")
+    run = ckpt.get("run", {})
+    trainer = ckpt.get("trainer", {})  # ignite's state: iteration, epoch_length, max_epochs
+    epoch = int(trainer.get("iteration", 0)) // max(1, int(trainer.get("epoch_length") or 1))
+    return {"checkpoint": str(path), "run_name": run.get("run_name"), "epoch": epoch}
