@@ -97,7 +97,7 @@ def _compare(args: argparse.Namespace) -> int:
     import io
     from pathlib import Path
 
-    from liver_fcn.reporting import best_column, compare_runs, comparison_table, plot_curves
+    from liver_fcn.reporting import best_column, compare_runs, comparison_table, log_comparison, plot_curves
     from liver_fcn.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.output_dir, args.tracking_uri)
@@ -129,6 +129,11 @@ def _compare(args: argparse.Namespace) -> int:
     write_text_atomic(out / "comparison.csv", buf.getvalue())
     plot_curves(curves, out / "curves.png", title=f"{args.experiment}: validation curves")
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'curves.png'}")
+    if args.log_run:
+        from liver_fcn.tracking import ui_link
+
+        rid, exp_id = log_comparison(uri, args.experiment, args.metric, rows, out)
+        print(f"logged the comparison as MLflow run {rid}: {ui_link(uri, exp_id, rid)}")
     if args.promote:
         from liver_fcn.registry import promote
 
@@ -192,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the bundle's store)")
     co.add_argument("--output-dir", default="bundle/eval", help="bundle output folder holding mlruns.db")
     co.add_argument("--out", help="folder for comparison.md/.csv and curves.png (default <output-dir>/compare/<experiment>)")
+    co.add_argument("--log-run", action="store_true",
+                    help="also record the comparison (table, CSV, curves) as a run of the experiment, tagged kind=comparison")
     co.add_argument("--promote", metavar="ALIAS",
                     help="point this alias (e.g. champion) of the registered model at the best FINISHED run's version")
     co.add_argument("--registered-model", default="liver-fcn", help="registered model name for --promote (default liver-fcn)")

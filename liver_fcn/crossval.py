@@ -196,7 +196,7 @@ def crossval(
     """
     import mlflow
 
-    from liver_fcn.tracking import resolve_tracking_uri
+    from liver_fcn.tracking import resolve_tracking_uri, tag_experiment, ui_link
 
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise InputError(f"{name!r}: a cross-validation name may hold letters, digits, '.', '_' and '-' only")
@@ -213,8 +213,8 @@ def crossval(
     exp = client.get_experiment_by_name(experiment)
     # MLflow 3's UI shows this kind of experiment as "Machine learning"; which view a browser opens on
     # follows its GenAI / Model training toggle, hence the deep link printed at the end
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, tags={"mlflow.experimentKind": "custom_model_development"})
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    tag_experiment(client, exp_id)
     parent = client.create_run(exp_id, run_name=f"cv-{name}", tags={"kind": "crossval", "crossval": name})
     pid = parent.info.run_id
     params = {
@@ -282,8 +282,7 @@ def crossval(
     log(f"  table: {out / 'crossval.md'}")
     if not uri.startswith("http"):
         log(f"  browse: mlflow ui --backend-store-uri {uri}")
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    log(f"  runs:   {base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+    log(f"  runs:   {ui_link(uri, exp_id)}")
     return metrics
 
 

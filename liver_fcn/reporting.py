@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 from liver_fcn import CLASS_NAMES
 
-__all__ = ["best_column", "compare_runs", "comparison_table", "plot_curves", "print_run_summary", "run_metrics"]
+__all__ = ["best_column", "compare_runs", "comparison_table", "log_comparison", "plot_curves", "print_run_summary", "run_curves", "run_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,13 @@ def print_run_summary(
     for key in sorted(k for k in metrics if k.startswith("val_") and any(s in k for s in keys)):
         m = metrics[key]
         log(f"  {key:<20} best {m['best']:.4f} (iteration {m['best_step']})   last {m['last']:.4f}")
-    ui = tracking_uri if not tracking_uri.startswith("http") else None
+    from liver_fcn.tracking import ui_link
+
     log(f"  store: {tracking_uri}")
-    if ui:
-        log(f"  browse: mlflow ui --backend-store-uri {ui}   (then open http://127.0.0.1:5000)")
+    if not tracking_uri.startswith(("http://", "https://")):
+        log(f"  browse: mlflow ui --backend-store-uri {tracking_uri}")
+    log(f"  runs:   {ui_link(tracking_uri, run.info.experiment_id)}")
+    log(f"  run:    {ui_link(tracking_uri, run.info.experiment_id, run.info.run_id)}")
     return metrics
 
 
@@ -76,6 +80,43 @@ def best_column(metric: str, classes=FOREGROUND) -> str:
     return f"best_{metric}"
 
 
+def log_comparison(tracking_uri: str, experiment: str, metric: str, rows: list[dict], folder: Path) -> tuple[str, str]:
+    """Record a comparison as a run of its experiment (tag ``kind=comparison``): the table, CSV and
+    curves as artifacts, the table as the run's description, each run's best ``metric`` as a metric
+    ``<metric>.<run name>``. Returns the run id and its experiment id."""
+    import mlflow
+
+    from liver_fcn.tracking import tag_experiment
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    tag_experiment(client, exp.experiment_id)
+    run = client.create_run(exp.experiment_id, run_name=f"compare-{metric}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
+        "kind": "comparison", "mlflow.note.content": f"{len(rows)} runs by best {metric}\n\n" + comparison_table(rows),
+    })
+    rid = run.info.run_id
+    client.log_param(rid, "metric", metric)
+    client.log_param(rid, "runs", len(rows))
+    key = best_column(metric)
+    for r in rows:
+        value = r.get(key, float("nan"))
+        if not math.isnan(value):
+            client.log_metric(rid, f"{metric}.{r['run']}", value)
+    for f in ("comparison.md", "comparison.csv", "curves.png"):
+        if (folder / f).is_file():
+            client.log_artifact(rid, str(folder / f))
+    client.set_terminated(rid)
+    return rid, exp.experiment_id
+
+
+def run_curves(client, run_id: str, classes: tuple[str, ...] = FOREGROUND) -> dict[str, list[tuple[int, float]]]:
+    """A run's validation IoU and Dice of each class: ``{"val_iou_liver": [(iteration, value), ...]}``."""
+    return {
+        f"val_{kind}_{cls}": [(m.step, m.value) for m in _history(client, run_id, f"val_{kind}_{cls}")]
+        for cls in classes for kind in ("iou", "dice")
+    }
+
+
 def compare_runs(
     tracking_uri: str,
     experiment: str,
@@ -85,8 +126,8 @@ def compare_runs(
     """One row per training run of an experiment, best first by ``metric``; and each run's curves.
 
     A row holds the run name, status, variant, width, image size, lr, batch size, the best and last
-    validation IoU and Dice of each class, the epochs run and the wall time. Evaluation runs
-    (tag ``kind=evaluation``) are left out.
+    validation IoU and Dice of each class, the iterations validated and the wall time. Evaluation and
+    comparison runs (tag ``kind``) are left out.
     """
     import mlflow
 
@@ -98,7 +139,7 @@ def compare_runs(
         raise InputError(f"{tracking_uri}: no experiment named {experiment!r}")
     rows, curves = [], {}
     for run in client.search_runs([exp.experiment_id], max_results=5000):
-        if run.data.tags.get("kind") == "evaluation":
+        if run.data.tags.get("kind") in ("evaluation", "comparison"):
             continue
         p, rid = run.data.params, run.info.run_id
         row = {
@@ -111,22 +152,19 @@ def compare_runs(
             "lr": p.get("lr", ""),
             "batch_size": p.get("batch_size", ""),
         }
-        curves[run.info.run_name] = {}
-        epochs = 0
-        for cls in classes:
-            for kind in ("iou", "dice"):
-                key = f"val_{kind}_{cls}"
-                hist = _history(client, rid, key)
-                curves[run.info.run_name][key] = [(m.step, m.value) for m in hist]
-                row[f"best_{kind}_{cls}"] = max((m.value for m in hist), default=float("nan"))
-                row[f"last_{kind}_{cls}"] = hist[-1].value if hist else float("nan")
-                epochs = max([epochs] + [m.step for m in hist])
+        curves[run.info.run_name] = run_curves(client, rid, classes)
+        iterations = 0
+        for key, points in curves[run.info.run_name].items():
+            values = [v for _, v in points]
+            row[key.replace("val_", "best_", 1)] = max(values, default=float("nan"))
+            row[key.replace("val_", "last_", 1)] = values[-1] if values else float("nan")
+            iterations = max([iterations] + [step for step, _ in points])
         sort_key = best_column(metric, classes)
         if sort_key not in row:  # another metric of the run: its best value
             hist = _history(client, rid, metric)
             pick = min if "loss" in metric else max
             row[sort_key] = pick((m.value for m in hist), default=float("nan"))
-        row["epochs"] = epochs
+        row["iterations"] = iterations
         end = run.info.end_time or run.info.start_time
         row["wall_min"] = round((end - run.info.start_time) / 60000.0, 2) if run.info.start_time else float("nan")
         rows.append(row)
@@ -152,7 +190,7 @@ def comparison_table(rows: list[dict], fmt: str = "markdown", classes=FOREGROUND
     cols = ["run", "status", "variant", "width", "image_size", "lr", "batch_size"]
     for cls in classes:
         cols += [f"best_iou_{cls}", f"last_iou_{cls}", f"best_dice_{cls}", f"last_dice_{cls}"]
-    cols += ["epochs", "wall_min"]
+    cols += ["iterations", "wall_min"]
     header = [c.replace("_", " ") for c in cols]
     body = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
     if fmt == "markdown":
@@ -166,7 +204,7 @@ def comparison_table(rows: list[dict], fmt: str = "markdown", classes=FOREGROUND
 
 
 def plot_curves(curves: dict, out_png: str | os.PathLike, classes=FOREGROUND, title: str = "") -> Path:
-    """Validation IoU (top row) and Dice (bottom row) per epoch, one panel per class, one line per run."""
+    """Validation IoU (top row) and Dice (bottom row) per iteration, one panel per class, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,11 +218,11 @@ def plot_curves(curves: dict, out_png: str | os.PathLike, classes=FOREGROUND, ti
                 pts = series.get(f"val_{kind}_{cls}", [])
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=run)
-            ax.set_title(f"validation {kind.upper() if kind == 'iou' else 'Dice'} - {cls}", fontsize=9)
+            ax.set_title(f"validation {'IoU' if kind == 'iou' else 'Dice'} - {cls}", fontsize=9)
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
             if i == 1:
-                ax.set_xlabel("epoch")
+                ax.set_xlabel("iteration")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8, frameon=False)
     if title:

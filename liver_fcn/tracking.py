@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import inspect
+import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -29,7 +30,15 @@ from liver_fcn.errors import root_cause
 from liver_fcn.outputs import atomic_path
 
 __all__ = [
+    "EXPERIMENT_KIND",
     "MLflowRunHandler",
+    "dataset_input",
+    "datalist_dataset",
+    "describe_training_run",
+    "run_id_of",
+    "provenance_tags",
+    "tag_experiment",
+    "ui_link",
     "export_bundle_config",
     "make_run_name",
     "resolve_tracking_uri",
@@ -61,12 +70,148 @@ def _sqlite_dir(uri: str) -> Path | None:
     return None
 
 
+#: the experiment tag MLflow 3's UI reads to open an experiment on its runs (model training), not on traces
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def tag_experiment(client, experiment_id: str) -> None:
+    """Mark an experiment as model training for MLflow's UI (once; an existing kind is left alone)."""
+    exp = client.get_experiment(experiment_id)
+    for k, v in EXPERIMENT_KIND.items():
+        if k not in (exp.tags or {}):
+            client.set_experiment_tag(experiment_id, k, v)
+
+
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The address of an experiment's runs (or of one run) in MLflow's UI: the server itself for an
+    ``http`` store, ``mlflow ui``'s default address otherwise."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs?workflowType=machine_learning")
+
+
+def provenance_tags(entry_point: str | None = None) -> dict[str, str]:
+    """Where a run comes from: the command (MLflow's Source), the user (Created by), the git commit of
+    the checkout liver-fcn runs from (when it is one) and the versions of liver-fcn, MONAI, PyTorch
+    and Python."""
+    import getpass
+    import platform
+    import subprocess
+    import sys
+
+    import monai
+    import torch
+
+    import liver_fcn
+
+    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("monai/bundle/__main__.py", "-c")) else sys.argv[1:]
+    command = entry_point or "python -m monai.bundle " + " ".join(argv)
+    tags = {
+        "mlflow.source.name": command[:500],
+        "mlflow.source.type": "LOCAL",
+        "liver_fcn.version": liver_fcn.__version__,
+        "monai.version": monai.__version__,
+        "torch.version": torch.__version__,
+        "python.version": platform.python_version(),
+    }
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        pass
+    here = Path(liver_fcn.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0 and commit.stdout.strip():
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=10)
+            tags["git.dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def run_id_of(tracking_uri: str, experiment_name: str, run_name: str | None) -> str | None:
+    """The id of the newest training run named ``run_name`` (evaluation runs left aside), or None."""
+    if not run_name:
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+                              order_by=["attributes.start_time DESC"])
+    runs = [r for r in runs if r.data.tags.get("kind") != "evaluation"]
+    return runs[0].info.run_id if runs else None
+
+
+def datalist_dataset(datalist: str | os.PathLike, splits: Mapping[str, Sequence[Mapping]]):
+    """:func:`dataset_input` of a ``liver-fcn prepare`` datalist, named by the name it records."""
+    try:
+        name = str(json.loads(Path(datalist).read_text()).get("name") or Path(datalist).parent.name)
+    except (OSError, ValueError, AttributeError):
+        name = Path(datalist).parent.name
+    return dataset_input(name, splits)
+
+
+def describe_training_run(client, run) -> str:
+    """The run's description: what was trained on what, and its best validation score."""
+    p, m = run.data.params, run.data.metrics
+    text = (f"FCN-{p.get('variant', '?')}, width {p.get('width', '?')}, {p.get('pixel_spacing', '?')} mm pixels "
+            f"({p.get('image_size', '?')} px), trained on {p.get('train_patients', '?')} patients "
+            f"({p.get('train_slices', '?')} slices) for {p.get('iterations', '?')} iterations")
+    best = sorted(k for k in m if k.startswith("best_val_"))
+    if "best_iteration" in m and best:
+        key = "best_val_iou_liver" if "best_val_iou_liver" in m else best[0]
+        text += (f"; best {key[len('best_'):]} {m[key]:.4f} on {p.get('val_patients', '?')} validation patient(s) "
+                 f"at iteration {int(m['best_iteration'])}, the checkpoint kept as model.pt")
+    else:
+        text += "; no validation patient: model.pt is the last iteration's"
+    return text + "."
+
+
+def dataset_input(name: str, splits: Mapping[str, Sequence[Mapping]]):
+    """The data a run saw as an MLflow dataset: patient ids and slice counts per split, and a digest of
+    the patient ids, series UIDs, shapes and spacings - the same on every machine, whatever the local
+    paths. Nothing from the DICOM headers but the (hashed) series UID."""
+    import hashlib
+
+    from mlflow.entities import Dataset
+
+    summary, slices, digest = {}, {}, hashlib.sha256()
+    for split, entries in splits.items():
+        ids = [str(e.get("patient", "")) for e in entries]
+        summary[split] = ids
+        slices[split] = int(sum(int((e.get("shape") or [0, 0, 0])[-1]) for e in entries))
+        for e in sorted(entries, key=lambda e: str(e.get("patient", ""))):
+            digest.update(json.dumps([split, e.get("patient"), e.get("series_uid", ""), e.get("shape"),
+                                      [round(float(v), 4) for v in (e.get("spacing") or [])]]).encode())
+    return Dataset(
+        name=name, digest=digest.hexdigest()[:16], source_type="liver-fcn-datalist",
+        source=json.dumps({"name": name, "patients": summary}),
+        profile=json.dumps({"patients": {k: len(v) for k, v in summary.items()}, "slices": slices}),
+    )
+
+
 class MLflowRunHandler(MLFlowHandler):
     """MLFlowHandler that marks a crashed run FAILED and tags the run.
+
+    Every experiment it creates or writes to is tagged as model training for MLflow 3's UI
+    (:data:`EXPERIMENT_KIND`).
 
     Args:
         tags: run tags set at start (``{"variant": "8s", ...}``); None values are left out, so
             ``"mlflow.parentRunId": null`` makes a top-level run and a run id a child run.
+        provenance: tag the run with its command, user, git commit and versions (:func:`provenance_tags`).
+        dataset: an MLflow dataset (:func:`dataset_input`) logged as the run's training input.
+        log_file: a file the process's log also goes to while the engine runs; logged under ``logs/``.
+        system_metrics: log CPU, memory (and GPU, where MLflow can read it) every 10 s.
+        best_metrics: on a validation engine, log ``best_<metric>`` and ``best_iteration`` whenever
+            the key metric improves (the best checkpoint is saved on the same event) and tag the run
+            with the checkpoint it now holds.
+        description: a callable ``(client, run) -> str`` for the run's description, set on completion.
+        curves: on completion, log the run's validation curves as ``plots/learning_curves.png``.
         model_checkpoint: a checkpoint to log as the run's MLflow model when the engine completes
             (see :mod:`liver_fcn.registry`); None logs no model.
         registered_model_name: register that model as a new version of this name (None: log only).
@@ -79,6 +224,13 @@ class MLflowRunHandler(MLFlowHandler):
         tags: Mapping[str, object] | None = None,
         model_checkpoint: str | os.PathLike | None = None,
         registered_model_name: str | None = None,
+        provenance: bool = False,
+        dataset=None,
+        log_file: str | os.PathLike | None = None,
+        system_metrics: bool = False,
+        best_metrics: bool = False,
+        description=None,
+        curves: bool = False,
         **kwargs,
     ) -> None:
         uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
@@ -90,6 +242,11 @@ class MLflowRunHandler(MLFlowHandler):
         self.tags = {k: str(v) for k, v in (tags or {}).items() if v is not None and str(v) not in ("", "None")}
         self.model_checkpoint = model_checkpoint
         self.registered_model_name = registered_model_name if registered_model_name not in ("", "None", "null") else None
+        self.provenance, self.dataset, self.log_file = bool(provenance), dataset, log_file
+        self.system_metrics, self.best_metrics, self.description = bool(system_metrics), bool(best_metrics), description
+        self.curves = bool(curves)
+        self._log_handler: logging.Handler | None = None
+        self._monitor = None
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
@@ -98,9 +255,42 @@ class MLflowRunHandler(MLFlowHandler):
 
     def start(self, engine: Engine) -> None:
         super().start(engine)
-        if self.cur_run is not None:
-            for k, v in self.tags.items():
-                self.client.set_tag(self.cur_run.info.run_id, k, v)
+        if self.cur_run is None:
+            return
+        run_id = self.cur_run.info.run_id
+        tag_experiment(self.client, self.cur_run.info.experiment_id)
+        tags = dict(self.tags)
+        if self.provenance:
+            tags.update(provenance_tags())
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+        if self.dataset is not None and not self.client.get_run(run_id).inputs.dataset_inputs:
+            from mlflow.entities import DatasetInput, InputTag
+
+            self.client.log_inputs(run_id, [DatasetInput(self.dataset, [InputTag("mlflow.data.context", "training")])])
+        if self.log_file:
+            Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
+            self._log_handler = logging.FileHandler(self.log_file)
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+            logging.getLogger().addHandler(self._log_handler)
+        if self.system_metrics and self._monitor is None:
+            self._monitor = _system_monitor(run_id, self.uri or self.client.tracking_uri)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        super().epoch_completed(engine)
+        state = engine.state
+        if not (self.best_metrics and self.cur_run is not None and getattr(state, "key_metric_name", None)):
+            return
+        if state.best_metric_epoch != state.epoch:
+            return
+        step = int(self.global_epoch_transform(state.epoch))
+        best = {f"best_{k}": float(v) for k, v in state.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        best["best_iteration"] = float(step)
+        self._log_metrics(best, step=step)
+        self.client.set_tag(
+            self.cur_run.info.run_id, "best_checkpoint",
+            f"model.pt = the validation at iteration {step}: {state.key_metric_name} {float(state.best_metric):.4f}",
+        )
 
     def _log_params(self, params: dict) -> None:
         """Log parameters not yet in the run; a changed value (a resumed run with, say, more epochs)
@@ -121,6 +311,14 @@ class MLflowRunHandler(MLFlowHandler):
     def complete(self) -> None:
         """Log the artifacts, then - with ``model_checkpoint`` - the checkpoint as the run's MLflow
         model, registered as a new version of ``registered_model_name`` when one is given."""
+        self._stop_side_logging()
+        if self.cur_run is not None and self.log_file and Path(self.log_file).is_file():
+            self.client.log_artifact(self.cur_run.info.run_id, str(self.log_file), "logs")
+        if self.cur_run is not None and self.curves:
+            self._log_curves()
+        if self.cur_run is not None and self.description is not None:
+            run = self.client.get_run(self.cur_run.info.run_id)
+            self.client.set_tag(run.info.run_id, "mlflow.note.content", self.description(self.client, run))
         super().complete()
         if self.cur_run is not None and self.model_checkpoint and Path(self.model_checkpoint).is_file():
             from liver_fcn.registry import log_model
@@ -131,8 +329,35 @@ class MLflowRunHandler(MLFlowHandler):
             if version is not None:
                 logger.info(f"registered {self.model_checkpoint} as models:/{self.registered_model_name}/{version}")
 
+    def _log_curves(self) -> None:
+        """The run's validation curves as ``plots/learning_curves.png`` (when it validated at all)."""
+        import tempfile
+
+        from liver_fcn.reporting import plot_curves, run_curves
+
+        run_id = self.cur_run.info.run_id
+        curves = run_curves(self.client, run_id)
+        if not any(curves.values()):
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_curves({self.cur_run.info.run_name: curves}, Path(tmp) / "learning_curves.png",
+                              title=f"{self.cur_run.info.run_name}: validation")
+            self.client.log_artifact(run_id, str(png), "plots")
+
+    def _stop_side_logging(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            finally:
+                self._monitor = None
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
     def failed(self, engine: Engine, e: BaseException) -> None:
         """Mark the run FAILED (with the error as a tag), then let the exception go on."""
+        self._stop_side_logging()
         if self.cur_run is not None:
             run_id = self.cur_run.info.run_id
             root = root_cause(e)  # MONAI wraps what a transform raises: report the original cause
@@ -144,6 +369,22 @@ class MLflowRunHandler(MLFlowHandler):
                 self.cur_run = None
                 self._dispose_sqlite_store()
         raise e
+
+
+def _system_monitor(run_id: str, tracking_uri: str):
+    """MLflow's system-metrics monitor for ``run_id`` (CPU, memory, disk, network; GPU with pynvml),
+    sampling every 10 s; None where psutil is missing."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:  # what the monitor reads the machine with
+        return None
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=1, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def _find_bundle_parser() -> ConfigParser | None:

@@ -456,22 +456,38 @@ def test_there_are_at_least_30_bad_inputs():
     assert len(BAD_INPUTS) >= 30, len(BAD_INPUTS)
 
 
+@pytest.fixture(scope="module")
+def bad_runs(bad_cases, small_fcn, tmp_path_factory) -> dict:
+    """Every bad input through the command a user types, three processes at a time (most of each run
+    is Python's and MONAI's start-up): ``{what: (completed process, its output folder)}``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("bad_runs")
+
+    def run(item):
+        what, (path, extra, _) = item
+        out = root / f"out{BAD_INPUTS.index(what)}"
+        args = ["--input", str(path), "--output_dir", str(out)]
+        for key, value in {"checkpoint": str(small_fcn), **extra}.items():
+            args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+        return what, (bundle_cli(*args), out)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(run, bad_cases.items()))
+
+
 @pytest.mark.parametrize("what", BAD_INPUTS)
-def test_bad_input_gives_one_line_exit_2_and_writes_nothing(what, bad_cases, small_fcn, tmp_path):
-    """Each bad input through the command a user types: one line naming the cause, exit 2, no output."""
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(what, bad_cases, bad_runs):
+    """Each bad input: one line naming the cause, exit 2, no output folder."""
     import re
 
-    path, extra, pattern = bad_cases[what]
-    extra = {"checkpoint": str(small_fcn), **extra}
-    args = ["--input", str(path), "--output_dir", str(tmp_path / "out")]
-    for key, value in extra.items():
-        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    r = bundle_cli(*args)
+    pattern = bad_cases[what][2]
+    r, out = bad_runs[what]
     lines = [line for line in r.stderr.strip().splitlines() if not re.search(r"Warning|warn\(|nvImageCodec|^\s", line)]
     assert r.returncode == 2, (what, r.returncode, r.stderr[-1500:])
     assert "Traceback" not in r.stderr, what
     assert lines and lines[-1].startswith("error: ") and re.search(pattern, lines[-1]), (what, lines[-3:])
-    assert not (tmp_path / "out").exists(), what
+    assert not out.exists(), what
 
 
 def test_no_input_given(threshold_ckpt, tmp_path):

@@ -179,8 +179,8 @@ def test_team_server_two_runs_compared_over_http(mlflow_server, prepared, tmp_pa
     assert len(list((root / "artifacts").rglob("model.pt"))) == 2
     out = tmp_path / "compare"
     c = subprocess.run(
-        [sys.executable, "-m", "liver_fcn.cli", "compare", "--experiment", "team", "--tracking-uri", url, "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "liver_fcn.cli", "compare", "--experiment", "team", "--tracking-uri", url, "--out", str(out),
+         "--log-run"], cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert c.returncode == 0, c.stderr[-2000:]
     assert "2 runs of experiment 'team'" in c.stdout
@@ -190,6 +190,52 @@ def test_team_server_two_runs_compared_over_http(mlflow_server, prepared, tmp_pa
     header = (out / "comparison.csv").read_text().splitlines()[0]
     assert header.startswith("run,run_id,status,variant,width,image_size,lr,batch_size,best_iou_liver")
     assert (out / "curves.png").stat().st_size > 10_000
+    check_the_story_over_rest(url, [x.info.run_id for x in runs])
+
+
+def rest(url: str, endpoint: str, **query) -> dict:
+    from urllib.parse import urlencode
+
+    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/{endpoint}?{urlencode(query)}", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def check_the_story_over_rest(url: str, run_ids: list[str]) -> None:
+    """What a user of the shared server sees, read through MLflow's REST API as its UI does."""
+    exp = rest(url, "experiments/get-by-name", experiment_name="team")["experiment"]
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    digests = set()
+    for run_id in run_ids:
+        run = rest(url, "runs/get", run_id=run_id)["run"]
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        # provenance: the command, the user, the commit of this checkout, the versions
+        assert tags["mlflow.source.name"].startswith("python -m monai.bundle run training --config_file")
+        assert tags["mlflow.source.git.commit"] == subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        assert tags["liver_fcn.version"] and tags["monai.version"] and tags["torch.version"] and tags["python.version"]
+        # the best validation and the checkpoint it chose
+        assert {"best_val_iou_liver", "best_val_dice_kidney", "best_iteration"} <= set(metrics)
+        assert tags["best_checkpoint"].startswith(f"model.pt = the validation at iteration {int(metrics['best_iteration'])}")
+        assert "trained on 3 patients" in tags["mlflow.note.content"]
+        # the data set: names and a digest, no local path
+        (given,) = run["inputs"]["dataset_inputs"]
+        dataset = given["dataset"]
+        assert dataset["name"] == "3D-IRCADb-01" and "/" not in dataset["source"]
+        assert json.loads(dataset["source"])["patients"]["validation"] == ["3Dircadb1.4"]
+        digests.add(dataset["digest"])
+        # artifacts: the config as run, the training log, the learning curves
+        files = {f["path"] for f in rest(url, "artifacts/list", run_id=run_id).get("files", [])}
+        assert {"logs", "plots"} <= files and any(f.endswith(".json") for f in files)
+        assert {f["path"] for f in rest(url, "artifacts/list", run_id=run_id, path="plots")["files"]} == {"plots/learning_curves.png"}
+        (log,) = rest(url, "artifacts/list", run_id=run_id, path="logs")["files"]
+        assert log["file_size"] > 1000
+    assert len(digests) == 1  # the same patients: the same digest
+    body = json.dumps({"experiment_ids": [exp["experiment_id"]], "filter": "tags.kind = 'comparison'"}).encode()
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        comparisons = json.loads(r.read())["runs"]
+    assert len(comparisons) == 1 and {p["key"]: p["value"] for p in comparisons[0]["data"]["params"]}["runs"] == "2"
 
 
 def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):

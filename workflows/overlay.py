@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default="bundle/models/model.pt")
     p.add_argument("--case", type=int, default=0, help="index in the validation split")
     p.add_argument("--out", default="bundle/eval/overlay.png")
+    p.add_argument("--tracking-uri", help="MLflow store of the checkpoint's training run, to log the picture into "
+                   "(default: $MLFLOW_TRACKING_URI or bundle/eval/mlruns.db); 'none' to skip")
     args = p.parse_args()
 
     files = ast.literal_eval(args.config) if args.config.startswith("[") else args.config
@@ -53,6 +55,16 @@ def main() -> None:
         title=f"{parser.get_parsed_content('validate#files')[args.case]['patient']}: prediction and reference",
     )
     print(f"wrote {out}")
+    if str(args.tracking_uri).lower() != "none":
+        from liver_fcn.tracking import resolve_tracking_uri, run_id_of
+
+        uri = resolve_tracking_uri("bundle/eval", args.tracking_uri)
+        run_id = run_id_of(uri, settings.get("experiment_name", "liver-fcn"), settings.get("run_name"))
+        if run_id:
+            import mlflow
+
+            mlflow.MlflowClient(tracking_uri=uri).log_artifact(run_id, str(out), "plots")
+            print(f"logged it to MLflow run {settings.get('run_name')} ({run_id}) under plots/")
 
 
 if __name__ == "__main__":

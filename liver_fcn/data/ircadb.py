@@ -180,6 +180,7 @@ def _check_patient(name: str, ct_dir: Path, masks_dir: Path, classes: list[str],
         "image": str(ct_dir),
         "masks": {c: [str(f) for f in chosen[c]] for c in classes[1:] if c in chosen},
         "annotated": annotated,
+        "series_uid": ct.series_uid,  # identifies the scan in the data set's digest (MLflow's dataset input)
         "shape": list(ct.shape),
         "spacing": [ct.pixel_spacing[1], ct.pixel_spacing[0], round(ct.slice_spacing, 6)],
         "volumes_ml": volumes,
