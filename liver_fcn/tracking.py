@@ -103,10 +103,17 @@ def provenance_tags(entry_point: str | None = None) -> dict[str, str]:
 
     import liver_fcn
 
-    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("monai/bundle/__main__.py", "-c")) else sys.argv[1:]
+    import re
+
+    argv = sys.argv[1:]
     command = entry_point or "python -m monai.bundle " + " ".join(argv)
+    # MLflow's UI shows what follows the last "/" of the source: name it by the entry point and the
+    # config files' names, and keep the whole command in its own tag
+    words = [w for w in argv[:2] if not w.startswith("-")]
+    configs = re.findall(r"([\w.-]+\.(?:json|ya?ml))", " ".join(argv))
     tags = {
-        "mlflow.source.name": command[:500],
+        "mlflow.source.name": " ".join(["monai.bundle", *words]) + (f" ({' + '.join(configs)})" if configs else ""),
+        "command": command[:5000],
         "mlflow.source.type": "LOCAL",
         "liver_fcn.version": liver_fcn.__version__,
         "monai.version": monai.__version__,

@@ -210,7 +210,8 @@ def check_the_story_over_rest(url: str, run_ids: list[str]) -> None:
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         # provenance: the command, the user, the commit of this checkout, the versions
-        assert tags["mlflow.source.name"].startswith("python -m monai.bundle run training --config_file")
+        assert tags["mlflow.source.name"] == "monai.bundle run training (train.json)"
+        assert tags["command"].startswith("python -m monai.bundle run training --config_file ")
         assert tags["mlflow.source.git.commit"] == subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         assert tags["liver_fcn.version"] and tags["monai.version"] and tags["torch.version"] and tags["python.version"]
