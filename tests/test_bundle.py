@@ -115,16 +115,16 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
 
 @pytest.mark.slow
 def test_the_recipe_learns_the_phantom_liver(prepared, tmp_path):
-    """Training as users run it, long enough to learn: 800 iterations of a 1/16-width FCN-8s at
+    """Training as users run it, long enough to learn: 600 iterations of a 1/16-width FCN-8s at
     3.2 mm pixels (128 x 128) on three phantom patients reach a validation liver IoU of at least
-    0.8 on the fourth (0.89 when this test was written; the first 200 iterations stay at 0)."""
+    0.8 on the fourth (0.88 when this test was written: 0.25 after 100 iterations, 0.79 after 200)."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    r = train(prepared, tmp_path, "--pixel_spacing", "3.2", "--iterations", "800", "--val_interval", "100",
+    r = train(prepared, tmp_path, "--pixel_spacing", "3.2", "--iterations", "600", "--val_interval", "100",
               "--warmup_iterations", "20", "--learning_rate", "0.001", env={"MLFLOW_TRACKING_URI": uri})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client, run = only_run(uri)
     history = client.get_metric_history(run.info.run_id, "val_iou_liver")
-    assert [m.step for m in history] == list(range(100, 801, 100))
+    assert [m.step for m in history] == list(range(100, 601, 100))
     best = max(m.value for m in history)
     assert best >= 0.8, [round(m.value, 3) for m in history]
     # model.pt is the best validation's
