@@ -205,11 +205,15 @@ def test_demo_overlay_of_the_trained_checkpoint(trained, prepared, tmp_path):
     out, _ = trained  # trained with other settings than train.json's: the checkpoint's own are used
     r = subprocess.run(
         [sys.executable, str(REPO / "workflows" / "overlay.py"), "--dataset_dir", str(prepared),
-         "--checkpoint", str(out / "models" / "model.pt"), "--out", str(tmp_path / "overlay.png")],
+         "--checkpoint", str(out / "models" / "model.pt"), "--out", str(tmp_path / "overlay.png"),
+         "--tracking-uri", f"sqlite:///{out / 'eval' / 'mlruns.db'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # and into the checkpoint's MLflow run, beside the learning curves
+    client, run = only_run(f"sqlite:///{out / 'eval' / 'mlruns.db'}")
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/learning_curves.png", "plots/overlay.png"}
 
 
 @pytest.mark.slow

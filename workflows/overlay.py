@@ -55,7 +55,7 @@ def main() -> None:
         title=f"{parser.get_parsed_content('validate#files')[args.case]['patient']}: prediction and reference",
     )
     print(f"wrote {out}")
-    if str(args.tracking_uri).lower() != "none":
+    if (args.tracking_uri or "").lower() != "none":  # not given: the default store
         from liver_fcn.tracking import resolve_tracking_uri, run_id_of
 
         uri = resolve_tracking_uri("bundle/eval", args.tracking_uri)
