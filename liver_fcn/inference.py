@@ -429,11 +429,9 @@ class WriteMaskd(CaseOutput):
         write_nifti_atomic(seg, affine, path)
 
 
-class CaseReportd(CaseOutput):
+class CaseReportd(MapTransform):
     """The case report (``d["report"]``: volumes, liver extent, slice range, spacing, QC flags), written
     as ``<case>_report.json`` by :class:`CommitCased` once every file of the case is there."""
-
-    name = "report"
 
     def __init__(
         self,
