@@ -219,6 +219,7 @@ class MLflowRunHandler(MLFlowHandler):
             with the checkpoint it now holds.
         description: a callable ``(client, run) -> str`` for the run's description, set on completion.
         curves: on completion, log the run's validation curves as ``plots/learning_curves.png``.
+        plots: image files to log under ``plots/`` on completion (those that exist then).
         model_checkpoint: a checkpoint to log as the run's MLflow model when the engine completes
             (see :mod:`liver_fcn.registry`); None logs no model.
         registered_model_name: register that model as a new version of this name (None: log only).
@@ -238,6 +239,7 @@ class MLflowRunHandler(MLFlowHandler):
         best_metrics: bool = False,
         description=None,
         curves: bool = False,
+        plots: Sequence[str | os.PathLike] = (),
         **kwargs,
     ) -> None:
         uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
@@ -251,7 +253,7 @@ class MLflowRunHandler(MLFlowHandler):
         self.registered_model_name = registered_model_name if registered_model_name not in ("", "None", "null") else None
         self.provenance, self.dataset, self.log_file = bool(provenance), dataset, log_file
         self.system_metrics, self.best_metrics, self.description = bool(system_metrics), bool(best_metrics), description
-        self.curves = bool(curves)
+        self.curves, self.plots = bool(curves), [p for p in plots if p]
         self._log_handler: logging.Handler | None = None
         self._monitor = None
 
@@ -323,6 +325,9 @@ class MLflowRunHandler(MLFlowHandler):
             self.client.log_artifact(self.cur_run.info.run_id, str(self.log_file), "logs")
         if self.cur_run is not None and self.curves:
             self._log_curves()
+        for plot in self.plots if self.cur_run is not None else []:
+            if Path(plot).is_file():
+                self.client.log_artifact(self.cur_run.info.run_id, str(plot), "plots")
         if self.cur_run is not None and self.description is not None:
             run = self.client.get_run(self.cur_run.info.run_id)
             self.client.set_tag(run.info.run_id, "mlflow.note.content", self.description(self.client, run))

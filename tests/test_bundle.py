@@ -211,9 +211,10 @@ def test_demo_overlay_of_the_trained_checkpoint(trained, prepared, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # and into the checkpoint's MLflow run, beside the learning curves
+    # and into the checkpoint's MLflow run, beside the learning curves and the overlay the training drew
     client, run = only_run(f"sqlite:///{out / 'eval' / 'mlruns.db'}")
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/learning_curves.png", "plots/overlay.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/learning_curves.png", f"plots/{run.info.run_name}_overlay.png", "plots/overlay.png"}
 
 
 @pytest.mark.slow

@@ -225,10 +225,11 @@ def check_the_story_over_rest(url: str, run_ids: list[str]) -> None:
         assert dataset["name"] == "3D-IRCADb-01" and "/" not in dataset["source"]
         assert json.loads(dataset["source"])["patients"]["validation"] == ["3Dircadb1.4"]
         digests.add(dataset["digest"])
-        # artifacts: the config as run, the training log, the learning curves
+        # artifacts: the config as run, the training log, the learning curves, the best checkpoint's overlay
         files = {f["path"] for f in rest(url, "artifacts/list", run_id=run_id).get("files", [])}
         assert {"logs", "plots"} <= files and any(f.endswith(".json") for f in files)
-        assert {f["path"] for f in rest(url, "artifacts/list", run_id=run_id, path="plots")["files"]} == {"plots/learning_curves.png"}
+        assert {f["path"] for f in rest(url, "artifacts/list", run_id=run_id, path="plots")["files"]} == {
+            "plots/learning_curves.png", f"plots/{run['info']['run_name']}_overlay.png"}
         (log,) = rest(url, "artifacts/list", run_id=run_id, path="logs")["files"]
         assert log["file_size"] > 1000
     assert len(digests) == 1  # the same patients: the same digest

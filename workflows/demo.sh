@@ -18,6 +18,7 @@ python -m monai.bundle run training \
     --config_file "['bundle/configs/train.json','bundle/configs/quick.json']" \
     --dataset_dir "$DATA/prepared" "$@"
 
-# a picture of the best checkpoint's prediction on the validation patient
+# a picture of the best checkpoint's prediction on the validation patient (the training run already
+# holds the same picture in MLflow, under plots/)
 python workflows/overlay.py --config "['bundle/configs/train.json','bundle/configs/quick.json']" \
-    --dataset_dir "$DATA/prepared" --out bundle/eval/overlay.png
+    --dataset_dir "$DATA/prepared" --out bundle/eval/overlay.png --tracking-uri none
