@@ -43,6 +43,7 @@ from monai.transforms import MapTransform, Transform
 from liver_fcn.data.dicom import inspect_series
 from liver_fcn.errors import InputError, reported, root_cause
 from liver_fcn.outputs import atomic_path, write_json_atomic
+from liver_fcn.transforms import as_numpy, class_map_array
 
 __all__ = [
     "Precision",
@@ -365,6 +366,12 @@ def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
     return " ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if len(parts) > 2 else "") + qc + f" -> {mask_path}"
 
 
+def _class_map_and_affine(pred, key, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 class map (X, Y, Z) and the float64 affine of ``pred``, as NumPy views where they can
+    be: each output step of a case reads them, and none needs a copy of the volume."""
+    return class_map_array(pred, key, who).astype(np.uint8, copy=False), as_numpy(pred.affine, np.float64)
+
+
 class StageCased(Transform):
     """Open the case's staging folder in ``output_dir`` (``d["stage"]``): the output steps after it
     (:class:`WriteMaskd`, :class:`CaseReportd`, :class:`WriteOverlayd`, :class:`WriteDicomSegd`, or a
@@ -408,9 +415,7 @@ class CaseOutput(MapTransform):
         if "stage" not in d:
             raise RuntimeError(f"{type(self).__name__} runs after StageCased, which opens the case's staging folder")
         for key in self.key_iterator(d):
-            pred = d[key]
-            seg = np.asarray(pred.detach().cpu()).astype(np.uint8)[0]
-            affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
+            seg, affine = _class_map_and_affine(d[key], key, type(self).__name__)
             path = Path(d["stage"]) / f"{d.get('case', 'case')}{self.suffix}"
             self.write(d, seg, affine, path)
             d["outputs"][self.name] = path.name
@@ -448,8 +453,7 @@ class CaseReportd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            seg = np.asarray(d[key].detach().cpu()).astype(np.uint8)[0]
-            affine = np.asarray(d[key].affine.detach().cpu(), dtype=np.float64)
+            seg, affine = _class_map_and_affine(d[key], key, type(self).__name__)
             report = case_report(seg, affine, self.class_names, str(d.get("case", "case")))
             report["input"] = d.get("source_path", "")
             report["qc"] = quality_flags(
@@ -510,10 +514,13 @@ class WriteDicomSegd(CaseOutput):
 class CommitCased(Transform):
     """Move the case's staged files into ``output_dir`` as one set, the report last (its presence
     means the set is complete), remove files of an earlier run that this one did not make (by the
-    known ``suffixes``), log the case's one-line summary and keep the report for :func:`finish`."""
+    known ``suffixes``: by default those of the shipped output steps), log the case's one-line
+    summary and keep the report for :func:`finish`."""
 
     def __init__(self, output_dir: str | os.PathLike = "inference",
-                 suffixes: Sequence[str] = ("_seg.nii.gz", "_overlay.png", "_seg.dcm"), log=None) -> None:
+                 suffixes: Sequence[str] | None = None, log=None) -> None:
+        if suffixes is None:  # the files the shipped output steps write
+            suffixes = [step.suffix for step in (WriteMaskd, WriteOverlayd, WriteDicomSegd)]
         self.output_dir, self.suffixes = Path(output_dir), tuple(suffixes)
         self.log = log or logger.info
         self.written: list[dict] = []

@@ -60,7 +60,9 @@ __all__ = [
     "LoadOrganMasksd",
     "ResampleToInputd",
     "SimulateScannerd",
+    "as_numpy",
     "body_mask",
+    "class_map_array",
     "class_map_on_input_grid",
     "grid_size",
     "load_ct",
@@ -226,16 +228,16 @@ def like(reference, data: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _numpy(x, dtype=None) -> np.ndarray:
+def as_numpy(x, dtype=None) -> np.ndarray:
     """A tensor (on any device) or an array as a NumPy array, without a copy where none is needed."""
     return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=dtype)
 
 
-def _class_map(img, key, who: str) -> np.ndarray:
+def class_map_array(img, key, who: str) -> np.ndarray:
     """The 3D array of a one-channel class map ``(1, X, Y, Z)``; anything else is refused."""
     if img.shape[0] != 1:
         raise ValueError(f"{key}: {who} expects a class map with one channel, got {img.shape[0]}")
-    return _numpy(img)[0]
+    return as_numpy(img)[0]
 
 
 def _like_class_map(img, arr: np.ndarray):
@@ -252,7 +254,7 @@ def voxel_spacing(img) -> np.ndarray:
     n = img.ndim - 1
     if affine is None:
         return np.ones(n)
-    a = _numpy(affine, np.float64)
+    a = as_numpy(affine, np.float64)
     return np.sqrt((a[:n, :n] ** 2).sum(axis=0))
 
 
@@ -271,7 +273,7 @@ def body_mask(image, threshold: float = -500.0) -> torch.Tensor:
 
     Meant as ``CropForegroundd(select_fn=body_mask)`` on a CT in HU.
     """
-    arr = _numpy(image)
+    arr = as_numpy(image)
     above = (arr > threshold).any(axis=0)  # over channels
     labels, n = ndimage.label(above)
     if n == 0:
@@ -353,7 +355,7 @@ class InPlaneResampled(MapTransform):
 def _axis_map(pre_affine, in_affine, tol: float = 1e-3):
     """For each axis of the network's grid: the input axis it runs along, and the scale and offset
     mapping input voxel indices onto it (``pre = scale * input + offset``), from the two affines."""
-    pre, inp = _numpy(pre_affine, np.float64), _numpy(in_affine, np.float64)
+    pre, inp = as_numpy(pre_affine, np.float64), as_numpy(in_affine, np.float64)
     m = np.linalg.solve(pre, inp)  # input voxel -> network-grid voxel
     axes, scales, offsets = [], [], []
     for a in range(3):
@@ -527,7 +529,7 @@ class KeepLargestComponentsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            arr = np.array(_class_map(img, key, "KeepLargestComponentsd"))  # a copy, changed in place
+            arr = np.array(class_map_array(img, key, "KeepLargestComponentsd"))  # a copy, changed in place
             for label in self.applied_labels:
                 mask = arr == label
                 box = _bounding_box(mask)
@@ -555,7 +557,7 @@ class CountComponentsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            mask = _class_map(img, key, "CountComponentsd") == self.label
+            mask = class_map_array(img, key, "CountComponentsd") == self.label
             sizes: list[float] = []
             box = _bounding_box(mask)
             if box is not None:
@@ -588,7 +590,7 @@ class FillHolesSlicewised(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            arr = _class_map(img, key, "FillHolesSlicewised")
+            arr = class_map_array(img, key, "FillHolesSlicewised")
             out = np.array(arr, copy=True)
             axis = self.axis % arr.ndim if self.axis < 0 else self.axis - 1
             moved, result = np.moveaxis(arr, axis, 0), np.moveaxis(out, axis, 0)
