@@ -42,22 +42,18 @@ def print_run_summary(
     log = log or logger.info
     import mlflow
 
+    from liver_fcn.tracking import latest_run, ui_link
+
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment_name)
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'", order_by=["attributes.start_time DESC"]
-    ) if exp else []
-    if not runs:
+    run = latest_run(client, experiment_name, run_name)
+    if run is None:
         log(f"no MLflow run named {run_name!r} in experiment {experiment_name!r} at {tracking_uri}")
         return {}
-    run = runs[0]
     metrics = run_metrics(client, run.info.run_id)
     log(f"MLflow run {run.info.run_name} ({run.info.run_id}) in experiment {experiment_name!r}: {run.info.status}")
     for key in sorted(k for k in metrics if k.startswith("val_") and any(s in k for s in keys)):
         m = metrics[key]
         log(f"  {key:<20} best {m['best']:.4f} (iteration {m['best_step']})   last {m['last']:.4f}")
-    from liver_fcn.tracking import ui_link
-
     log(f"  store: {tracking_uri}")
     if not tracking_uri.startswith(("http://", "https://")):
         log(f"  browse: mlflow ui --backend-store-uri {tracking_uri}")

@@ -35,6 +35,7 @@ __all__ = [
     "dataset_input",
     "datalist_dataset",
     "describe_training_run",
+    "latest_run",
     "run_id_of",
     "provenance_tags",
     "tag_experiment",
@@ -137,20 +138,24 @@ def provenance_tags(entry_point: str | None = None) -> dict[str, str]:
     return tags
 
 
-def run_id_of(tracking_uri: str, experiment_name: str, run_name: str | None) -> str | None:
-    """The id of the newest training run named ``run_name`` (evaluation runs left aside), or None."""
-    if not run_name:
-        return None
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment_name)
+def latest_run(client, experiment_name: str, run_name: str | None, kinds_left_out: tuple[str, ...] = ()):
+    """The newest run named ``run_name`` in an experiment (runs tagged with a ``kind`` in
+    ``kinds_left_out`` left aside), or None."""
+    exp = client.get_experiment_by_name(experiment_name) if run_name else None
     if exp is None:
         return None
     runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
                               order_by=["attributes.start_time DESC"])
-    runs = [r for r in runs if r.data.tags.get("kind") != "evaluation"]
-    return runs[0].info.run_id if runs else None
+    runs = [r for r in runs if r.data.tags.get("kind") not in kinds_left_out]
+    return runs[0] if runs else None
+
+
+def run_id_of(tracking_uri: str, experiment_name: str, run_name: str | None) -> str | None:
+    """The id of the newest training run named ``run_name`` (evaluation runs left aside), or None."""
+    from mlflow import MlflowClient
+
+    run = latest_run(MlflowClient(tracking_uri=tracking_uri), experiment_name, run_name, ("evaluation",))
+    return run.info.run_id if run else None
 
 
 def datalist_dataset(datalist: str | os.PathLike, splits: Mapping[str, Sequence[Mapping]]):
