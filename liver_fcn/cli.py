@@ -75,6 +75,19 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warp(args: argparse.Namespace) -> int:
+    from liver_fcn.data.warp import warp_patients
+
+    t0 = time.time()
+    warp_patients(
+        args.dataset_dir, args.masks, args.out, sources=args.sources, targets=args.targets,
+        sampling_weight=args.weight, min_liver_dice=args.min_liver_dice, low_weight=args.low_weight,
+        spacing_mm=args.spacing, mapping=args.mapping, overwrite=args.overwrite,
+    )
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
 def _crossval(args: argparse.Namespace) -> int:
     import ast
 
@@ -190,6 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="classes the synthetic volumes annotate (default: all); the others are learnt from real CT only")
     sy.add_argument("--overwrite", action="store_true", help="replace an earlier synthesis in --out")
     sy.set_defaults(func=_synth)
+
+    wa = sub.add_parser(
+        "warp", help="warp real CT onto the anatomy of mask-only 3D-IRCADb-01 patients (label-driven registration)",
+        description="Register each real patient's organ labels (body outline, liver, bone, kidneys, spleen, lungs) "
+        "onto each mask-only patient's, affine then deformable, warp the real CT with the result and annotate it with "
+        "the target's own masks; write NIfTI volumes, a datalist for --extra_training, warp_report.csv (Dice of the "
+        "warped labels per pair) and one picture per pair.",
+    )
+    wa.add_argument("--dataset_dir", "--dataset-dir", required=True,
+                    help="a liver-fcn prepare folder: its patients' CT and masks are warped")
+    wa.add_argument("--masks", required=True, help="folder of 3Dircadb1.N folders holding MASKS_DICOM.zip (or MASKS_DICOM)")
+    wa.add_argument("--out", required=True, help="output folder (one sub-folder per pair, datalist.json, warp_report.csv)")
+    wa.add_argument("--sources", nargs="*", default=[], help="only these real patients (default: all of the data set)")
+    wa.add_argument("--targets", nargs="*", default=[], help="only these mask-only patients (e.g. 2 5 3Dircadb1.9)")
+    wa.add_argument("--weight", type=float, default=1.0, help="sampling weight of each warped volume (default 1.0)")
+    wa.add_argument("--min-liver-dice", type=float, default=0.85,
+                    help="pairs whose warped liver has a lower Dice against the target's are dropped (default 0.85)")
+    wa.add_argument("--low-weight", type=float, default=0.0,
+                    help="keep the pairs below --min-liver-dice at this weight instead of dropping them (default 0)")
+    wa.add_argument("--spacing", type=float, default=3.0, help="registration grid in mm (default 3)")
+    wa.add_argument("--mapping", help="JSON file mapping organ folders to classes (default: liver, bone, kidney)")
+    wa.add_argument("--overwrite", action="store_true", help="replace an earlier warp in --out")
+    wa.set_defaults(func=_warp)
 
     co = sub.add_parser("compare", help="compare the runs of an MLflow experiment: table, CSV, Markdown, curves")
     co.add_argument("--experiment", default="liver-fcn", help="MLflow experiment (default liver-fcn)")

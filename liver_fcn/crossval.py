@@ -1,8 +1,9 @@
 """Leave-one-patient-out cross-validation of a bundle recipe, recorded in MLflow (``liver-fcn crossval``).
 
 The bundle is run unchanged, as a user runs it: for each patient of a prepared data set, a fold
-datalist holds every other patient for training (plus optional extra training volumes, e.g.
-synthetic ones) and the held-out patient as its only test patient. The fold has no validation
+datalist holds every other patient for training and the held-out patient as its only test patient;
+extra training sets (painted or warped CTs) join through the bundle's ``extra_training``, less the
+volumes derived from the held-out patient. The fold has no validation
 patient, so the held-out patient never chooses the checkpoint: training runs its fixed iteration
 budget and keeps the last weights (``model.pt``). Then ``run evaluating`` scores the held-out
 patient on its own grid, clean and after a simulated change of scanner.
@@ -63,27 +64,20 @@ def _all_patients(datalist: Path) -> list[dict]:
 def fold_datalists(
     dataset_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    extra_training: Sequence[str | os.PathLike] = (),
     patients: Sequence[str] = (),
 ) -> list[tuple[str, Path]]:
     """Write one datalist per held-out patient; returns ``[(patient, fold folder)]``.
 
-    ``extra_training``: datalists whose ``training`` split joins every fold's training set (never
-    its test set). ``patients``: hold out only these (default: every patient).
+    ``patients``: hold out only these (default: every patient). Extra training sets are not merged
+    here: the fold's training run takes them as ``--extra_training``, and
+    :class:`~liver_fcn.data.TrainingSets` leaves out any volume derived from the held-out patient.
     """
-    from liver_fcn.data import load_datalist
-
     datalist = (Path(dataset_dir) / "datalist.json").resolve()
     if not datalist.is_file():
         raise InputError(f"{datalist}: datalist not found; run `liver-fcn prepare` first")
     entries = _all_patients(datalist)
     if len(entries) < 2:
         raise InputError(f"{datalist}: cross-validation needs at least 2 patients, found {len(entries)}")
-    extra = []
-    for path in extra_training:
-        p = Path(path).resolve()
-        p = p / "datalist.json" if p.is_dir() else p
-        extra += load_datalist(p, "training")
     names = [e["patient"] for e in entries]
     wanted = patient_ids(patients, names, f"in {datalist}")
     base = json.loads(datalist.read_text())
@@ -96,7 +90,7 @@ def fold_datalists(
             "name": f"{base.get('name', 'dataset')} without {held['patient']}",
             "classes": base.get("classes"),
             "source": str(datalist.resolve()),
-            "training": [e for e in entries if e is not held] + extra,
+            "training": [e for e in entries if e is not held],
             "validation": [],
             "test": [held],
         }
@@ -206,7 +200,12 @@ def crossval(
     out = Path(out_dir) / name
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: already exists; choose another --name or remove it")
-    folds = fold_datalists(dataset_dir, out, extra_training, patients)
+    from liver_fcn.data import load_datalist
+
+    extra = [str(Path(p).resolve()) for p in extra_training]
+    for p in extra:  # a broken extra set fails here, before any fold trains
+        load_datalist(Path(p) / "datalist.json" if Path(p).is_dir() else Path(p), "training")
+    folds = fold_datalists(dataset_dir, out, patients)
     uri = resolve_tracking_uri(Path(out_dir).parent, tracking_uri)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -238,12 +237,13 @@ def crossval(
             common = ["--dataset_dir", str(folder), "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "eval"),
                       "--experiment_name", experiment, "--parent_run_id", repr(pid)]
             train_cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(list(configs)),
-                         *common, "--run_name", f"cv-{name}-{tag}-train", "--registered_model_name", "None", *overrides]
+                         *common, "--run_name", f"cv-{name}-{tag}-train", "--registered_model_name", "None",
+                         *(["--extra_training", repr(extra)] if extra else []), *overrides]
             log(f"[{i}/{len(folds)}] training without {patient} ...")
             train_s = _run(train_cmd, env, folder / "train.log", log)
             eval_cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", str(eval_configs),
                         *common, "--eval_split", "test", "--eval_name", f"cv-{name}-{tag}-eval",
-                        "--scanner_shift", str(bool(scanner_shift))]
+                        "--scanner_shift", str(bool(scanner_shift)), "--phase_shift", str(bool(scanner_shift))]
             log(f"[{i}/{len(folds)}] evaluating {patient} ...")
             _run(eval_cmd, env, folder / "evaluate.log", log)
             fold_rows = _read_rows(folder / "eval" / "evaluation" / f"cv-{name}-{tag}-eval" / "metrics.csv", patient)

@@ -32,7 +32,7 @@ __all__ = ["CONDITIONS", "METRICS", "EvaluationReport", "class_metrics", "evalua
 logger = logging.getLogger(__name__)
 
 #: the scan as acquired, and the same scan after a simulated change of scanner (SimulateScannerd)
-CONDITIONS = ("clean", "shifted")
+CONDITIONS = ("clean", "shifted", "phase")
 
 #: metric -> unit, in the order of the CSV columns
 METRICS = {
@@ -53,14 +53,17 @@ def evaluation_name(settings: dict, split: str) -> str:
     return f"eval-{settings.get('run_name') or 'model'}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def with_conditions(files: Sequence[dict], scanner_shift: bool = True) -> list[dict]:
-    """Each datalist entry as ``condition="clean"`` and, with ``scanner_shift``, again as ``"shifted"``
-    (the evaluation chain simulates another scanner for those)."""
+def with_conditions(files: Sequence[dict], scanner_shift: bool = True, phase_shift: bool = False) -> list[dict]:
+    """Each datalist entry as ``condition="clean"``, with ``scanner_shift`` again as ``"shifted"`` (the
+    evaluation chain simulates another scanner for those) and with ``phase_shift`` as ``"phase"``
+    (organ enhancement scaled toward an unenhanced scan, :class:`~liver_fcn.transforms.SimulateContrastPhased`)."""
     out = []
     for f in files:
         out.append({**f, "condition": "clean"})
         if scanner_shift:
             out.append({**f, "condition": "shifted"})
+        if phase_shift:
+            out.append({**f, "condition": "phase"})
     return out
 
 
@@ -198,9 +201,11 @@ class EvaluationReport:
             tag = "" if r["condition"] == "clean" else f"{r['condition']}_"
             out[f"{self.prefix}{tag}{r['metric']}_{r['class']}"] = r["mean"]
         for name in self.class_names[1:]:
-            clean, shifted = out.get(f"{self.prefix}dice_{name}"), out.get(f"{self.prefix}shifted_dice_{name}")
-            if clean is not None and shifted is not None:
-                out[f"{self.prefix}shift_change_dice_{name}"] = shifted - clean
+            clean = out.get(f"{self.prefix}dice_{name}")
+            for condition, change in (("shifted", "shift"), ("phase", "phase")):
+                other = out.get(f"{self.prefix}{condition}_dice_{name}")
+                if clean is not None and other is not None:
+                    out[f"{self.prefix}{change}_change_dice_{name}"] = other - clean
         return out
 
     def epoch_completed(self, engine: Engine) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "MLflowRunHandler",
     "dataset_input",
     "datalist_dataset",
+    "training_datasets",
     "describe_training_run",
     "latest_run",
     "run_id_of",
@@ -167,6 +168,14 @@ def datalist_dataset(datalist: str | os.PathLike, splits: Mapping[str, Sequence[
     return dataset_input(name, splits)
 
 
+def training_datasets(sets, validation: Sequence[Mapping]) -> list:
+    """One MLflow dataset per training set of a :class:`~liver_fcn.data.TrainingSets`: the data set
+    (its training and validation patients) first, then each extra set (its training volumes)."""
+    (name, base), *extra = sets.records()
+    return [dataset_input(name, {"training": base, "validation": validation})] + [
+        dataset_input(n, {"training": entries}) for n, entries in extra]
+
+
 def describe_training_run(client, run) -> str:
     """The run's description: what was trained on what, and its best validation score."""
     p, m = run.data.params, run.data.metrics
@@ -216,7 +225,8 @@ class MLflowRunHandler(MLFlowHandler):
         tags: run tags set at start (``{"variant": "8s", ...}``); None values are left out, so
             ``"mlflow.parentRunId": null`` makes a top-level run and a run id a child run.
         provenance: tag the run with its command, user, git commit and versions (:func:`provenance_tags`).
-        dataset: an MLflow dataset (:func:`dataset_input`) logged as the run's training input.
+        dataset: an MLflow dataset (:func:`dataset_input`), or a list of them (the data set and each
+            extra training set, :func:`training_datasets`), logged as the run's training inputs.
         log_file: a file the process's log also goes to while the engine runs; logged under ``logs/``.
         system_metrics: log CPU, memory (and GPU, where MLflow can read it) every 10 s.
         best_metrics: on a validation engine, log ``best_<metric>`` and ``best_iteration`` whenever
@@ -281,7 +291,9 @@ class MLflowRunHandler(MLFlowHandler):
         if self.dataset is not None and not self.client.get_run(run_id).inputs.dataset_inputs:
             from mlflow.entities import DatasetInput, InputTag
 
-            self.client.log_inputs(run_id, [DatasetInput(self.dataset, [InputTag("mlflow.data.context", "training")])])
+            datasets = self.dataset if isinstance(self.dataset, (list, tuple)) else [self.dataset]
+            self.client.log_inputs(
+                run_id, [DatasetInput(d, [InputTag("mlflow.data.context", "training")]) for d in datasets])
         if self.log_file:
             Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
             self._log_handler = logging.FileHandler(self.log_file)

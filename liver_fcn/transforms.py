@@ -26,6 +26,8 @@
 * :class:`SimulateScannerd` - the same patient as another scanner would have imaged it (thicker
   slabs, coarser pixels, more noise, a HU offset), image and reference on the new grid, for the
   scanner-shift evaluation.
+* :class:`SimulateContrastPhased` - the same patient in another contrast phase: the enhancement of
+  the liver and kidneys scaled toward their unenhanced densities, for the contrast-phase evaluation.
 * :func:`grid_size` - the pixel count of a field of view in mm at a pixel spacing.
 """
 
@@ -59,6 +61,7 @@ __all__ = [
     "LoadCTd",
     "LoadOrganMasksd",
     "ResampleToInputd",
+    "SimulateContrastPhased",
     "SimulateScannerd",
     "as_numpy",
     "body_mask",
@@ -731,4 +734,75 @@ class SimulateScannerd(MapTransform):
             lmeta = {k: v for k, v in (dict(lab.meta) if isinstance(lab, MetaTensor) else {}).items() if k != "affine"}
             lmeta["spatial_shape"] = np.asarray(new)
             d[key] = MetaTensor(merged, affine=new_affine.clone(), meta=lmeta)
+        return d
+
+
+#: unenhanced density (HU) of the organs whose enhancement the contrast-phase shift scales
+UNENHANCED_HU = {"liver": 55.0, "kidney": 32.0, "spleen": 45.0}
+
+
+def scale_enhancement(
+    hu: np.ndarray, classes: np.ndarray, class_names: Sequence[str], keep: float, spacing: Sequence[float],
+    unenhanced: Mapping[str, float] = UNENHANCED_HU, edge_mm: float = 2.0,
+) -> np.ndarray:
+    """``hu`` with each organ's enhancement above its unenhanced density scaled by ``keep``.
+
+    Inside an organ of ``class_names`` found in :data:`UNENHANCED_HU`, every voxel moves by
+    ``(keep - 1) * (median - unenhanced)``: texture and noise stay, the organ's mean density moves
+    toward an unenhanced scan (``keep`` 0: unenhanced, 1: unchanged). The move fades over ``edge_mm``
+    at the organ's border so no artificial edge is drawn. Organs already below their unenhanced
+    density are left as they are.
+    """
+    out = np.asarray(hu, dtype=np.float32).copy()
+    sp = [float(s) for s in spacing]
+    margin = [int(math.ceil(edge_mm / max(s, 1e-3))) + 1 for s in sp]
+    for c, name in enumerate(class_names):
+        if name not in unenhanced:
+            continue
+        mask = classes == c
+        if not mask.any():
+            continue
+        excess = float(np.median(out[mask])) - float(unenhanced[name])
+        if excess <= 0:
+            continue
+        idx = np.argwhere(mask)
+        box = tuple(slice(max(0, lo - m), hi + m + 1) for lo, hi, m in zip(idx.min(0), idx.max(0), margin))
+        distance = ndimage.distance_transform_edt(~mask[box], sampling=sp)  # mm outside the organ, 0 inside
+        out[box] += (keep - 1.0) * excess * np.clip(1.0 - distance / edge_mm, 0.0, 1.0)
+    return out
+
+
+class SimulateContrastPhased(MapTransform):
+    """Re-image a loaded CT in another contrast phase: the contrast-phase evaluation.
+
+    Applied to the items whose ``condition_key`` equals ``apply_to`` (others pass unchanged): the
+    liver's and kidneys' enhancement is scaled by ``keep`` toward their unenhanced densities
+    (:func:`scale_enhancement`, located by the reference class map ``keys[1]``, which is not
+    changed). What it measures is a model's dependence on one contrast phase; vessels, spleen
+    without masks and the rest of the scan keep their contrast.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        class_names: Sequence[str] = CLASS_NAMES,
+        keep: float = 0.3,
+        condition_key: str = "condition",
+        apply_to: str = "phase",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.class_names, self.keep = list(class_names), float(keep)
+        self.condition_key, self.apply_to = condition_key, apply_to
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if d.get(self.condition_key) != self.apply_to:
+            return d
+        image_key, label_key = list(self.key_iterator(d))[:2]
+        img, lab = d[image_key], d[label_key]
+        hu = np.asarray(img.detach().cpu(), dtype=np.float32)[0]
+        classes = np.asarray(lab.detach().cpu())[0]
+        new = scale_enhancement(hu, classes, self.class_names, self.keep, voxel_spacing(img))
+        d[image_key] = MetaTensor(torch.as_tensor(new)[None], affine=img.affine.clone(), meta=dict(img.meta))
         return d

@@ -233,9 +233,9 @@ def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
     with open(folders[0] / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     (entry,) = json.loads((prepared / "datalist.json").read_text())["validation"]
-    # one validation patient, by its name, clean and scanner-shifted, three classes each
+    # one validation patient, by its name, clean, scanner-shifted and in another contrast phase, three classes each
     assert [(r["patient"], r["condition"], r["class"]) for r in rows] == [
-        (entry["patient"], cond, cls) for cond in ("clean", "shifted") for cls in ("liver", "bone", "kidney")]
+        (entry["patient"], cond, cls) for cond in ("clean", "shifted", "phase") for cls in ("liver", "bone", "kidney")]
     for r in rows:
         assert r["annotated"] == str(entry["annotated"][["liver", "bone", "kidney"].index(r["class"]) + 1])
         assert (r["dice"] == "nan") == (r["annotated"] == "False")
@@ -244,7 +244,7 @@ def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'evaluation'")
     assert run.info.status == "FINISHED" and run.data.params["split"] == "validation"
     assert {"test_dice_liver", "test_assd_liver", "test_mssd_bone", "test_slice_iou_liver", "test_shifted_dice_liver",
-            "test_shift_change_dice_liver"} <= set(run.data.metrics)
+            "test_shift_change_dice_liver", "test_phase_dice_kidney", "test_phase_change_dice_liver"} <= set(run.data.metrics)
     assert run.data.tags["trained_run"].startswith("fcn4s-")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.csv", "summary.csv", "summary.json"}
 

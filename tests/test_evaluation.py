@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import pytest
 
 from liver_fcn.evaluation import class_metrics, slice_iou
@@ -89,9 +90,11 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
     with open(folder / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["patient"], r["condition"], r["class"]) for r in rows] == [
-        (p, c, k) for p in ("p1", "p2") for c in ("clean", "shifted") for k in ("liver", "bone", "kidney")]
+        (p, c, k) for p in ("p1", "p2") for c in ("clean", "shifted", "phase") for k in ("liver", "bone", "kidney")]
     for r in rows:
-        if r["class"] == "liver":
+        if r["class"] == "liver" and r["condition"] == "phase":  # 100 HU -> 68.5 HU: still above the threshold
+            assert float(r["dice"]) > 0.97 and float(r["volume_ref_ml"]) > 0, r
+        elif r["class"] == "liver":
             assert float(r["dice"]) > (0.97 if r["condition"] == "clean" else 0.85), r
             # shifted: edge voxels are part block, part air; the reference takes the majority, the
             # threshold network (at -82 HU) needs 80 % block
@@ -108,6 +111,40 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
     assert m["test_dice_liver"] > 0.97 and m["test_shifted_dice_liver"] > 0.85
     assert m["test_shift_change_dice_liver"] == pytest.approx(m["test_shifted_dice_liver"] - m["test_dice_liver"])
     assert math.isnan(m["test_dice_kidney"]) and run.data.params["scanner_shift"].startswith("3 mm slabs, 1.5 mm pixels")
+    assert run.data.params["phase_shift"] == "liver and kidney enhancement x 0.3"
+    assert m["test_phase_change_dice_liver"] == pytest.approx(m["test_phase_dice_liver"] - m["test_dice_liver"])
+
+
+def test_contrast_phase_shift_scales_each_organs_enhancement_toward_unenhanced():
+    from liver_fcn.transforms import SimulateContrastPhased, scale_enhancement
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(0, 10, size=(60, 60, 20)).astype(np.float32) - 100  # fat
+    classes = np.zeros(hu.shape, dtype=np.uint8)
+    classes[5:25, 5:25, 2:18], classes[35:50, 35:50, 2:18], classes[5:20, 40:55, 2:18] = 1, 3, 2
+    hu[classes == 1] += 220  # liver at 120 HU (portal venous)
+    hu[classes == 3] += 300  # kidney at 200 HU
+    hu[classes == 2] += 500  # bone
+    names = ["background", "liver", "bone", "kidney"]
+    out = scale_enhancement(hu, classes, names, keep=0.3, spacing=(1.0, 1.0, 2.0))
+    assert np.median(out[classes == 1]) == pytest.approx(55 + 0.3 * (np.median(hu[classes == 1]) - 55), abs=0.01)
+    assert np.median(out[classes == 3]) == pytest.approx(32 + 0.3 * (np.median(hu[classes == 3]) - 32), abs=0.01)
+    assert np.array_equal(out[classes == 2], hu[classes == 2])  # bone is not an enhancing organ
+    assert np.std(out[classes == 1]) == pytest.approx(np.std(hu[classes == 1]), rel=1e-3)  # texture and noise kept
+    far = np.zeros(hu.shape, dtype=bool)
+    far[:, 28:33] = True
+    assert np.array_equal(out[far & (classes == 0)], hu[far & (classes == 0)])  # fades out within a few mm
+    unenhanced = scale_enhancement(hu - 100, classes, names, keep=0.3, spacing=(1.0, 1.0, 2.0))
+    assert np.array_equal(unenhanced[classes == 1], hu[classes == 1] - 100)  # already below 55 HU: as it is
+    # the dictionary transform: only the items of its condition, the class map untouched
+    from monai.data import MetaTensor
+
+    item = {"image": MetaTensor(torch.as_tensor(hu)[None], affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0]))), "label": MetaTensor(torch.as_tensor(classes)[None]),
+            "condition": "phase"}
+    shifted = SimulateContrastPhased(class_names=names, keep=0.3)(item)
+    assert np.allclose(np.asarray(shifted["image"][0]), out) and shifted["label"] is item["label"]
+    clean = SimulateContrastPhased(class_names=names)({**item, "condition": "clean"})
+    assert clean["image"] is item["image"]
 
 
 def test_bundle_evaluation_values_equal_metrics_computed_directly(tmp_path):

@@ -1,6 +1,6 @@
 """3D-IRCADb-01 discovery and extraction, strict DICOM series reading, datalists, phantoms."""
 
-from liver_fcn.data.datasets import SliceDataset, datalist_classes, load_datalist
+from liver_fcn.data.datasets import SliceDataset, TrainingSets, datalist_classes, load_datalist
 from liver_fcn.data.dicom import CTSeriesReader, SeriesInfo, inspect_series
 from liver_fcn.data.ircadb import DEFAULT_CLASSES, DEFAULT_ORGANS, find_patients, prepare, split_patients
 from liver_fcn.data.phantom import make_phantom, write_phantoms
@@ -11,6 +11,7 @@ __all__ = [
     "DEFAULT_ORGANS",
     "SeriesInfo",
     "SliceDataset",
+    "TrainingSets",
     "datalist_classes",
     "find_patients",
     "inspect_series",

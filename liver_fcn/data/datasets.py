@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from liver_fcn.errors import InputError, reported
 
-__all__ = ["SliceDataset", "load_datalist"]
+__all__ = ["SliceDataset", "TrainingSets", "load_datalist"]
 
 
 def datalist_classes(path: str | os.PathLike) -> list[str]:
@@ -81,6 +81,81 @@ def load_datalist(
     if required and not out:
         raise InputError(f"{path}: the {split!r} split is empty")
     return out
+
+
+def _set_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p / "datalist.json" if p.is_dir() else p
+
+
+class TrainingSets:
+    """The training volumes of a data set and of the extra sets that join it (painted or warped CTs).
+
+    ``extra``: each item a datalist (or the folder holding ``datalist.json``) whose ``training``
+    split joins the training, or ``{"datalist": path, "weight": w}`` to give each of its volumes the
+    sampling weight ``w`` instead of the one its datalist records. A volume derived from a patient
+    of the data set's validation or test split (its ``source_patients``, as ``liver-fcn warp``
+    records them) is left out and said so: nothing of a held-out patient reaches training.
+
+    :attr:`files` is what the bundle's ``train#files`` reads; :meth:`records` gives each set's name,
+    entries and digest for MLflow, :meth:`summary` a one-line description for the run's parameters.
+    """
+
+    def __init__(self, datalist: str | os.PathLike, extra: Sequence | None = (), log: Callable[[str], None] = print):
+        self.datalist = Path(datalist)
+        base = load_datalist(self.datalist, "training")
+        held = {e["patient"] for split in ("validation", "test")
+                for e in load_datalist(self.datalist, split, required=False)}
+        self.sets: list[tuple[Path, list[dict], float | None, int]] = [(self.datalist, base, None, 0)]
+        for item in extra or ():
+            if isinstance(item, Mapping):
+                unknown = set(item) - {"datalist", "weight"}
+                if "datalist" not in item or unknown:
+                    raise InputError(
+                        f"{dict(item)}: an extra training set is a path or {{'datalist': path, 'weight': w}}")
+                path, weight = _set_path(item["datalist"]), item.get("weight")
+            else:
+                path, weight = _set_path(item), None
+            if weight is not None and not (float(weight) > 0 and np.isfinite(float(weight))):
+                raise InputError(f"{path}: sampling weight must be a positive number, got {weight}")
+            entries, dropped = [], 0
+            for e in load_datalist(path, "training"):
+                if held & set(e.get("source_patients", ())):
+                    dropped += 1
+                    continue
+                if weight is not None:
+                    e["sampling_weight"] = float(weight)
+                entries.append(e)
+            if dropped:
+                log(f"{path}: {dropped} volume(s) derived from a validation or test patient "
+                    f"({', '.join(sorted(held))}) left out of training")
+            if not entries:
+                raise InputError(f"{path}: no training volume left once those of held-out patients are left out")
+            self.sets.append((path, entries, None if weight is None else float(weight), dropped))
+
+    @property
+    def files(self) -> list[dict]:
+        return [e for _, entries, _, _ in self.sets for e in entries]
+
+    @staticmethod
+    def name(path: Path) -> str:
+        try:
+            return str(json.loads(path.read_text()).get("name") or path.parent.name)
+        except (OSError, ValueError, AttributeError):
+            return path.parent.name
+
+    def records(self) -> list[tuple[str, list[dict]]]:
+        """``[(name, training entries)]`` of the data set and of each extra set."""
+        return [(self.name(path), entries) for path, entries, _, _ in self.sets]
+
+    def summary(self) -> str:
+        """The extra sets as a parameter value: folder, volumes, weight, volumes left out."""
+        parts = []
+        for path, entries, weight, dropped in self.sets[1:]:
+            w = weight if weight is not None else sorted({float(e.get("sampling_weight", 1.0)) for e in entries})
+            parts.append(f"{path.parent.name}: {len(entries)} volumes, weight {w}"
+                         + (f", {dropped} left out (held-out source)" if dropped else ""))
+        return "; ".join(parts) or "none"
 
 
 class SliceDataset(Dataset):
