@@ -55,6 +55,34 @@ def test_synthetic_volumes_follow_the_masks_with_physical_densities(synthetic, p
         synthesize(data["source"], synthetic, log=lambda s: None)
 
 
+@pytest.mark.parametrize("phase", ["unenhanced", "arterial", "portal", "excretory"])
+def test_painted_kidneys_follow_the_contrast_phase(phase):
+    from scipy import ndimage
+
+    from liver_fcn.data.synth import render_ct
+
+    x, y, z = np.meshgrid(np.arange(80), np.arange(80), np.arange(24), indexing="ij")
+    body = (x - 40) ** 2 + (y - 40) ** 2 < 38 ** 2
+    kidney = ((x - 25) / 16.0) ** 2 + ((y - 40) / 11.0) ** 2 + ((z - 12) / 10.0) ** 2 < 1
+    liver = ((x - 55) / 14.0) ** 2 + ((y - 35) / 14.0) ** 2 + ((z - 12) / 11.0) ** 2 < 1
+    hu = render_ct({"rightkidney": kidney, "liver": liver}, body, (1.0, 1.0, 1.0), np.random.default_rng(4), phase=phase)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[:, :, 1] = True
+    rim = kidney & ~ndimage.binary_erosion(kidney, in_plane, iterations=2)  # outer cortex
+    centre = ndimage.binary_erosion(kidney, in_plane, iterations=9)  # medulla, or the collecting system
+    cortex, middle, liver_hu = np.median(hu[rim]), np.median(hu[centre]), np.median(hu[liver])
+    if phase == "unenhanced":
+        assert cortex < 70 and middle < 60 and liver_hu < 80
+    elif phase == "arterial":
+        assert cortex > middle + 40  # corticomedullary contrast
+    elif phase == "portal":
+        assert middle > 120 and abs(cortex - middle) < 40 and liver_hu > 90
+    else:
+        assert middle > 250 and cortex < 200  # contrast in the collecting system
+    with pytest.raises(ValueError, match="not a contrast phase"):
+        render_ct({"liver": liver}, body, (1.0, 1.0, 1.0), np.random.default_rng(0), phase="delayed")
+
+
 def test_synthetic_volumes_can_leave_classes_to_real_ct(phantom_root, tmp_path):
     out = synthesize(phantom_root, tmp_path / "liver_only", patients=["4"], annotate=["liver"], log=lambda s: None)
     (entry,) = json.loads(out.read_text())["training"]

@@ -133,7 +133,9 @@ def test_training_leaves_out_volumes_derived_from_held_out_patients(warped, prep
     assert len(names) == 2 and names[1] == "real CT warped onto 3D-IRCADb-01 mask-only anatomies"
     # a fold that holds out the training source too has nothing left of the set: said, not ignored
     fold = tmp_path / "datalist.json"
-    fold.write_text(json.dumps({**data, "training": data["training"][1:], "test": data["training"][:1]}))
+    splits = {k: load_datalist(prepared / "datalist.json", k, required=False) for k in ("training", "validation")}
+    fold.write_text(json.dumps({"training": splits["training"][1:], "validation": splits["validation"],
+                                "test": splits["training"][:1]}))
     with pytest.raises(InputError, match="no training volume left"):
         TrainingSets(fold, [str(warped)], log=lambda s: None)
     with pytest.raises(InputError, match="an extra training set is a path or"):

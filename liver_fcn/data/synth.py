@@ -46,6 +46,8 @@ TISSUES: list[tuple[str, str]] = [
     ("rightlung", "lung"), ("stomach", "stomach"), ("gallbladder", "fluid"), ("biliary", "fluid"),
     ("pancreas", "soft"), ("surrenal", "soft"), ("stone", "calcium"), ("metal", "metal"),
 ]
+#: contrast phases a rendering draws from (kidney and vessel densities follow them)
+PHASES = ("unenhanced", "arterial", "portal", "excretory")
 #: painting order: later kinds win where masks overlap (vessels and lesions inside the liver)
 ORDER = ["soft", "lung", "stomach", "spleen", "kidney", "liver", "vein", "artery", "fluid", "cyst", "lesion", "bone", "calcium", "metal"]
 
@@ -112,12 +114,14 @@ def _depth_below_skin(body: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 
 
 def render_ct(
-    organs: dict[str, np.ndarray], body: np.ndarray, spacing: Sequence[float], rng: np.random.Generator
+    organs: dict[str, np.ndarray], body: np.ndarray, spacing: Sequence[float], rng: np.random.Generator,
+    phase: str | None = None,
 ) -> np.ndarray:
     """Paint a CT (float32 HU, the masks' shape) from organ masks and the body outline.
 
     ``organs``: organ folder name -> bool array; ``body``: bool array of the body (``skin``);
-    ``spacing``: voxel size in mm along the three axes (axes 0, 1 in-plane, 2 across slices).
+    ``spacing``: voxel size in mm along the three axes (axes 0, 1 in-plane, 2 across slices);
+    ``phase``: one of :data:`PHASES` (default: drawn at random).
     """
     shape = body.shape
     sp = [float(s) for s in spacing]
@@ -134,15 +138,21 @@ def render_ct(
     inner = np.where(visceral > np.quantile(visceral[body], 1 - fat_share) if body.any() else 0, fat_hu, soft_hu)
     hu = np.where(body, np.where(depth < sub_fat, fat_hu, np.where(depth < wall, muscle_hu, inner)), hu).astype(np.float32)
 
-    # contrast phase: unenhanced (liver ~55 HU) to portal venous (~130 HU)
-    enhancement = rng.uniform(0, 1)
+    # contrast phase: unenhanced, arterial (kidney cortex bright against its medulla), portal venous,
+    # excretory (contrast in the collecting system); the enhancement varies within each phase
+    drawn = PHASES[int(rng.integers(len(PHASES)))]
+    phase = drawn if phase is None else phase
+    if phase not in PHASES:
+        raise ValueError(f"{phase!r}: not a contrast phase ({', '.join(PHASES)})")
+    enhancement = {"unenhanced": 0.0, "arterial": rng.uniform(0.15, 0.45), "portal": rng.uniform(0.6, 1.0),
+                   "excretory": rng.uniform(0.35, 0.6)}[phase]
     liver_hu = 55 + 75 * enhancement + rng.uniform(-10, 10)
     values = {
         "liver": liver_hu,
         "spleen": liver_hu + rng.uniform(-15, 30),
         "kidney": 35 + 170 * enhancement + rng.uniform(-10, 30),
         "vein": liver_hu + 80 * enhancement * rng.uniform(0.2, 1.2) + rng.uniform(-15, 15),
-        "artery": 45 + 250 * enhancement * rng.uniform(0.4, 1.0),
+        "artery": 45 + (rng.uniform(200, 350) if phase == "arterial" else 250 * enhancement * rng.uniform(0.4, 1.0)),
         "lesion": liver_hu - rng.uniform(15, 70),
         "cyst": rng.uniform(0, 25),
         "fluid": rng.uniform(-5, 30),
@@ -184,6 +194,8 @@ def render_ct(
             cortex = mask & ~ndimage.binary_erosion(mask, structure=in_plane, iterations=layers)
             trabecular = rng.uniform(120, 330) + 40 * texture
             hu[mask] = np.where(cortex[mask], rng.uniform(450, 1100), trabecular[mask])
+        elif kind == "kidney":
+            hu[mask] = _kidney(mask, phase, sp, rng, texture)
         elif kind == "stomach" and rng.random() < 0.5:
             hu[mask] = values[kind]
             top = mask & (_smooth_field(rng, shape, sp, 20) > 0.8)
@@ -199,6 +211,32 @@ def render_ct(
     noise = ndimage.gaussian_filter(noise, [rng.uniform(0.4, 1.0), rng.uniform(0.4, 1.0), 0.0])
     hu += noise / (noise.std() + 1e-6) * rng.uniform(6, 30)
     return np.clip(hu, -1024, 3071)
+
+
+def _kidney(
+    mask: np.ndarray, phase: str, sp: Sequence[float], rng: np.random.Generator, texture: np.ndarray
+) -> np.ndarray:
+    """Kidney densities (the values at ``mask``) in a contrast phase: a cortex of 4-8 mm over the
+    medulla, bright against it in the arterial phase; one parenchyma in the portal venous phase; in the
+    excretory phase contrast in the collecting system at the kidney's core. Unenhanced: 25-45 HU."""
+    # depth below the kidney's surface in mm, in-plane (slices are too thick to measure across)
+    idx = np.argwhere(mask)
+    box = tuple(slice(max(0, lo - 1), hi + 2) for lo, hi in zip(idx.min(0), idx.max(0)))
+    depth = np.zeros(mask.shape, dtype=np.float32)
+    depth[box] = ndimage.distance_transform_edt(mask[box], sampling=(sp[0], sp[1], 1e3))
+    cortex_mm = rng.uniform(4, 8)
+    inner = depth > cortex_mm
+    core = depth >= max(cortex_mm + 2, rng.uniform(0.55, 0.7) * float(depth.max()))
+    noise = 10 * texture
+    if phase == "unenhanced":
+        out = rng.uniform(25, 45) + noise
+    elif phase == "arterial":
+        out = np.where(inner, rng.uniform(60, 110), rng.uniform(150, 260)) + noise
+    elif phase == "portal":
+        out = rng.uniform(140, 210) + noise
+    else:  # excretory: parenchyma fading, urine contrast in the pelvis and calyces
+        out = np.where(core, rng.uniform(300, 900), rng.uniform(110, 170)) + noise
+    return np.broadcast_to(out, mask.shape)[mask]
 
 
 def _ellipsoid_distractor(hu: np.ndarray, free: np.ndarray, sp: Sequence[float], rng: np.random.Generator, liver_hu: float) -> None:
