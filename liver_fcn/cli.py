@@ -99,7 +99,8 @@ def _crossval(args: argparse.Namespace) -> int:
         overrides = overrides[1:]
     crossval(
         args.dataset_dir, configs, args.name, out_dir=args.out, overrides=overrides,
-        extra_training=args.extra_training, patients=args.patients, experiment=args.experiment,
+        extra_training=args.extra_training, extra_weights=args.extra_weight, patients=args.patients,
+        experiment=args.experiment,
         tracking_uri=args.tracking_uri, scanner_shift=not args.no_scanner_shift,
     )
     return 0
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", default="bundle/eval/crossval", help="folder for the folds (default bundle/eval/crossval)")
     cv.add_argument("--extra-training", nargs="*", default=[],
                     help="datalists (or their folders) whose training split joins every fold's training set")
+    cv.add_argument("--extra-weight", nargs="*", type=float, default=[],
+                    help="sampling weight of each --extra-training set's volumes, in the same order "
+                    "(default: the weights their datalists record)")
     cv.add_argument("--patients", nargs="*", default=[], help="hold out only these patients (default: all)")
     cv.add_argument("--experiment", default="liver-fcn-crossval", help="MLflow experiment (default liver-fcn-crossval)")
     cv.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or bundle/eval/mlruns.db)")

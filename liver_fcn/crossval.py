@@ -176,6 +176,7 @@ def crossval(
     out_dir: str | os.PathLike = "bundle/eval/crossval",
     overrides: Sequence[str] = (),
     extra_training: Sequence[str | os.PathLike] = (),
+    extra_weights: Sequence[float] = (),
     patients: Sequence[str] = (),
     experiment: str = "liver-fcn-crossval",
     tracking_uri: str | None = None,
@@ -202,9 +203,15 @@ def crossval(
         raise InputError(f"{out}: already exists; choose another --name or remove it")
     from liver_fcn.data import load_datalist
 
-    extra = [str(Path(p).resolve()) for p in extra_training]
+    if extra_weights and len(extra_weights) != len(extra_training):
+        raise InputError(f"{len(extra_weights)} extra weights for {len(extra_training)} extra training sets")
+    if any(not w > 0 for w in extra_weights):
+        raise InputError(f"extra weights must be positive, got {list(extra_weights)}")
+    extra: list = [str(Path(p).resolve()) for p in extra_training]
     for p in extra:  # a broken extra set fails here, before any fold trains
         load_datalist(Path(p) / "datalist.json" if Path(p).is_dir() else Path(p), "training")
+    if extra_weights:
+        extra = [{"datalist": p, "weight": float(w)} for p, w in zip(extra, extra_weights)]
     folds = fold_datalists(dataset_dir, out, patients)
     uri = resolve_tracking_uri(Path(out_dir).parent, tracking_uri)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
@@ -223,6 +230,7 @@ def crossval(
         "folds": len(folds),
         "held_out": ", ".join(p for p, _ in folds),
         "extra_training": ", ".join(str(p) for p in extra_training) or "none",
+        "extra_weights": ", ".join(f"{w:g}" for w in extra_weights) or "as recorded",
         "checkpoint": "last (fixed budget, no validation patient)",
         "scanner_shift": scanner_shift,
     }

@@ -105,13 +105,13 @@ def test_mask_folder_without_body_outline_is_refused(phantom_root, tmp_path):
     assert not (tmp_path / "out" / "datalist.json").exists()
 
 
-def test_fold_datalists_hold_each_patient_out_of_its_training(prepared, synthetic, tmp_path):
-    folds = fold_datalists(prepared, tmp_path, extra_training=[synthetic], patients=["1", "3Dircadb1.2"])
+def test_fold_datalists_hold_each_patient_out_of_its_training(prepared, tmp_path):
+    folds = fold_datalists(prepared, tmp_path, patients=["1", "3Dircadb1.2"])
     assert [p for p, _ in folds] == ["3Dircadb1.1", "3Dircadb1.2"]
     for patient, folder in folds:
         d = json.loads((folder / "datalist.json").read_text())
         train = [e["patient"] for e in d["training"]]
-        assert patient not in train and len(train) == 4 + 2 and d["validation"] == []
+        assert patient not in train and len(train) == 4 and d["validation"] == []
         assert [e["patient"] for e in d["test"]] == [patient]
         assert all(Path(e["image"]).is_absolute() for e in d["training"] + d["test"])
     with pytest.raises(InputError, match="9: no such patient"):
@@ -133,7 +133,7 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
     uri = f"sqlite:///{tmp_path / 'cv.db'}"
     a = crossval(prepared, tmp_path / "cv", uri, "plain")
     assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
-    b = crossval(prepared, tmp_path / "cv", uri, "synthetic", "--extra-training", str(synthetic),
+    b = crossval(prepared, tmp_path / "cv", uri, "synthetic", "--extra-training", str(synthetic), "--extra-weight", "0.25",
                  overrides={"network_def#variant": "4s"})
     assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
     assert "mean +- std over 2 folds" in a.stdout and "liver (shifted)" in a.stdout
@@ -166,6 +166,10 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
     # the extra synthetic volumes joined the training of every fold, never its test
     train_b = [r for r in runs if r.info.run_name == "cv-synthetic-3Dircadb1.1-train"][0]
     assert train_b.data.params["train_patients"] == str(4 + 2) and train_b.data.params["variant"] == "4s"
+    assert train_b.data.params["extra_training"] == "synth: 2 volumes, weight 0.25"  # not the 0.5 recorded
+    inputs = train_b.inputs.dataset_inputs  # the fold's patients and the extra set, each with its digest
+    assert [json.loads(i.dataset.profile)["patients"]["training"] for i in inputs] == [4, 2]
+    assert inputs[1].dataset.name == "synthetic CT from 3D-IRCADb-01 organ masks" and len(inputs[1].dataset.digest) == 16
     assert (tmp_path / "cv" / "synthetic" / "folds" / "3Dircadb1.1" / "models" / "model.pt").is_file()
 
     c = subprocess.run(
