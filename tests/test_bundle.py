@@ -259,13 +259,13 @@ def test_evaluation_leaves_out_classes_a_patient_has_no_masks_for(trained, prepa
     r = bundle(
         "run", "evaluating", "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
         "--dataset_dir", str(prepared), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(out / "models"),
-        "--eval_split", "training", "--eval_name", "no-kidney", "--scanner_shift", "false",
+        "--eval_split", "training", "--eval_name", "no-kidney", "--scanner_shift", "false", "--phase_shift", "False",
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     with open(tmp_path / "eval" / "evaluation" / "no-kidney" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted({row["patient"] for row in rows}) == sorted(e["patient"] for e in entries)
-    assert {row["condition"] for row in rows} == {"clean"}  # --scanner_shift false, typed as a user types it
+    assert {row["condition"] for row in rows} == {"clean"}  # both shifts off, typed as users type them
     for row in rows:
         scored = row["class"] != "kidney" or row["patient"] not in without
         assert row["annotated"] == str(scored) and (row["dice"] != "nan") == scored, row

@@ -253,8 +253,8 @@ def _overlay_png(path: Path, ct: np.ndarray, masks: dict[str, np.ndarray], spaci
         ax.imshow(img.T, cmap="gray", vmin=-250, vmax=300, aspect=aspect, origin=origin)
         for name, m in cut.items():
             if m.any():
-                ax.contour(m.T.astype(np.float32), levels=[0.5], colors=colours.get(name, "white"), linewidths=1,
-                           origin=origin)
+                # in data coordinates, row i at y = i whatever way imshow turned the axis
+                ax.contour(m.T.astype(np.float32), levels=[0.5], colors=colours.get(name, "white"), linewidths=1)
         ax.set_title(label)
         ax.axis("off")
     handles = [plt.Line2D([], [], color=c, label=n) for n, c in colours.items() if n in masks]
