@@ -182,8 +182,8 @@ def test_bundle_evaluation_values_equal_metrics_computed_directly(tmp_path):
                tmp_path / "models" / "model.pt")
     configs = [str(REPO / "bundle" / "configs" / f) for f in ("train.json", "evaluate.json")]
     bundle_run("evaluating", config_file=configs, dataset_dir=str(tmp_path / "data"), ckpt_dir=str(tmp_path / "models"),
-               output_dir=str(tmp_path / "eval"), eval_name="known", network_def=THRESHOLD_NET, scanner_shift=False, phase_shift=False,
-               logging_file=False)
+               output_dir=str(tmp_path / "eval"), eval_name="known", network_def=THRESHOLD_NET, scanner_shift=False,
+               phase_shift=False, logging_file=False)
     with open(tmp_path / "eval" / "evaluation" / "known" / "metrics.csv", newline="") as f:
         (row,) = [r for r in csv.DictReader(f) if r["class"] == "liver"]
 
