@@ -1,6 +1,6 @@
 # liver-fcn: the two commands of the README, and their set-up.
 #   make demo   set up .venv, write phantom patients, prepare them, train FCN-8s on the CPU (~6 min)
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv, check the code style (make lint) and run the test suite
 #   make bench  print inference speed and memory (the bundle against a naive MONAI pipeline) and training speed (s/slice)
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ setup: $(BIN)/.installed
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash workflows/demo.sh
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pretty-format-json --indent 4 --no-sort-keys bundle/configs/*.json
+
+test: lint
 	$(BIN)/python -m pytest
 
 bench: setup

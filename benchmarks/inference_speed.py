@@ -38,8 +38,17 @@ from pathlib import Path
 from liver_fcn import CLASS_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = {"variant": "8s", "width": 0.125, "in_channels": 1, "class_names": list(CLASS_NAMES),
-         "pixel_spacing": 1.6, "image_size": 256, "hu_window": [-250, 450], "intensity_mean": 0.19, "slice_distance": 2.5}
+QUICK = {
+    "variant": "8s",
+    "width": 0.125,
+    "in_channels": 1,
+    "class_names": list(CLASS_NAMES),
+    "pixel_spacing": 1.6,
+    "image_size": 256,
+    "hu_window": [-250, 450],
+    "intensity_mean": 0.19,
+    "slice_distance": 2.5,
+}
 
 
 #: runs a module or script and reports its own peak RSS at exit. The peak is read from /proc/self/status
@@ -54,7 +63,10 @@ def peak():
 atexit.register(peak)
 kind, target = sys.argv[1], sys.argv[2]
 sys.argv = [target] + sys.argv[3:]
-runpy.run_module(target, run_name="__main__", alter_sys=True) if kind == "-m" else runpy.run_path(target, run_name="__main__")
+if kind == "-m":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(target, run_name="__main__")
 """
 
 
@@ -78,35 +90,60 @@ def naive_child(args) -> None:
 
     t_start = _t.perf_counter()
     import torch
-    from monai.data import Dataset, DataLoader, PydicomReader, decollate_batch
+    from monai.data import DataLoader, Dataset, PydicomReader, decollate_batch
     from monai.inferers import SliceInferer
     from monai.transforms import (
-        Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, EnsureTyped, Invertd, KeepLargestConnectedComponentd,
-        LoadImaged, Orientationd, Resized, SaveImaged, ScaleIntensityRanged, ShiftIntensityd,
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        Invertd,
+        KeepLargestConnectedComponentd,
+        LoadImaged,
+        Orientationd,
+        Resized,
+        SaveImaged,
+        ScaleIntensityRanged,
+        ShiftIntensityd,
     )
 
+    from liver_fcn.checkpoint import load_model_state
     from liver_fcn.inference import Precision
     from liver_fcn.networks import FCN
-    from liver_fcn.checkpoint import load_model_state
 
     state, settings = load_model_state(args.checkpoint)
     net = FCN(settings["variant"], in_channels=1, out_channels=len(settings["class_names"]), width=settings["width"])
     net.load_state_dict(state)
     net = Precision(net.eval(), "fp32", channels_last=False)
     size = settings["image_size"]
-    pre = Compose([
-        LoadImaged("image", reader=PydicomReader()), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
-        Resized("image", spatial_size=(size, size, -1), mode="bilinear", anti_aliasing=True),
-        ScaleIntensityRanged("image", *settings["hu_window"], 0.0, 1.0, clip=True),
-        ShiftIntensityd("image", -settings["intensity_mean"]), EnsureTyped("image", dtype=torch.float32),
-    ])
-    post = Compose([
-        Activationsd("pred", softmax=True),
-        Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
-        AsDiscreted("pred", argmax=True),
-        KeepLargestConnectedComponentd("pred", applied_labels=[1], independent=True),
-        SaveImaged("pred", output_dir=args.out, output_postfix="seg", output_dtype="uint8", separate_folder=False, print_log=False),
-    ])
+    pre = Compose(
+        [
+            LoadImaged("image", reader=PydicomReader()),
+            EnsureChannelFirstd("image"),
+            Orientationd("image", axcodes="RAS"),
+            Resized("image", spatial_size=(size, size, -1), mode="bilinear", anti_aliasing=True),
+            ScaleIntensityRanged("image", *settings["hu_window"], 0.0, 1.0, clip=True),
+            ShiftIntensityd("image", -settings["intensity_mean"]),
+            EnsureTyped("image", dtype=torch.float32),
+        ]
+    )
+    post = Compose(
+        [
+            Activationsd("pred", softmax=True),
+            Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+            AsDiscreted("pred", argmax=True),
+            KeepLargestConnectedComponentd("pred", applied_labels=[1], independent=True),
+            SaveImaged(
+                "pred",
+                output_dir=args.out,
+                output_postfix="seg",
+                output_dtype="uint8",
+                separate_folder=False,
+                print_log=False,
+            ),
+        ]
+    )
     loader = DataLoader(Dataset([{"image": args.input}], pre), batch_size=1)
     inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=16, spatial_dim=2)
     t_run = _t.perf_counter()
@@ -158,36 +195,66 @@ def end_to_end(args) -> None:
             net = FCN("8s", in_channels=1, out_channels=4, width=QUICK["width"])
             checkpoint = str(tmp / "quick_random.pt")
             torch.save({"model": net.state_dict(), "settings": QUICK}, checkpoint)
-        print(f"synthetic DICOM series 512 x 512 x {args.slices} written in {time.perf_counter() - t0:.0f} s; "
-              f"checkpoint {args.checkpoint or 'quick recipe, random weights'}; torch {torch.__version__}, "
-              f"{os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+        print(
+            f"synthetic DICOM series 512 x 512 x {args.slices} written in {time.perf_counter() - t0:.0f} s; "
+            f"checkpoint {args.checkpoint or 'quick recipe, random weights'}; torch {torch.__version__}, "
+            f"{os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+        )
         rows = {}
-        bundle = ["run", "inference", "--config_file", "bundle/configs/inference.json",
-                  "--input", str(series), "--checkpoint", checkpoint, "--output_dir", str(tmp / "ours"), "--overlay", "false"]
+        bundle = [
+            "run",
+            "inference",
+            "--config_file",
+            "bundle/configs/inference.json",
+            "--input",
+            str(series),
+            "--checkpoint",
+            checkpoint,
+            "--output_dir",
+            str(tmp / "ours"),
+            "--overlay",
+            "false",
+        ]
         wall, rss, out = measure("-m", "monai.bundle", bundle)
         m = re.search(r"written to .* \(([\d.]+) s, network ([\d.]+) s, (\w+)", out)
         run, network, precision = float(m.group(1)), float(m.group(2)), m.group(3)
-        rows[f"bundle ({precision}, body grid)"] = dict(wall=wall, startup=wall - run, run=run, network=network, rss=rss)
+        rows[f"bundle ({precision}, body grid)"] = dict(
+            wall=wall, startup=wall - run, run=run, network=network, rss=rss
+        )
         if not args.no_naive:
             naive = ["--naive-child", "--input", str(series), "--checkpoint", checkpoint, "--out", str(tmp / "naive")]
             wall, rss, out = measure("script", __file__, naive)
             r = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-            rows["naive MONAI (fp32)"] = dict(wall=wall, startup=wall - r["run"], run=r["run"], network=r["network"], rss=rss)
-        print(f"\n{'pipeline':<26} {'wall':>7} {'start-up':>9} {'run':>7} {'network':>8} {'non-network':>12} {'peak RSS':>9}")
+            rows["naive MONAI (fp32)"] = dict(
+                wall=wall, startup=wall - r["run"], run=r["run"], network=r["network"], rss=rss
+            )
+        print(
+            f"\n{'pipeline':<26} {'wall':>7} {'start-up':>9} {'run':>7} {'network':>8} "
+            f"{'non-network':>12} {'peak RSS':>9}"
+        )
         for name, r in rows.items():
-            print(f"{name:<26} {r['wall']:>6.1f}s {r['startup']:>8.1f}s {r['run']:>6.1f}s {r['network']:>7.2f}s "
-                  f"{r['run'] - r['network']:>11.2f}s {r['rss']:>7.2f}GB")
-        print("(wall: the whole command, Python's start included; run: the engine's run; non-network: run minus network)")
+            print(
+                f"{name:<26} {r['wall']:>6.1f}s {r['startup']:>8.1f}s {r['run']:>6.1f}s {r['network']:>7.2f}s "
+                f"{r['run'] - r['network']:>11.2f}s {r['rss']:>7.2f}GB"
+            )
+        print(
+            "(wall: the whole command, Python's start included; run: the engine's run; non-network: run minus network)"
+        )
         if not args.no_naive:
-            names = list(rows)
-            print(f"\nspeed-up of the bundle over the naive pipeline: {rows[names[1]]['wall'] / rows[names[0]]['wall']:.1f}x end to end, "
-                  f"{(rows[names[1]]['run'] - rows[names[1]]['network']) / max(rows[names[0]]['run'] - rows[names[0]]['network'], 1e-9):.1f}x "
-                  "on the non-network work")
+            ours_row, naive_row = rows[list(rows)[0]], rows[list(rows)[1]]
+            end_to_end = naive_row["wall"] / ours_row["wall"]
+            non_network = (naive_row["run"] - naive_row["network"]) / max(ours_row["run"] - ours_row["network"], 1e-9)
+            print(
+                f"\nspeed-up of the bundle over the naive pipeline: {end_to_end:.1f}x end to end, "
+                f"{non_network:.1f}x on the non-network work"
+            )
             ours = next((tmp / "ours").glob("*_seg.nii.gz"))
             theirs = next((tmp / "naive").glob("*_seg.nii.gz"))
             d = dice_per_class(ours, theirs)
-            print(f"masks, Dice bundle vs naive: liver {d[0]:.4f}, bone {d[1]:.4f}, kidney {d[2]:.4f} "
-                  "(the bundle resamples in physical units and post-processes more, so they need not be identical)")
+            print(
+                f"masks, Dice bundle vs naive: liver {d[0]:.4f}, bone {d[1]:.4f}, kidney {d[2]:.4f} "
+                "(the bundle resamples in physical units and post-processes more, so they need not be identical)"
+            )
 
 
 def network_only(args) -> None:
@@ -212,7 +279,11 @@ def network_only(args) -> None:
         else:
             flops += 2.0 * out.numel() * (m.in_channels // m.groups) * k
 
-    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    hooks = [
+        m.register_forward_hook(hook)
+        for m in net.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+    ]
     with torch.no_grad():
         net(torch.zeros(1, 1, args.size, args.size, device=device))
     for h in hooks:
@@ -236,8 +307,11 @@ def network_only(args) -> None:
             per_slice = (time.perf_counter() - t0) / reps / args.batch
         labels[precision] = y.argmax(1)
         agree = (labels[precision] == labels["fp32"]).float().mean().item()
-        print(f"  {precision}: {per_slice * 1000:.0f} ms a slice = {per_slice * args.slices:.1f} s for {args.slices} slices, "
-              f"{flops / per_slice / 1e9:.0f} GFLOP/s; labels equal to fp32's on {100 * agree:.2f} % of pixels")
+        print(
+            f"  {precision}: {per_slice * 1000:.0f} ms a slice = "
+            f"{per_slice * args.slices:.1f} s for {args.slices} slices, "
+            f"{flops / per_slice / 1e9:.0f} GFLOP/s; labels equal to fp32's on {100 * agree:.2f} % of pixels"
+        )
 
 
 def main() -> None:

@@ -35,10 +35,10 @@ def parser_for(files: list[str], overrides: dict, keep_mlflow: bool):
     p.read_config([str(CONFIGS / f) for f in files])
     for k, v in overrides.items():
         p[k] = v
-    if not keep_mlflow:  # the handlers are named: switch the MLflow ones off
-        for path in ("train#mlflow_handler", "validate#mlflow_handler", "evaluation_mlflow_handler"):
+    if not keep_mlflow:  # leave the MLflow handlers out of the engines' handler lists
+        for path in ("train#handlers", "validate#handlers"):
             if path in p:
-                p[path + "#_disabled_"] = True
+                p[path] = [h for h in p[path] if "mlflow" not in str(h).lower()]
         if "training" in p:
             p["training"] = [x for x in p["training"] if "tracking." not in str(x) and "reporting." not in str(x)]
     return p
@@ -46,9 +46,17 @@ def parser_for(files: list[str], overrides: dict, keep_mlflow: bool):
 
 def train(dataset: Path, datalist: Path, out: Path, iterations: int, args) -> float:
     overrides = {
-        "dataset_dir": str(dataset), "datalist": str(datalist), "output_dir": str(out / "eval"), "ckpt_dir": str(out / "models"),
-        "iterations": iterations, "val_interval": iterations, "warmup_iterations": min(200, max(1, iterations // 10)),
-        "num_workers": args.workers, "cache_workers": 4, "run_name": out.name, "log_every": 25,
+        "dataset_dir": str(dataset),
+        "datalist": str(datalist),
+        "output_dir": str(out / "eval"),
+        "ckpt_dir": str(out / "models"),
+        "iterations": iterations,
+        "epoch_length": iterations,
+        "warmup_iterations": min(200, max(1, iterations // 10)),
+        "num_workers": args.workers,
+        "cache_workers": 4,
+        "run_name": out.name,
+        "log_every": 25,
     }
     if args.batch:
         overrides["batch_size"] = args.batch
@@ -61,8 +69,13 @@ def train(dataset: Path, datalist: Path, out: Path, iterations: int, args) -> fl
 
 def evaluate(dataset: Path, datalist: Path, out: Path, args) -> list[dict]:
     overrides = {
-        "dataset_dir": str(dataset), "datalist": str(datalist), "output_dir": str(out / "eval"), "ckpt_dir": str(out / "models"),
-        "eval_split": "test", "eval_name": "held-out", "scanner_shift": True,
+        "dataset_dir": str(dataset),
+        "datalist": str(datalist),
+        "output_dir": str(out / "eval"),
+        "ckpt_dir": str(out / "models"),
+        "eval_split": "test",
+        "eval_name": "held-out",
+        "scanner_shift": True,
     }
     p = parser_for(["train.json", "evaluate.json"], overrides, args.keep_mlflow)
     p.get_parsed_content("evaluating")
@@ -77,8 +90,23 @@ def bundle_inference(inputs: list[dict], ckpt: Path, out: Path, precision: str) 
     out.mkdir(parents=True, exist_ok=True)
     datalist = out / "cases.json"
     datalist.write_text(json.dumps(inputs))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.json"),
-           "--input", str(datalist), "--checkpoint", str(ckpt), "--output_dir", str(out), "--precision", precision]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--input",
+        str(datalist),
+        "--checkpoint",
+        str(ckpt),
+        "--output_dir",
+        str(out),
+        "--precision",
+        precision,
+    ]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -102,7 +130,9 @@ def dice(a: Path, b: Path) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True, type=Path, help="folder with datalist.json (training + validation patients)")
+    ap.add_argument(
+        "--dataset", required=True, type=Path, help="folder with datalist.json (training + validation patients)"
+    )
     ap.add_argument("--out", type=Path, default=Path("paper_gpu"))
     ap.add_argument("--train-seconds", type=float, default=360.0, help="training time for all folds together")
     ap.add_argument("--max-iterations", type=int, default=20000)
@@ -118,11 +148,19 @@ def main() -> None:
     args.out = args.out.resolve()
     dl = json.loads((dataset / "datalist.json").read_text())
     patients = dl.get("training", []) + dl.get("validation", [])
-    print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; torch {torch.__version__}; "
-          f"patients {[p['patient'] for p in patients]}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; torch {torch.__version__}; "
+        f"patients {[p['patient'] for p in patients]}",
+        flush=True,
+    )
     folds = []
     for held in patients:
-        fold = {"training": [p for p in patients if p is not held], "validation": [], "test": [held], "classes": dl.get("classes")}
+        fold = {
+            "training": [p for p in patients if p is not held],
+            "validation": [],
+            "test": [held],
+            "classes": dl.get("classes"),
+        }
         path = dataset / f"fold-{held['patient']}.json"
         path.write_text(json.dumps(fold))
         folds.append((held, path))
@@ -134,7 +172,10 @@ def main() -> None:
     per_it = max((t_probe2 - t_probe) / probe, 1e-3)
     fixed = max(t_probe - per_it * probe, 0.0)
     iterations = int(min(args.max_iterations, max(50, (args.train_seconds / len(folds) - fixed) / per_it)))
-    print(f"calibration: {per_it:.3f} s an iteration, {fixed:.0f} s fixed per run -> {iterations} iterations per fold", flush=True)
+    print(
+        f"calibration: {per_it:.3f} s an iteration, {fixed:.0f} s fixed per run -> {iterations} iterations per fold",
+        flush=True,
+    )
 
     rows = []
     for i, (held, path) in enumerate(folds):
@@ -143,8 +184,11 @@ def main() -> None:
         metrics = evaluate(dataset, path, out, args)
         print(f"fold {held['patient']}: trained {iterations} iterations in {seconds:.0f} s", flush=True)
         for m in metrics:
-            print(f"  {m['condition']:<8} {m['class']:<7} Dice {float(m['dice']):.4f}  IoU {float(m['iou']):.4f}  "
-                  f"ASSD {float(m['assd']):.2f} mm  RVD {float(m['rvd']):+.1f} %", flush=True)
+            print(
+                f"  {m['condition']:<8} {m['class']:<7} Dice {float(m['dice']):.4f}  IoU {float(m['iou']):.4f}  "
+                f"ASSD {float(m['assd']):.2f} mm  RVD {float(m['rvd']):+.1f} %",
+                flush=True,
+            )
         rows += metrics
         if i == 0:
             time_inference(dataset, patients, out / "models" / "model.pt", args)
@@ -155,7 +199,10 @@ def main() -> None:
             v = [float(r["iou"]) for r in rows if r["condition"] == cond and r["class"] == cls]
             d = [float(r["dice"]) for r in rows if r["condition"] == cond and r["class"] == cls]
             if v:
-                print(f"mean over {len(v)} folds {cond:<8} {cls:<7} IoU {st.mean(v):.4f} +- {st.pstdev(v):.4f}  Dice {st.mean(d):.4f}")
+                print(
+                    f"mean over {len(v)} folds {cond:<8} {cls:<7} IoU {st.mean(v):.4f} +- {st.pstdev(v):.4f}  "
+                    f"Dice {st.mean(d):.4f}"
+                )
 
 
 def time_inference(dataset: Path, patients: list[dict], ckpt: Path, args) -> None:
@@ -166,13 +213,18 @@ def time_inference(dataset: Path, patients: list[dict], ckpt: Path, args) -> Non
         w1, r1, n1 = bundle_inference(cases[:1], ckpt, args.out / f"infer-{precision}-1", precision)
         wn, rn, nn = bundle_inference(many, ckpt, args.out / f"infer-{precision}-n", precision)
         per = (rn - r1) / (len(many) - 1)
-        print(f"inference {precision}: 1 case {w1:.1f} s wall ({r1:.1f} s run, network {n1:.2f} s); {len(many)} cases {wn:.1f} s wall "
-              f"({rn:.1f} s run, network {nn:.2f} s) -> {per:.2f} s a volume after start-up, network {nn / len(many):.3f} s a volume",
-              flush=True)
+        print(
+            f"inference {precision}: 1 case {w1:.1f} s wall ({r1:.1f} s run, network {n1:.2f} s); "
+            f"{len(many)} cases {wn:.1f} s wall ({rn:.1f} s run, network {nn:.2f} s) -> "
+            f"{per:.2f} s a volume after start-up, network {nn / len(many):.3f} s a volume",
+            flush=True,
+        )
     for c in cases:
         name = f"{c['patient']}-0"
         d = dice(args.out / "infer-bf16-n" / f"{name}_seg.nii.gz", args.out / "infer-fp32-n" / f"{name}_seg.nii.gz")
-        print(f"bf16 vs fp32 masks, {c['patient']}: Dice liver {d[0]:.5f}, bone {d[1]:.5f}, kidney {d[2]:.5f}", flush=True)
+        print(
+            f"bf16 vs fp32 masks, {c['patient']}: Dice liver {d[0]:.5f}, bone {d[1]:.5f}, kidney {d[2]:.5f}", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -78,7 +78,10 @@ def main() -> None:
         )
         return
     print(f"training step, torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
-    print(f"{'config':<12} {'variant':>7} {'width':>6} {'size':>5} {'batch':>5} {'params':>8} {'s/step':>8} {'s/slice':>8} {'peak RSS':>9}")
+    print(
+        f"{'config':<12} {'variant':>7} {'width':>6} {'size':>5} {'batch':>5} {'params':>8} "
+        f"{'s/step':>8} {'s/slice':>8} {'peak RSS':>9}"
+    )
     sys.stdout.flush()
     for name in names:
         cmd = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--device", args.device]

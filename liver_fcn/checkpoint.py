@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,13 +41,23 @@ __all__ = [
     "latest_checkpoint",
     "load_model",
     "load_model_state",
+    "download_checkpoint",
     "local_checkpoint",
     "network_from_settings",
     "resume_state",
 ]
 
 #: settings a checkpoint must carry: they rebuild the network and its preprocessing
-REQUIRED_SETTINGS = ("variant", "width", "in_channels", "class_names", "pixel_spacing", "image_size", "hu_window", "intensity_mean")
+REQUIRED_SETTINGS = (
+    "variant",
+    "width",
+    "in_channels",
+    "class_names",
+    "pixel_spacing",
+    "image_size",
+    "hu_window",
+    "intensity_mean",
+)
 #: settings with a default when a checkpoint leaves them out
 OPTIONAL_SETTINGS: dict = {"padding": "aligned", "slice_distance": None}
 #: per-period training checkpoints, ``<run>_checkpoint_epoch=N.pt``
@@ -112,18 +123,54 @@ def local_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str | None = N
     ``MLFLOW_TRACKING_URI``), downloaded once per process."""
     text = str(checkpoint)
     if text.startswith("models:/"):
-        from liver_fcn.registry import download_checkpoint
-
         return download_checkpoint(text, tracking_uri)
     return Path(checkpoint)
+
+
+#: MLflow model URI -> downloaded checkpoint, once per process
+_downloaded: dict[str, Path] = {}
+
+
+@reported
+def download_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
+    """The checkpoint of the MLflow model ``uri`` (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``),
+    downloaded once per process from the registry of ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI``)."""
+    key = f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI', '')}|{uri}"
+    if key in _downloaded:
+        return _downloaded[key]
+    import mlflow  # here: only a models:/ URI needs MLflow, and it is slow to import
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri,
+            dst_path=tempfile.mkdtemp(prefix="liver-fcn-model-"),
+            tracking_uri=tracking_uri,
+            registry_uri=tracking_uri,
+        )
+    except Exception as e:
+        where = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        raise InputError(
+            f"{uri}: not found in the model registry at {where} ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        ) from None
+    found = sorted(Path(local).glob("artifacts/*.pt"))
+    if len(found) != 1:
+        raise InputError(f"{uri}: the registered model holds no liver-fcn checkpoint (artifacts/*.pt)")
+    _downloaded[key] = found[0]
+    return found[0]
 
 
 def network_from_settings(settings: Mapping) -> torch.nn.Module:
     """The network a checkpoint's settings describe (untrained: load its weights with :func:`load_model`)."""
     from liver_fcn.networks import FCN
 
-    return FCN(settings["variant"], int(settings["in_channels"]), len(settings["class_names"]), float(settings["width"]),
-               settings.get("padding") or "aligned", settings=settings)
+    return FCN(
+        settings["variant"],
+        int(settings["in_channels"]),
+        len(settings["class_names"]),
+        float(settings["width"]),
+        settings.get("padding") or "aligned",
+        settings=settings,
+    )
 
 
 def is_torchscript(path: Path) -> bool:
@@ -205,7 +252,9 @@ def load_model(checkpoint: str | os.PathLike, network: torch.nn.Module, device="
         network.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise InputError(f"{path}: weights do not fit the network its settings describe ({first[0] if first else e})") from None
+        raise InputError(
+            f"{path}: weights do not fit the network its settings describe ({first[0] if first else e})"
+        ) from None
     return network.to(device).eval()
 
 

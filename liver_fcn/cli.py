@@ -49,14 +49,18 @@ def _summary(args: argparse.Namespace) -> int:
     import mlflow
 
     from liver_fcn.reporting import print_run_summary
-    from liver_fcn.tracking import resolve_tracking_uri
+    from liver_fcn.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.output_dir, args.tracking_uri)
     run_name = args.run_name
     if run_name is None:
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(args.experiment)
-        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+        runs = (
+            client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+            if exp
+            else []
+        )
         if not runs:
             raise InputError(f"{uri}: no runs in experiment {args.experiment!r}")
         run_name = runs[0].info.run_name
@@ -68,8 +72,15 @@ def _synth(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     synthesize(
-        args.masks, args.out, copies=args.copies, seed=args.seed, patients=args.patients,
-        sampling_weight=args.weight, mapping=args.mapping, annotate=args.classes, overwrite=args.overwrite,
+        args.masks,
+        args.out,
+        copies=args.copies,
+        seed=args.seed,
+        patients=args.patients,
+        sampling_weight=args.weight,
+        mapping=args.mapping,
+        annotate=args.classes,
+        overwrite=args.overwrite,
     )
     print(f"done in {time.time() - t0:.0f} s")
     return 0
@@ -80,9 +91,17 @@ def _warp(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     warp_patients(
-        args.dataset_dir, args.masks, args.out, sources=args.sources, targets=args.targets,
-        sampling_weight=args.weight, min_liver_dice=args.min_liver_dice, low_weight=args.low_weight,
-        spacing_mm=args.spacing, mapping=args.mapping, overwrite=args.overwrite,
+        args.dataset_dir,
+        args.masks,
+        args.out,
+        sources=args.sources,
+        targets=args.targets,
+        sampling_weight=args.weight,
+        min_liver_dice=args.min_liver_dice,
+        low_weight=args.low_weight,
+        spacing_mm=args.spacing,
+        mapping=args.mapping,
+        overwrite=args.overwrite,
     )
     print(f"done in {time.time() - t0:.0f} s")
     return 0
@@ -98,10 +117,17 @@ def _crossval(args: argparse.Namespace) -> int:
     if overrides and overrides[0] == "--":
         overrides = overrides[1:]
     crossval(
-        args.dataset_dir, configs, args.name, out_dir=args.out, overrides=overrides,
-        extra_training=args.extra_training, extra_weights=args.extra_weight, patients=args.patients,
+        args.dataset_dir,
+        configs,
+        args.name,
+        out_dir=args.out,
+        overrides=overrides,
+        extra_training=args.extra_training,
+        extra_weights=args.extra_weight,
+        patients=args.patients,
         experiment=args.experiment,
-        tracking_uri=args.tracking_uri, scanner_shift=not args.no_scanner_shift,
+        tracking_uri=args.tracking_uri,
+        scanner_shift=not args.no_scanner_shift,
     )
     return 0
 
@@ -112,7 +138,7 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from liver_fcn.reporting import best_column, compare_runs, comparison_table, log_comparison, plot_curves
-    from liver_fcn.tracking import resolve_tracking_uri
+    from liver_fcn.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.output_dir, args.tracking_uri)
     if args.crossval:
@@ -144,7 +170,7 @@ def _compare(args: argparse.Namespace) -> int:
     plot_curves(curves, out / "curves.png", title=f"{args.experiment}: validation curves")
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'curves.png'}")
     if args.log_run:
-        from liver_fcn.tracking import ui_link
+        from liver_fcn.runs import ui_link
 
         rid, exp_id = log_comparison(uri, args.experiment, args.metric, rows, out)
         print(f"logged the comparison as MLflow run {rid}: {ui_link(uri, exp_id, rid)}")
@@ -156,8 +182,10 @@ def _compare(args: argparse.Namespace) -> int:
             raise InputError(f"{uri}: no FINISHED run in experiment {args.experiment!r} to promote")
         version = promote(uri, args.registered_model, args.promote, best["run_id"])
         score = best.get(best_column(args.metric), float("nan"))
-        print(f"models:/{args.registered_model}@{args.promote} -> version {version.version} "
-              f"(run {best['run']}, best {args.metric} {score:.4f})")
+        print(
+            f"models:/{args.registered_model}@{args.promote} -> version {version.version} "
+            f"(run {best['run']}, best {args.metric} {score:.4f})"
+        )
     return 0
 
 
@@ -179,50 +207,82 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder for extracted series and datalist.json")
     pr.add_argument("--mapping", help="JSON file mapping organ folders to classes (default: liver, bone, kidney)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split (default 0)")
-    pr.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for validation (0.2)")
-    pr.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients for test (0.2)")
-    pr.add_argument("--val-patients", nargs="*", default=[], help="patients pinned to validation (e.g. 7 or 3Dircadb1.7)")
-    pr.add_argument("--test-patients", nargs="*", default=[], help="patients pinned to test")
+    pr.add_argument("--val_fraction", type=float, default=0.2, help="fraction of patients for validation (0.2)")
+    pr.add_argument("--test_fraction", type=float, default=0.2, help="fraction of patients for test (0.2)")
+    pr.add_argument(
+        "--val_patients", nargs="*", default=[], help="patients pinned to validation (e.g. 7 or 3Dircadb1.7)"
+    )
+    pr.add_argument("--test_patients", nargs="*", default=[], help="patients pinned to test")
     pr.add_argument("--overwrite", action="store_true", help="replace an earlier preparation in --out")
     pr.set_defaults(func=_prepare)
 
     sy = sub.add_parser(
-        "synth", help="synthesise training CTs from 3D-IRCADb-01 organ masks (domain randomisation)",
+        "synth",
+        help="synthesise training CTs from 3D-IRCADb-01 organ masks (domain randomisation)",
         description="Paint CT volumes from the organ masks of patients whose CT is not available (body outline, "
         "liver, vessels, bone, kidneys...) with random but physical densities, texture, blur and noise; write them "
-        "as NIfTI with a datalist for `liver-fcn crossval --extra-training` or a training split.",
+        "as NIfTI with a datalist for `liver-fcn crossval --extra_training` or a training split.",
     )
-    sy.add_argument("--masks", required=True, help="folder of 3Dircadb1.N folders holding MASKS_DICOM.zip (or MASKS_DICOM)")
+    sy.add_argument(
+        "--masks", required=True, help="folder of 3Dircadb1.N folders holding MASKS_DICOM.zip (or MASKS_DICOM)"
+    )
     sy.add_argument("--out", required=True, help="output folder (one sub-folder per volume, datalist.json)")
-    sy.add_argument("--copies", type=int, default=1, help="renderings per patient, each with new random tissue (default 1)")
+    sy.add_argument(
+        "--copies", type=int, default=1, help="renderings per patient, each with new random tissue (default 1)"
+    )
     sy.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sy.add_argument("--patients", nargs="*", default=[], help="only these patients (e.g. 2 5 3Dircadb1.9)")
-    sy.add_argument("--weight", type=float, default=1.0,
-                    help="sampling weight of each synthetic volume's slices against real ones' 1.0 (default 1.0)")
+    sy.add_argument(
+        "--weight",
+        type=float,
+        default=1.0,
+        help="sampling weight of each synthetic volume's slices against real ones' 1.0 (default 1.0)",
+    )
     sy.add_argument("--mapping", help="JSON file mapping organ folders to classes (default: liver, bone, kidney)")
-    sy.add_argument("--classes", nargs="*", default=None,
-                    help="classes the synthetic volumes annotate (default: all); the others are learnt from real CT only")
+    sy.add_argument(
+        "--classes",
+        nargs="*",
+        default=None,
+        help="classes the synthetic volumes annotate (default: all); the others are learnt from real CT only",
+    )
     sy.add_argument("--overwrite", action="store_true", help="replace an earlier synthesis in --out")
     sy.set_defaults(func=_synth)
 
     wa = sub.add_parser(
-        "warp", help="warp real CT onto the anatomy of mask-only 3D-IRCADb-01 patients (label-driven registration)",
+        "warp",
+        help="warp real CT onto the anatomy of mask-only 3D-IRCADb-01 patients (label-driven registration)",
         description="Register each real patient's organ labels (body outline, liver, bone, kidneys, spleen, lungs) "
         "onto each mask-only patient's, affine then deformable, warp the real CT with the result and annotate it with "
         "the target's own masks; write NIfTI volumes, a datalist for --extra_training, warp_report.csv (Dice of the "
         "warped labels per pair) and one picture per pair.",
     )
-    wa.add_argument("--dataset_dir", "--dataset-dir", required=True,
-                    help="a liver-fcn prepare folder: its patients' CT and masks are warped")
-    wa.add_argument("--masks", required=True, help="folder of 3Dircadb1.N folders holding MASKS_DICOM.zip (or MASKS_DICOM)")
-    wa.add_argument("--out", required=True, help="output folder (one sub-folder per pair, datalist.json, warp_report.csv)")
+    wa.add_argument(
+        "--dataset_dir",
+        "--dataset_dir",
+        required=True,
+        help="a liver-fcn prepare folder: its patients' CT and masks are warped",
+    )
+    wa.add_argument(
+        "--masks", required=True, help="folder of 3Dircadb1.N folders holding MASKS_DICOM.zip (or MASKS_DICOM)"
+    )
+    wa.add_argument(
+        "--out", required=True, help="output folder (one sub-folder per pair, datalist.json, warp_report.csv)"
+    )
     wa.add_argument("--sources", nargs="*", default=[], help="only these real patients (default: all of the data set)")
     wa.add_argument("--targets", nargs="*", default=[], help="only these mask-only patients (e.g. 2 5 3Dircadb1.9)")
     wa.add_argument("--weight", type=float, default=1.0, help="sampling weight of each warped volume (default 1.0)")
-    wa.add_argument("--min-liver-dice", type=float, default=0.85,
-                    help="pairs whose warped liver has a lower Dice against the target's are dropped (default 0.85)")
-    wa.add_argument("--low-weight", type=float, default=0.0,
-                    help="keep the pairs below --min-liver-dice at this weight instead of dropping them (default 0)")
+    wa.add_argument(
+        "--min_liver_dice",
+        type=float,
+        default=0.85,
+        help="pairs whose warped liver has a lower Dice against the target's are dropped (default 0.85)",
+    )
+    wa.add_argument(
+        "--low_weight",
+        type=float,
+        default=0.0,
+        help="keep the pairs below --min_liver_dice at this weight instead of dropping them (default 0)",
+    )
     wa.add_argument("--spacing", type=float, default=3.0, help="registration grid in mm (default 3)")
     wa.add_argument("--mapping", help="JSON file mapping organ folders to classes (default: liver, bone, kidney)")
     wa.add_argument("--overwrite", action="store_true", help="replace an earlier warp in --out")
@@ -231,54 +291,107 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("compare", help="compare the runs of an MLflow experiment: table, CSV, Markdown, curves")
     co.add_argument("--experiment", default="liver-fcn", help="MLflow experiment (default liver-fcn)")
     co.add_argument("--metric", default="val_iou_liver", help="sort by the best value of this metric")
-    co.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the bundle's store)")
-    co.add_argument("--output-dir", default="bundle/eval", help="bundle output folder holding mlruns.db")
-    co.add_argument("--out", help="folder for comparison.md/.csv and curves.png (default <output-dir>/compare/<experiment>)")
-    co.add_argument("--log-run", action="store_true",
-                    help="also record the comparison (table, CSV, curves) as a run of the experiment, tagged kind=comparison")
-    co.add_argument("--promote", metavar="ALIAS",
-                    help="point this alias (e.g. champion) of the registered model at the best FINISHED run's version")
-    co.add_argument("--registered-model", default="liver-fcn", help="registered model name for --promote (default liver-fcn)")
-    co.add_argument("--crossval", nargs=2, metavar=("A", "B"),
-                    help="compare two cross-validations (liver-fcn crossval --name) fold by fold instead")
+    co.add_argument("--tracking_uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the bundle's store)")
+    co.add_argument("--output_dir", default="bundle/eval", help="bundle output folder holding mlruns.db")
+    co.add_argument(
+        "--out", help="folder for comparison.md/.csv and curves.png (default <output-dir>/compare/<experiment>)"
+    )
+    co.add_argument(
+        "--log_run",
+        action="store_true",
+        help="also record the comparison (table, CSV, curves) as a run of the experiment, tagged kind=comparison",
+    )
+    co.add_argument(
+        "--promote",
+        metavar="ALIAS",
+        help="point this alias (e.g. champion) of the registered model at the best FINISHED run's version",
+    )
+    co.add_argument(
+        "--registered_model", default="liver-fcn", help="registered model name for --promote (default liver-fcn)"
+    )
+    co.add_argument(
+        "--crossval",
+        nargs=2,
+        metavar=("A", "B"),
+        help="compare two cross-validations (liver-fcn crossval --name) fold by fold instead",
+    )
     co.set_defaults(func=_compare)
 
     cv = sub.add_parser(
-        "crossval", help="leave-one-patient-out cross-validation of a bundle recipe, one MLflow parent run",
+        "crossval",
+        help="leave-one-patient-out cross-validation of a bundle recipe, one MLflow parent run",
         description="Train the bundle once per patient of a prepared data set without that patient (fixed "
         "iteration budget, last checkpoint: the held-out patient never chooses it), evaluate the held-out "
         "patient clean and after a simulated scanner change, and record it all as an MLflow parent run with a "
         "child run per fold. Bundle overrides for the training runs follow a '--'.",
     )
-    cv.add_argument("--dataset_dir", "--dataset-dir", required=True, help="folder holding a liver-fcn prepare datalist.json")
-    cv.add_argument("--config", default="['bundle/configs/train.json','bundle/configs/cpu.json']",
-                    help="training config file or Python list of them (default: train.json + cpu.json)")
+    cv.add_argument("--dataset_dir", required=True, help="folder holding a liver-fcn prepare datalist.json")
+    cv.add_argument(
+        "--config",
+        default="['bundle/configs/train.json','bundle/configs/cpu.json']",
+        help="training config file or Python list of them (default: train.json + cpu.json)",
+    )
     cv.add_argument("--name", required=True, help="name of this cross-validation (its folder and MLflow tag)")
     cv.add_argument("--out", default="bundle/eval/crossval", help="folder for the folds (default bundle/eval/crossval)")
-    cv.add_argument("--extra-training", nargs="*", default=[],
-                    help="datalists (or their folders) whose training split joins every fold's training set")
-    cv.add_argument("--extra-weight", nargs="*", type=float, default=[],
-                    help="sampling weight of each --extra-training set's volumes, in the same order "
-                    "(default: the weights their datalists record)")
+    cv.add_argument(
+        "--extra_training",
+        nargs="*",
+        default=[],
+        help="datalists (or their folders) whose training split joins every fold's training set",
+    )
+    cv.add_argument(
+        "--extra_weight",
+        nargs="*",
+        type=float,
+        default=[],
+        help="sampling weight of each --extra_training set's volumes, in the same order "
+        "(default: the weights their datalists record)",
+    )
     cv.add_argument("--patients", nargs="*", default=[], help="hold out only these patients (default: all)")
     cv.add_argument("--experiment", default="liver-fcn-crossval", help="MLflow experiment (default liver-fcn-crossval)")
-    cv.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or bundle/eval/mlruns.db)")
-    cv.add_argument("--no-scanner-shift", action="store_true", help="evaluate the clean scans only")
+    cv.add_argument(
+        "--tracking_uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or bundle/eval/mlruns.db)"
+    )
+    cv.add_argument("--no_scanner_shift", action="store_true", help="evaluate the clean scans only")
     cv.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then bundle overrides, e.g. -- --iterations 500")
     cv.set_defaults(func=_crossval)
 
     su = sub.add_parser("summary", help="print the validation results of an MLflow run")
     su.add_argument("--experiment", default="liver-fcn", help="MLflow experiment (default liver-fcn)")
-    su.add_argument("--run-name", help="run name (default: the latest run)")
-    su.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the bundle's store)")
-    su.add_argument("--output-dir", default="bundle/eval", help="bundle output folder holding mlruns.db")
+    su.add_argument("--run_name", help="run name (default: the latest run)")
+    su.add_argument("--tracking_uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the bundle's store)")
+    su.add_argument("--output_dir", default="bundle/eval", help="bundle output folder holding mlruns.db")
     su.set_defaults(func=_summary)
     return p
 
 
+def snake_case_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with the options of the kebab spelling (``--tracking_uri``, accepted until the next
+    release) in the one spelling of the CLI and the bundle (``--tracking_uri``), each said once on
+    stderr. Arguments after ``--`` (bundle overrides) are left alone."""
+    known = set()
+    for action in parser._actions:
+        known.update(action.option_strings)
+        for sub in getattr(action, "choices", None) or {}:
+            if isinstance(action.choices[sub], argparse.ArgumentParser):
+                known.update(o for a in action.choices[sub]._actions for o in a.option_strings)
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and "-" in name[2:] and name not in known:
+            snake = "--" + name[2:].replace("-", "_")
+            if snake in known:
+                print(f"liver-fcn: {name} is deprecated, use {snake}", file=sys.stderr)
+                out[i] = snake + eq + value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(snake_case_options(parser, sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except (InputError, FileExistsError) as e:

@@ -147,9 +147,16 @@ def _markdown(title: str, rows: list[dict], table: list[dict]) -> str:
     out.append("|---|---|---|---|---|---|---|")
     for r in rows:
         out.append(
-            f"| {r['fold']} | {r['condition']} | {r['class']} | {r['dice']:.4f} | {r['iou']:.4f} | {r['assd']:.2f} | {r['rvd']:+.1f} |"
+            f"| {r['fold']} | {r['condition']} | {r['class']} | {r['dice']:.4f} | {r['iou']:.4f} "
+            f"| {r['assd']:.2f} | {r['rvd']:+.1f} |"
         )
-    out += ["", "Mean +- std over folds:", "", "| condition | class | n | Dice | IoU | ASSD (mm) |", "|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "Mean +- std over folds:",
+        "",
+        "| condition | class | n | Dice | IoU | ASSD (mm) |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in table:
         out.append(
             f"| {t['condition']} | {t['class']} | {t['n']} | {t['dice_mean']:.4f} +- {t['dice_std']:.4f} | "
@@ -191,7 +198,7 @@ def crossval(
     """
     import mlflow
 
-    from liver_fcn.tracking import resolve_tracking_uri, tag_experiment, ui_link
+    from liver_fcn.runs import resolve_tracking_uri, tag_experiment, ui_link
 
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise InputError(f"{name!r}: a cross-validation name may hold letters, digits, '.', '_' and '-' only")
@@ -242,16 +249,54 @@ def crossval(
     try:
         for i, (patient, folder) in enumerate(folds, 1):
             tag = re.sub(r"[^A-Za-z0-9._-]+", "_", patient)
-            common = ["--dataset_dir", str(folder), "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "eval"),
-                      "--experiment_name", experiment, "--parent_run_id", repr(pid)]
-            train_cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(list(configs)),
-                         *common, "--run_name", f"cv-{name}-{tag}-train", "--registered_model_name", "None",
-                         *(["--extra_training", repr(extra)] if extra else []), *overrides]
+            common = [
+                "--dataset_dir",
+                str(folder),
+                "--ckpt_dir",
+                str(folder / "models"),
+                "--output_dir",
+                str(folder / "eval"),
+                "--experiment_name",
+                experiment,
+                "--parent_run_id",
+                repr(pid),
+            ]
+            train_cmd = [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "training",
+                "--config_file",
+                str(list(configs)),
+                *common,
+                "--run_name",
+                f"cv-{name}-{tag}-train",
+                "--registered_model_name",
+                "None",
+                *(["--extra_training", repr(extra)] if extra else []),
+                *overrides,
+            ]
             log(f"[{i}/{len(folds)}] training without {patient} ...")
             train_s = _run(train_cmd, env, folder / "train.log", log)
-            eval_cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", str(eval_configs),
-                        *common, "--eval_split", "test", "--eval_name", f"cv-{name}-{tag}-eval",
-                        "--scanner_shift", str(bool(scanner_shift)), "--phase_shift", str(bool(scanner_shift))]
+            eval_cmd = [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "evaluating",
+                "--config_file",
+                str(eval_configs),
+                *common,
+                "--eval_split",
+                "test",
+                "--eval_name",
+                f"cv-{name}-{tag}-eval",
+                "--scanner_shift",
+                str(bool(scanner_shift)),
+                "--phase_shift",
+                str(bool(scanner_shift)),
+            ]
             log(f"[{i}/{len(folds)}] evaluating {patient} ...")
             _run(eval_cmd, env, folder / "evaluate.log", log)
             fold_rows = _read_rows(folder / "eval" / "evaluation" / f"cv-{name}-{tag}-eval" / "metrics.csv", patient)
@@ -272,12 +317,19 @@ def crossval(
         client.log_artifact(pid, str(out / "crossval.csv"))
         client.log_artifact(pid, str(out / "crossval.md"))
         summary = "; ".join(
-            f"{t['class']} IoU {t['iou_mean']:.3f} +- {t['iou_std']:.3f}" for t in table if t["condition"] == "clean")
-        client.set_tag(pid, "mlflow.note.content", (
-            f"Leave-one-patient-out cross-validation of {' + '.join(Path(c).name for c in configs)}"
-            f"{' ' + ' '.join(overrides) if overrides else ''} over {len(folds)} patients of {Path(dataset_dir).resolve()}"
-            f"{' plus extra training volumes' if extra_training else ''}; last checkpoint of a fixed budget. "
-            f"Mean over folds (3D): {summary}."))
+            f"{t['class']} IoU {t['iou_mean']:.3f} +- {t['iou_std']:.3f}" for t in table if t["condition"] == "clean"
+        )
+        client.set_tag(
+            pid,
+            "mlflow.note.content",
+            (
+                f"Leave-one-patient-out cross-validation of {' + '.join(Path(c).name for c in configs)}"
+                f"{' ' + ' '.join(overrides) if overrides else ''} "
+                f"over {len(folds)} patients of {Path(dataset_dir).resolve()}"
+                f"{' plus extra training volumes' if extra_training else ''}; last checkpoint of a fixed budget. "
+                f"Mean over folds (3D): {summary}."
+            ),
+        )
         client.set_terminated(pid, "FINISHED")
     except BaseException as e:
         client.set_tag(pid, "error", f"{type(e).__name__}: {e}"[:4000])
@@ -286,7 +338,10 @@ def crossval(
     log(f"cross-validation {name!r}, mean +- std over {len(folds)} folds (3D, each patient on its own grid):")
     for t in table:
         label = t["class"] if t["condition"] == "clean" else f"{t['class']} ({t['condition']})"
-        log(f"  {label:<18} Dice {t['dice_mean']:.4f} +- {t['dice_std']:.4f}   IoU {t['iou_mean']:.4f} +- {t['iou_std']:.4f}")
+        log(
+            f"  {label:<18} Dice {t['dice_mean']:.4f} +- {t['dice_std']:.4f}   "
+            f"IoU {t['iou_mean']:.4f} +- {t['iou_std']:.4f}"
+        )
     log(f"  table: {out / 'crossval.md'}")
     if not uri.startswith("http"):
         log(f"  browse: mlflow ui --backend-store-uri {uri}")
@@ -298,8 +353,9 @@ def _crossval_run(client, experiment: str, name: str):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise InputError(f"no experiment named {experiment!r}")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.crossval = '{name}'",
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.crossval = '{name}'", order_by=["attributes.start_time DESC"]
+    )
     runs = [r for r in runs if r.data.tags.get("kind") == "crossval"]
     if not runs:
         raise InputError(f"experiment {experiment!r} has no cross-validation named {name!r}")
@@ -325,10 +381,18 @@ def compare_crossvals(
         base = m.group("metric").replace("shifted_", "")
         if base not in metrics:
             continue
-        rows.append({"fold": m.group("fold"), "metric": m.group("metric"), "class": m.group("cls"),
-                     a: ma[k], b: mb[k], "difference": mb[k] - ma[k]})
+        rows.append(
+            {
+                "fold": m.group("fold"),
+                "metric": m.group("metric"),
+                "class": m.group("cls"),
+                a: ma[k],
+                b: mb[k],
+                "difference": mb[k] - ma[k],
+            }
+        )
     for k in sorted(k for k in ma if k.startswith("cv_mean_") and k in mb):
-        metric_cls = k[len("cv_mean_"):]
+        metric_cls = k[len("cv_mean_") :]
         metric, cls = metric_cls.rsplit("_", 1)
         if metric.replace("shifted_", "") not in metrics:
             continue
@@ -337,5 +401,7 @@ def compare_crossvals(
         raise InputError(f"cross-validations {a!r} and {b!r} share no fold metrics")
     lines = [f"| fold | metric | class | {a} | {b} | {b} - {a} |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['fold']} | {r['metric']} | {r['class']} | {r[a]:.4f} | {r[b]:.4f} | {r['difference']:+.4f} |")
+        lines.append(
+            f"| {r['fold']} | {r['metric']} | {r['class']} | {r[a]:.4f} | {r[b]:.4f} | {r['difference']:+.4f} |"
+        )
     return rows, "\n".join(lines) + "\n"

@@ -33,8 +33,15 @@ def _codes() -> dict:
 
 
 TYPE2_ATTRIBUTES = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "AccessionNumber",
 )
 
 
@@ -123,9 +130,12 @@ def write_dicom_seg(
     if not descriptions:  # an empty result is still a result: one empty liver segment
         descriptions.append(
             hd.seg.SegmentDescription(
-                segment_number=1, segment_label=class_names[1], segmented_property_category=codes.SCT.AnatomicalStructure,
+                segment_number=1,
+                segment_label=class_names[1],
+                segmented_property_category=codes.SCT.AnatomicalStructure,
                 segmented_property_type=coded.get(class_names[1].lower(), codes.SCT.Tissue),
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
             )
         )
     segmentation = hd.seg.Segmentation(

@@ -12,9 +12,9 @@ an Ignite handler that writes the per-patient CSV and the summary and puts the s
 
 from __future__ import annotations
 
-import logging
 import csv
 import io
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -25,9 +25,19 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
 
+from liver_fcn.options import flag
 from liver_fcn.outputs import write_json_atomic, write_text_atomic
 
-__all__ = ["CONDITIONS", "METRICS", "EvaluationReport", "class_metrics", "evaluation_name", "slice_iou", "with_conditions"]
+__all__ = [
+    "condition_param",
+    "CONDITIONS",
+    "METRICS",
+    "EvaluationReport",
+    "class_metrics",
+    "evaluation_name",
+    "slice_iou",
+    "with_conditions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +66,9 @@ def evaluation_name(settings: dict, split: str) -> str:
 def with_conditions(files: Sequence[dict], scanner_shift: bool = True, phase_shift: bool = False) -> list[dict]:
     """Each datalist entry as ``condition="clean"``, with ``scanner_shift`` again as ``"shifted"`` (the
     evaluation chain simulates another scanner for those) and with ``phase_shift`` as ``"phase"``
-    (organ enhancement scaled toward an unenhanced scan, :class:`~liver_fcn.transforms.SimulateContrastPhased`)."""
+    (organ enhancement scaled toward an unenhanced scan, :class:`~liver_fcn.transforms.SimulateContrastPhased`).
+    The two switches may be typed on the command line (``--phase_shift false``)."""
+    scanner_shift, phase_shift = flag(scanner_shift, "scanner_shift"), flag(phase_shift, "phase_shift")
     out = []
     for f in files:
         out.append({**f, "condition": "clean"})
@@ -65,6 +77,11 @@ def with_conditions(files: Sequence[dict], scanner_shift: bool = True, phase_shi
         if phase_shift:
             out.append({**f, "condition": "phase"})
     return out
+
+
+def condition_param(simulation, enabled) -> str:
+    """The MLflow parameter of a simulated condition: what the simulation does, or ``off``."""
+    return str(simulation) if flag(enabled, "shift") else "off"
 
 
 def slice_iou(pred: np.ndarray, truth: np.ndarray, axis: int = -1) -> float:
@@ -96,7 +113,9 @@ def class_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float])
     out["rvd"] = 100.0 * (n_pred - n_truth) / n_truth if n_truth else float("nan")
     if n_pred and n_truth:
         sp = [float(s) for s in spacing]
-        out["assd"] = float(compute_average_surface_distance(yp, yt, include_background=True, symmetric=True, spacing=sp))
+        out["assd"] = float(
+            compute_average_surface_distance(yp, yt, include_background=True, symmetric=True, spacing=sp)
+        )
         out["mssd"] = float(compute_hausdorff_distance(yp, yt, include_background=True, percentile=None, spacing=sp))
     out["slice_iou"] = slice_iou(pred, truth)
     return out
@@ -151,7 +170,9 @@ class EvaluationReport:
             batch = [{}] * len(output)
         return [{**(b if isinstance(b, dict) else {}), **o} for b, o in zip(batch, output)]
 
-    def add(self, pred, truth, spacing: Sequence[float], annotated: Sequence[bool], patient: str, condition: str = "clean") -> None:
+    def add(
+        self, pred, truth, spacing: Sequence[float], annotated: Sequence[bool], patient: str, condition: str = "clean"
+    ) -> None:
         """Score one patient: class maps ``pred`` and ``truth`` (3D, one grid) with voxel ``spacing`` in mm."""
         pred, truth = np.asarray(pred), np.asarray(truth)
         if pred.shape != truth.shape:
@@ -176,7 +197,14 @@ class EvaluationReport:
             pred = np.asarray(item["pred"].detach().cpu())[0]
             truth = np.asarray(item[self.label_key].detach().cpu())[0]
             annotated = [bool(a) for a in torch.as_tensor(item.get("annotated", [True] * len(self.class_names)))]
-            self.add(pred, truth, _spacing(item[self.label_key]), annotated, str(item["patient"]), str(item.get("condition", "clean")))
+            self.add(
+                pred,
+                truth,
+                _spacing(item[self.label_key]),
+                annotated,
+                str(item["patient"]),
+                str(item.get("condition", "clean")),
+            )
 
     def summary(self) -> list[dict]:
         out = []
@@ -186,11 +214,17 @@ class EvaluationReport:
                 rows = [r for r in self.rows if r["class"] == name and r["condition"] == condition]
                 for metric, unit in METRICS.items():
                     vals = np.array([r[metric] for r in rows if not math.isnan(r[metric])], dtype=float)
-                    out.append({
-                        "condition": condition, "class": name, "metric": metric, "unit": unit, "n": int(vals.size),
-                        "mean": float(vals.mean()) if vals.size else float("nan"),
-                        "std": float(vals.std()) if vals.size else float("nan"),
-                    })
+                    out.append(
+                        {
+                            "condition": condition,
+                            "class": name,
+                            "metric": metric,
+                            "unit": unit,
+                            "n": int(vals.size),
+                            "mean": float(vals.mean()) if vals.size else float("nan"),
+                            "std": float(vals.std()) if vals.size else float("nan"),
+                        }
+                    )
         return out
 
     def metrics(self, summary: list[dict] | None = None) -> dict[str, float]:

@@ -103,6 +103,10 @@ class PartialLabelDiceCELoss(nn.Module):
         self.num_classes, self.dice_weight, self.smooth = num_classes, float(dice_weight), float(smooth)
         self.ce = PartialLabelCrossEntropyLoss(num_classes)
 
+    def __str__(self) -> str:
+        dice = f" + {self.dice_weight:g} x partial-label soft Dice" if self.dice_weight else ""
+        return "partial-label cross-entropy" + dice
+
     def dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=1)
         flat = _flat_target(target)

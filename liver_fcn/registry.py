@@ -15,9 +15,8 @@ preprocessing makes them, and returns their class maps ``(N, H, W)`` uint8; whol
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -26,15 +25,14 @@ import numpy as np
 import torch
 
 import liver_fcn
-from liver_fcn.checkpoint import checkpoint_settings, load_model, network_from_settings
+from liver_fcn.bundle import SOURCE_BUNDLE
+from liver_fcn.checkpoint import checkpoint_settings, download_checkpoint, load_model, network_from_settings
 from liver_fcn.errors import InputError, reported
 
 __all__ = ["FCNModel", "download_checkpoint", "fluent_tracking", "log_model", "promote"]
 
 #: the bundle's files stored with each logged model
 BUNDLE_FILES = ("inference.json", "pipeline.json", "metadata.json")
-
-_downloaded: dict[str, Path] = {}
 
 
 with warnings.catch_warnings():  # MLflow asks for type hints it could check; the signature below says it all
@@ -65,13 +63,19 @@ def fluent_tracking(uri: str):
         mlflow.set_tracking_uri(before)
 
 
-def log_model(tracking_uri: str, run_id: str, checkpoint: str | os.PathLike, registered_name: str | None = "liver-fcn",
-              configs_dir: str | os.PathLike = "bundle/configs"):
+def log_model(
+    tracking_uri: str,
+    run_id: str,
+    checkpoint: str | os.PathLike,
+    registered_name: str | None = "liver-fcn",
+    configs_dir: str | os.PathLike | None = None,
+):
     """Log ``checkpoint`` as the MLflow model ``model`` of run ``run_id`` and, with
     ``registered_name``, register it as a new version of that name. Returns the model info.
 
     The run is resumed through MLflow's fluent API (``log_model`` logs into the active run), pointed
-    at ``tracking_uri`` for the call only."""
+    at ``tracking_uri`` for the call only. The model carries the bundle configs of ``configs_dir``
+    (default: the source checkout's bundle)."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -82,37 +86,23 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str | os.PathLike, reg
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(settings["in_channels"]), -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
     )
+    configs_dir = Path(configs_dir) if configs_dir is not None else SOURCE_BUNDLE / "configs"
     artifacts = {"checkpoint": str(checkpoint)}
-    artifacts.update({Path(f).stem: str(Path(configs_dir) / f) for f in BUNDLE_FILES if (Path(configs_dir) / f).is_file()})
+    artifacts.update(
+        {Path(f).stem: str(Path(configs_dir) / f) for f in BUNDLE_FILES if (Path(configs_dir) / f).is_file()}
+    )
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"liver-fcn=={liver_fcn.__version__}"]
     with fluent_tracking(tracking_uri), mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
-            name="model", python_model=FCNModel(), artifacts=artifacts, signature=signature, input_example=example,
-            registered_model_name=registered_name or None, pip_requirements=requirements,
+            name="model",
+            python_model=FCNModel(),
+            artifacts=artifacts,
+            signature=signature,
+            input_example=example,
+            registered_model_name=registered_name or None,
+            pip_requirements=requirements,
             metadata={"settings": {k: v for k, v in settings.items() if k not in ("run_name", "experiment_name")}},
         )
-
-
-@reported
-def download_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
-    """The checkpoint of the MLflow model ``uri`` (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``),
-    downloaded once per process from the registry of ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI``)."""
-    key = f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI', '')}|{uri}"
-    if key in _downloaded:
-        return _downloaded[key]
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="liver-fcn-model-"), tracking_uri=tracking_uri,
-            registry_uri=tracking_uri,
-        )
-    except Exception as e:
-        where = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-        raise InputError(f"{uri}: not found in the model registry at {where} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
-    found = sorted(Path(local).glob("artifacts/*.pt"))
-    if len(found) != 1:
-        raise InputError(f"{uri}: the registered model holds no liver-fcn checkpoint (artifacts/*.pt)")
-    _downloaded[key] = found[0]
-    return found[0]
 
 
 @reported
@@ -121,7 +111,9 @@ def promote(tracking_uri: str, name: str, alias: str, run_id: str):
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if not versions:
-        raise InputError(f"{tracking_uri}: run {run_id} has no version of registered model {name!r} (trained with registration off?)")
+        raise InputError(
+            f"{tracking_uri}: run {run_id} has no version of registered model {name!r} (trained with registration off?)"
+        )
     version = max(versions, key=lambda v: int(v.version))
     client.set_registered_model_alias(name, alias, version.version)
     return version

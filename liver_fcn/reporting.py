@@ -1,5 +1,5 @@
-"""Reading finished MLflow runs back: a run's summary, the comparison of an experiment's runs (table,
-CSV, Markdown, curves). The live run is :mod:`liver_fcn.tracking`'s."""
+"""A run's summary and the comparison of an experiment's runs (table, CSV, Markdown, curves), from
+the reads of :mod:`liver_fcn.runs`. The live run is :mod:`liver_fcn.tracking`'s."""
 
 from __future__ import annotations
 
@@ -9,40 +9,31 @@ import os
 import time
 from pathlib import Path
 
-from liver_fcn import CLASS_NAMES
+from liver_fcn.distributed import is_rank0
+from liver_fcn.runs import FOREGROUND, history, latest_run, run_curves, run_metrics, tag_experiment, ui_link
 
-__all__ = ["best_column", "compare_runs", "comparison_table", "log_comparison", "plot_curves", "print_run_summary", "run_curves", "run_metrics"]
+__all__ = [
+    "best_column",
+    "compare_runs",
+    "comparison_table",
+    "log_comparison",
+    "plot_curves",
+    "print_run_summary",
+    "run_curves",
+    "run_metrics",
+]
 
 logger = logging.getLogger(__name__)
-
-#: the classes compared by default
-FOREGROUND = CLASS_NAMES[1:]
-
-
-def run_metrics(client, run_id: str) -> dict[str, dict[str, float]]:
-    """For each metric of a run: its last value, best (max, or min for losses) and the best's step."""
-    run = client.get_run(run_id)
-    out = {}
-    for key in run.data.metrics:
-        hist = [m for m in client.get_metric_history(run_id, key) if not math.isnan(m.value)]
-        if not hist:
-            out[key] = {"last": float("nan"), "best": float("nan"), "best_step": -1}
-            continue
-        hist.sort(key=lambda m: (m.step, m.timestamp))
-        pick = min if "loss" in key else max
-        best = pick(hist, key=lambda m: m.value)
-        out[key] = {"last": hist[-1].value, "best": best.value, "best_step": best.step}
-    return out
 
 
 def print_run_summary(
     tracking_uri: str, experiment_name: str, run_name: str, keys: tuple[str, ...] = ("iou", "dice"), log=None
 ) -> dict:
     """Print the validation results of a run, where its store is and how to open ``mlflow ui``."""
+    if not is_rank0():  # printed once, by the first process of a distributed run
+        return {}
     log = log or logger.info
     import mlflow
-
-    from liver_fcn.tracking import latest_run, ui_link
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     run = latest_run(client, experiment_name, run_name)
@@ -62,11 +53,6 @@ def print_run_summary(
     return metrics
 
 
-def _history(client, run_id: str, key: str) -> list:
-    hist = [m for m in client.get_metric_history(run_id, key) if not math.isnan(m.value)]
-    return sorted(hist, key=lambda m: (m.step, m.timestamp))
-
-
 def best_column(metric: str, classes=FOREGROUND) -> str:
     """Row key holding a run's best value of ``metric`` (``val_iou_liver`` -> ``best_iou_liver``)."""
     for kind in ("iou", "dice"):
@@ -82,14 +68,17 @@ def log_comparison(tracking_uri: str, experiment: str, metric: str, rows: list[d
     ``<metric>.<run name>``. Returns the run id and its experiment id."""
     import mlflow
 
-    from liver_fcn.tracking import tag_experiment
-
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     tag_experiment(client, exp.experiment_id)
-    run = client.create_run(exp.experiment_id, run_name=f"compare-{metric}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
-        "kind": "comparison", "mlflow.note.content": f"{len(rows)} runs by best {metric}\n\n" + comparison_table(rows),
-    })
+    run = client.create_run(
+        exp.experiment_id,
+        run_name=f"compare-{metric}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={
+            "kind": "comparison",
+            "mlflow.note.content": f"{len(rows)} runs by best {metric}\n\n" + comparison_table(rows),
+        },
+    )
     rid = run.info.run_id
     client.log_param(rid, "metric", metric)
     client.log_param(rid, "runs", len(rows))
@@ -103,14 +92,6 @@ def log_comparison(tracking_uri: str, experiment: str, metric: str, rows: list[d
             client.log_artifact(rid, str(folder / f))
     client.set_terminated(rid)
     return rid, exp.experiment_id
-
-
-def run_curves(client, run_id: str, classes: tuple[str, ...] = FOREGROUND) -> dict[str, list[tuple[int, float]]]:
-    """A run's validation IoU and Dice of each class: ``{"val_iou_liver": [(iteration, value), ...]}``."""
-    return {
-        f"val_{kind}_{cls}": [(m.step, m.value) for m in _history(client, run_id, f"val_{kind}_{cls}")]
-        for cls in classes for kind in ("iou", "dice")
-    }
 
 
 def compare_runs(
@@ -157,7 +138,7 @@ def compare_runs(
             iterations = max([iterations] + [step for step, _ in points])
         sort_key = best_column(metric, classes)
         if sort_key not in row:  # another metric of the run: its best value
-            hist = _history(client, rid, metric)
+            hist = history(client, rid, metric)
             pick = min if "loss" in metric else max
             row[sort_key] = pick((m.value for m in hist), default=float("nan"))
         row["iterations"] = iterations

@@ -1,5 +1,5 @@
-"""MLflow around a live bundle run: the run's handler and the stored config (reading finished runs
-back - summaries, comparisons, curves - is :mod:`liver_fcn.reporting`).
+"""MLflow around a live bundle run: the run's handler and the stored config (reading stores and
+finished runs is :mod:`liver_fcn.runs`; summaries, comparisons and curves :mod:`liver_fcn.reporting`).
 
 MONAI's :class:`~monai.handlers.MLFlowHandler` logs parameters, per-iteration and per-epoch values
 and artifacts, and closes the run as FINISHED on completion. :class:`MLflowRunHandler` adds what
@@ -13,9 +13,9 @@ config as run (all files merged, command-line overrides applied), like MONAI's `
 
 from __future__ import annotations
 
-import logging
 import inspect
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -26,15 +26,30 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
 
+from liver_fcn.bundle import Pipeline
+from liver_fcn.distributed import is_rank0
 from liver_fcn.errors import root_cause
 from liver_fcn.outputs import atomic_path
+from liver_fcn.runs import (  # noqa: F401  (read here by configs and scripts as liver_fcn.tracking.*)
+    EXPERIMENT_KIND,
+    latest_run,
+    resolve_tracking_uri,
+    run_curves,
+    run_id_of,
+    sqlite_dir,
+    tag_experiment,
+    ui_link,
+)
 
 __all__ = [
     "EXPERIMENT_KIND",
     "MLflowRunHandler",
     "dataset_input",
+    "config_values",
     "datalist_dataset",
     "training_datasets",
+    "training_params",
+    "validation_patients",
     "describe_training_run",
     "latest_run",
     "run_id_of",
@@ -49,46 +64,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def resolve_tracking_uri(output_dir: str | os.PathLike, uri: str | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``uri``, else SQLite at ``<output_dir>/mlruns.db``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if uri:
-        return uri
-    db = Path(output_dir).resolve() / "mlruns.db"
-    return f"sqlite:///{db}"
-
-
-def make_run_name(variant: str, width: float, image_size: int, stamp: str | None = None) -> str:
-    """A readable, unique run name: ``fcn8s-w0.25-256px-20261123-101500``."""
+def make_run_name(settings: Mapping, stamp: str | None = None) -> str:
+    """A readable, unique run name from the model settings: ``fcn8s-w0.25-256px-20261123-101500``."""
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
-    return f"fcn{variant}-w{width:g}-{image_size}px-{stamp}"
-
-
-def _sqlite_dir(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :]).parent
-    return None
-
-
-#: the experiment tag MLflow 3's UI reads to open an experiment on its runs (model training), not on traces
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def tag_experiment(client, experiment_id: str) -> None:
-    """Mark an experiment as model training for MLflow's UI (once; an existing kind is left alone)."""
-    exp = client.get_experiment(experiment_id)
-    for k, v in EXPERIMENT_KIND.items():
-        if k not in (exp.tags or {}):
-            client.set_experiment_tag(experiment_id, k, v)
-
-
-def ui_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The address of an experiment's runs (or of one run) in MLflow's UI: the server itself for an
-    ``http`` store, ``mlflow ui``'s default address otherwise."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs?workflowType=machine_learning")
+    return f"fcn{settings['variant']}-w{float(settings['width']):g}-{settings['image_size']}px-{stamp}"
 
 
 def provenance_tags(entry_point: str | None = None) -> dict[str, str]:
@@ -97,6 +76,7 @@ def provenance_tags(entry_point: str | None = None) -> dict[str, str]:
     and Python."""
     import getpass
     import platform
+    import re
     import subprocess
     import sys
 
@@ -104,8 +84,6 @@ def provenance_tags(entry_point: str | None = None) -> dict[str, str]:
     import torch
 
     import liver_fcn
-
-    import re
 
     argv = sys.argv[1:]
     command = entry_point or "python -m monai.bundle " + " ".join(argv)
@@ -131,32 +109,17 @@ def provenance_tags(entry_point: str | None = None) -> dict[str, str]:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0 and commit.stdout.strip():
             tags["mlflow.source.git.commit"] = commit.stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             tags["git.dirty"] = str(bool(dirty.stdout.strip())).lower()
     except (OSError, subprocess.SubprocessError):
         pass
     return tags
-
-
-def latest_run(client, experiment_name: str, run_name: str | None, kinds_left_out: tuple[str, ...] = ()):
-    """The newest run named ``run_name`` in an experiment (runs tagged with a ``kind`` in
-    ``kinds_left_out`` left aside), or None."""
-    exp = client.get_experiment_by_name(experiment_name) if run_name else None
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
-                              order_by=["attributes.start_time DESC"])
-    runs = [r for r in runs if r.data.tags.get("kind") not in kinds_left_out]
-    return runs[0] if runs else None
-
-
-def run_id_of(tracking_uri: str, experiment_name: str, run_name: str | None) -> str | None:
-    """The id of the newest training run named ``run_name`` (evaluation runs left aside), or None."""
-    from mlflow import MlflowClient
-
-    run = latest_run(MlflowClient(tracking_uri=tracking_uri), experiment_name, run_name, ("evaluation",))
-    return run.info.run_id if run else None
 
 
 def datalist_dataset(datalist: str | os.PathLike, splits: Mapping[str, Sequence[Mapping]]):
@@ -173,20 +136,67 @@ def training_datasets(sets, validation: Sequence[Mapping]) -> list:
     (its training and validation patients) first, then each extra set (its training volumes)."""
     (name, base), *extra = sets.records()
     return [dataset_input(name, {"training": base, "validation": validation})] + [
-        dataset_input(n, {"training": entries}) for n, entries in extra]
+        dataset_input(n, {"training": entries}) for n, entries in extra
+    ]
+
+
+def validation_patients(engine: Engine) -> int:
+    """The patients the training's validation handler scores (0 without one)."""
+    from monai.handlers import ValidationHandler
+
+    for handlers in engine._event_handlers.values():
+        for handler, *_ in handlers:
+            owner = getattr(handler, "__self__", handler)
+            if isinstance(owner, ValidationHandler) and owner.validator is not None:
+                return len(owner.validator.data_loader.dataset)
+    return 0
+
+
+def training_params(engine: Engine) -> dict:
+    """What a training run is, read from its engine: optimizer and its settings, budget, batch,
+    loss, the augmentations of the data loader's transform, the data's size, device and precision."""
+    import monai
+
+    from liver_fcn.training import describe_augmentation
+
+    optimizer, loader = engine.optimizer, engine.data_loader
+    group = optimizer.param_groups[0]
+    dataset = loader.dataset
+    network = getattr(engine.network, "module", engine.network)  # DistributedDataParallel's replica
+    params = {"optimizer": type(optimizer).__name__, "lr": group.get("initial_lr", group["lr"])}
+    params.update({k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k in ("betas", "eps")})
+    params.update(
+        batch_size=loader.batch_size,
+        iterations=engine.state.max_epochs * engine.state.epoch_length,
+        epoch_length=engine.state.epoch_length,
+        loss=str(engine.loss_function),
+        augmentation=describe_augmentation(getattr(dataset, "transform", None)),
+        train_patients=len(getattr(dataset, "volumes", ())),
+        train_slices=len(dataset),
+        val_patients=validation_patients(engine),
+        device=str(engine.state.device),
+        precision="amp (fp16)" if getattr(engine, "amp", False) else getattr(network, "precision", "fp32"),
+        torch=torch.__version__,
+        monai=monai.__version__,
+    )
+    return params
 
 
 def describe_training_run(client, run) -> str:
     """The run's description: what was trained on what, and its best validation score."""
     p, m = run.data.params, run.data.metrics
-    text = (f"FCN-{p.get('variant', '?')}, width {p.get('width', '?')}, {p.get('pixel_spacing', '?')} mm pixels "
-            f"({p.get('image_size', '?')} px), trained on {p.get('train_patients', '?')} patients "
-            f"({p.get('train_slices', '?')} slices) for {p.get('iterations', '?')} iterations")
+    text = (
+        f"FCN-{p.get('variant', '?')}, width {p.get('width', '?')}, {p.get('pixel_spacing', '?')} mm pixels "
+        f"({p.get('image_size', '?')} px), trained on {p.get('train_patients', '?')} patients "
+        f"({p.get('train_slices', '?')} slices) for {p.get('iterations', '?')} iterations"
+    )
     best = sorted(k for k in m if k.startswith("best_val_"))
     if "best_iteration" in m and best:
         key = "best_val_iou_liver" if "best_val_iou_liver" in m else best[0]
-        text += (f"; best {key[len('best_'):]} {m[key]:.4f} on {p.get('val_patients', '?')} validation patient(s) "
-                 f"at iteration {int(m['best_iteration'])}, the checkpoint kept as model.pt")
+        text += (
+            f"; best {key[len('best_') :]} {m[key]:.4f} on {p.get('val_patients', '?')} validation patient(s) "
+            f"at iteration {int(m['best_iteration'])}, the checkpoint kept as model.pt"
+        )
     else:
         text += "; no validation patient: model.pt is the last iteration's"
     return text + "."
@@ -206,10 +216,21 @@ def dataset_input(name: str, splits: Mapping[str, Sequence[Mapping]]):
         summary[split] = ids
         slices[split] = int(sum(int((e.get("shape") or [0, 0, 0])[-1]) for e in entries))
         for e in sorted(entries, key=lambda e: str(e.get("patient", ""))):
-            digest.update(json.dumps([split, e.get("patient"), e.get("series_uid", ""), e.get("shape"),
-                                      [round(float(v), 4) for v in (e.get("spacing") or [])]]).encode())
+            digest.update(
+                json.dumps(
+                    [
+                        split,
+                        e.get("patient"),
+                        e.get("series_uid", ""),
+                        e.get("shape"),
+                        [round(float(v), 4) for v in (e.get("spacing") or [])],
+                    ]
+                ).encode()
+            )
     return Dataset(
-        name=name, digest=digest.hexdigest()[:16], source_type="liver-fcn-datalist",
+        name=name,
+        digest=digest.hexdigest()[:16],
+        source_type="liver-fcn-datalist",
         source=json.dumps({"name": name, "patients": summary}),
         profile=json.dumps({"patients": {k: len(v) for k, v in summary.items()}, "slices": slices}),
     )
@@ -233,11 +254,17 @@ class MLflowRunHandler(MLFlowHandler):
             the key metric improves (the best checkpoint is saved on the same event) and tag the run
             with the checkpoint it now holds.
         description: a callable ``(client, run) -> str`` for the run's description, set on completion.
+        engine_params: on a trainer, also log what :func:`training_params` reads from the engine
+            (optimizer, budget, batch, loss, augmentations, data size, device, precision).
+        config_params: parameters read from the config being run, ``{"seed": "seed", "dataset":
+            "datalist"}`` (parameter name: config id; objects are logged as their ``str``).
         curves: on completion, log the run's validation curves as ``plots/learning_curves.png``.
         plots: image files to log under ``plots/`` on completion (those that exist then).
         model_checkpoint: a checkpoint to log as the run's MLflow model when the engine completes
             (see :mod:`liver_fcn.registry`); None logs no model.
         registered_model_name: register that model as a new version of this name (None: log only).
+        configs_dir: the bundle's ``configs/`` folder, whose configs the logged model carries
+            (default: the source checkout's bundle).
         kwargs: MLFlowHandler arguments (``tracking_uri``, ``experiment_name``, ``run_name``,
             ``experiment_param``, ``artifacts``, ``close_on_complete`` ...).
     """
@@ -255,17 +282,24 @@ class MLflowRunHandler(MLFlowHandler):
         description=None,
         curves: bool = False,
         plots: Sequence[str | os.PathLike] = (),
+        configs_dir: str | os.PathLike | None = None,
+        engine_params: bool = False,
+        config_params: Mapping[str, str] | None = None,
         **kwargs,
     ) -> None:
         uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
-        folder = _sqlite_dir(uri)
+        folder = sqlite_dir(uri)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
         super().__init__(**kwargs)
         self.uri = uri
         self.tags = {k: str(v) for k, v in (tags or {}).items() if v is not None and str(v) not in ("", "None")}
         self.model_checkpoint = model_checkpoint
-        self.registered_model_name = registered_model_name if registered_model_name not in ("", "None", "null") else None
+        self.configs_dir = configs_dir
+        self.engine_params, self.config_params = bool(engine_params), dict(config_params or {})
+        self.registered_model_name = (
+            registered_model_name if registered_model_name not in ("", "None", "null") else None
+        )
         self.provenance, self.dataset, self.log_file = bool(provenance), dataset, log_file
         self.system_metrics, self.best_metrics, self.description = bool(system_metrics), bool(best_metrics), description
         self.curves, self.plots = bool(curves), [p for p in plots if p]
@@ -278,6 +312,15 @@ class MLflowRunHandler(MLFlowHandler):
             engine.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
 
     def start(self, engine: Engine) -> None:
+        if self.engine_params or self.config_params:
+            params = dict(self.experiment_param or {})
+            if self.config_params:
+                params.update(config_values(self.config_params))
+            if self.engine_params:
+                params.update(training_params(engine))
+            if "pixel_spacing" in params and "image_size" in params:
+                params["field_of_view"] = float(params["pixel_spacing"]) * int(params["image_size"])
+            self.experiment_param = params
         super().start(engine)
         if self.cur_run is None:
             return
@@ -293,7 +336,8 @@ class MLflowRunHandler(MLFlowHandler):
 
             datasets = self.dataset if isinstance(self.dataset, (list, tuple)) else [self.dataset]
             self.client.log_inputs(
-                run_id, [DatasetInput(d, [InputTag("mlflow.data.context", "training")]) for d in datasets])
+                run_id, [DatasetInput(d, [InputTag("mlflow.data.context", "training")]) for d in datasets]
+            )
         if self.log_file:
             Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
             self._log_handler = logging.FileHandler(self.log_file)
@@ -310,11 +354,16 @@ class MLflowRunHandler(MLFlowHandler):
         if state.best_metric_epoch != state.epoch:
             return
         step = int(self.global_epoch_transform(state.epoch))
-        best = {f"best_{k}": float(v) for k, v in state.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        best = {
+            f"best_{k}": float(v)
+            for k, v in state.metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         best["best_iteration"] = float(step)
         self._log_metrics(best, step=step)
         self.client.set_tag(
-            self.cur_run.info.run_id, "best_checkpoint",
+            self.cur_run.info.run_id,
+            "best_checkpoint",
             f"model.pt = the validation at iteration {step}: {state.key_metric_name} {float(state.best_metric):.4f}",
         )
 
@@ -352,8 +401,13 @@ class MLflowRunHandler(MLFlowHandler):
         if self.cur_run is not None and self.model_checkpoint and Path(self.model_checkpoint).is_file():
             from liver_fcn.registry import log_model
 
-            info = log_model(self.uri or self.client.tracking_uri, self.cur_run.info.run_id, self.model_checkpoint,
-                             self.registered_model_name)
+            info = log_model(
+                self.uri or self.client.tracking_uri,
+                self.cur_run.info.run_id,
+                self.model_checkpoint,
+                self.registered_model_name,
+                configs_dir=self.configs_dir,
+            )
             version = getattr(info, "registered_model_version", None)
             if version is not None:
                 logger.info(f"registered {self.model_checkpoint} as models:/{self.registered_model_name}/{version}")
@@ -362,15 +416,18 @@ class MLflowRunHandler(MLFlowHandler):
         """The run's validation curves as ``plots/learning_curves.png`` (when it validated at all)."""
         import tempfile
 
-        from liver_fcn.reporting import plot_curves, run_curves
+        from liver_fcn.reporting import plot_curves  # matplotlib: loaded when a run completes
 
         run_id = self.cur_run.info.run_id
         curves = run_curves(self.client, run_id)
         if not any(curves.values()):
             return
         with tempfile.TemporaryDirectory() as tmp:
-            png = plot_curves({self.cur_run.info.run_name: curves}, Path(tmp) / "learning_curves.png",
-                              title=f"{self.cur_run.info.run_name}: validation")
+            png = plot_curves(
+                {self.cur_run.info.run_name: curves},
+                Path(tmp) / "learning_curves.png",
+                title=f"{self.cur_run.info.run_name}: validation",
+            )
             self.client.log_artifact(run_id, str(png), "plots")
 
     def _stop_side_logging(self) -> None:
@@ -427,6 +484,18 @@ def _find_bundle_parser() -> ConfigParser | None:
     return None
 
 
+def config_values(ids: Mapping[str, str]) -> dict:
+    """``{name: value of config id}`` from the config being run (``python -m monai.bundle``)."""
+    parser = _find_bundle_parser()
+    if parser is None:
+        raise RuntimeError("config_params need a config evaluated by monai.bundle")
+    values = {}
+    for name, config_id in ids.items():
+        value = parser.get_parsed_content(config_id)
+        values[name] = value if value is None or isinstance(value, (bool, int, float, str, list)) else str(value)
+    return values
+
+
 def _plain(value) -> bool:
     if value is None or isinstance(value, (bool, int, float, str)):
         return True
@@ -441,11 +510,14 @@ def export_bundle_config(path: str | os.PathLike) -> str:
     """Save the config being run as JSON; returns the path.
 
     The file holds the config with all files merged and command-line overrides applied, and under
+    ``"_pipeline_"`` the shared chains of ``pipeline.json`` with the settings they were built with, under
     ``"_resolved_"`` the value every top-level setting took (``"$@bundle_root + '/models'"`` ->
     ``"bundle/models"``, the run name, ...), for those already evaluated and plain (numbers,
     strings, lists). Call it from a config expression, e.g.
     ``"$liver_fcn.tracking.export_bundle_config(@config_copy)"``, once the components are built.
     """
+    if not is_rank0():  # one copy, from the first process of a distributed run
+        return str(path)
     parser = _find_bundle_parser()
     if parser is None:
         raise RuntimeError("export_bundle_config must be called from a config evaluated by monai.bundle")
@@ -459,6 +531,8 @@ def export_bundle_config(path: str | os.PathLike) -> str:
             v = str(v)
         if _plain(v):
             resolved[k] = v
+        elif isinstance(v, Pipeline):  # pipeline.json, with the settings it was built with
+            content[f"_{k}_"] = dict(v.parser.get())
     content["_resolved_"] = resolved
     with atomic_path(path) as tmp:
         ConfigParser.export_config_file(content, str(tmp), fmt="json", indent=2)

@@ -15,7 +15,8 @@
   iteration; :class:`FinalModelSaver` writes ``model.pt`` at the end of a run that has no
   validation patient to choose a best checkpoint (cross-validation folds).
 
-The trainer's "epoch" is a validation period of ``val_interval`` iterations (``epoch_length``), so
+The trainer's "epoch" is a period of ``epoch_length`` iterations; validation runs every ``val_interval``
+periods (1 by default) and the periodic checkpoint every ``checkpoint_interval``, so
 validation, checkpoints and per-period MLflow metrics all happen on the same beat whatever the size
 of the data set.
 """
@@ -34,9 +35,13 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
 from liver_fcn.checkpoint import load_model_state
+from liver_fcn.distributed import is_rank0
 from liver_fcn.errors import InputError, reported
 
 __all__ = [
+    "check_schedule",
+    "describe_augmentation",
+    "is_rank0",
     "AtomicCheckpointSaver",
     "FinalModelSaver",
     "augmentation_summary",
@@ -190,7 +195,7 @@ def check_world_size(validation_files: list) -> int:
     if 0 < len(validation_files) < world:
         raise InputError(
             f"validation split has {len(validation_files)} patient(s) for {world} processes; "
-            "give it at least one per process (liver-fcn prepare --val-fraction / --val-patients)"
+            "give it at least one per process (liver-fcn prepare --val_fraction / --val_patients)"
         )
     return world
 
@@ -244,3 +249,55 @@ def augmentation_summary(settings: dict) -> str:
         if prob and float(prob) > 0:
             parts.append(f"{name} p={prob:g}" + (f" ({value})" if value is not None else ""))
     return ", ".join(parts) or "none"
+
+
+#: MONAI's random transforms the recipe uses: the name in the run's summary and the magnitude as set
+_AUGMENTATIONS = {
+    "RandShiftIntensityd": ("hu_offset", lambda t: t.shifter.offsets[1]),
+    "RandScaleIntensityd": ("contrast", lambda t: t.scaler.factors[1]),
+    "RandGaussianSmoothd": ("blur", lambda t: list(t.rand_smooth.sigma_x)),
+    "RandSimulateLowResolutiond": ("lowres", lambda t: list(t.zoom_range)),
+    "RandGaussianNoised": ("noise", lambda t: t.rand_gaussian_noise.std),
+    "RandRotated": ("rotate", lambda t: round(math.degrees(t.rand_rotate.range_x[1]), 6)),
+    "RandZoomd": ("zoom", lambda t: [t.rand_zoom.min_zoom[0], t.rand_zoom.max_zoom[0]]),
+    "RandAffined": ("translate", lambda t: f"{t.rand_affine.rand_affine_grid.translate_range[0]:g} px"),
+    "Rand2DElasticd": ("elastic", lambda t: None),
+    "RandFlipd": ("flip", lambda t: None),
+    "RandAdjustContrastd": ("gamma", lambda t: list(t.adjuster.gamma)),
+}
+
+
+def describe_augmentation(transform) -> str:
+    """:func:`augmentation_summary` of the random transforms in ``transform`` (a ``Compose``, nested or
+    not), read from the transforms themselves; others count by class name and probability."""
+    found = {}
+    pending = [transform]
+    while pending:
+        t = pending.pop(0)
+        if hasattr(t, "transforms") and not hasattr(t, "prob"):
+            pending[:0] = list(t.transforms)
+            continue
+        if not hasattr(t, "prob"):
+            continue
+        name, magnitude = _AUGMENTATIONS.get(type(t).__name__, (type(t).__name__, lambda t: None))
+        found[name] = (t.prob, magnitude(t))
+    return augmentation_summary(found)
+
+
+@reported
+def check_schedule(iterations: int, epoch_length: int, val_interval: int) -> int:
+    """The training's periods: ``iterations`` rounded up to whole periods of ``epoch_length``
+    iterations. ``val_interval`` counts periods between validations (MONAI's meaning); a value larger
+    than the number of periods would never validate, which is what an ``--val_interval`` typed with
+    its meaning before bundle 0.5.0 (iterations per period, now ``epoch_length``) would do."""
+    for name, value in (("iterations", iterations), ("epoch_length", epoch_length), ("val_interval", val_interval)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"--{name} must be a positive whole number, got {value!r}")
+    periods = math.ceil(iterations / epoch_length)
+    if val_interval > periods:
+        raise InputError(
+            f"--val_interval {val_interval} is more periods than the training has ({periods} of "
+            f"--epoch_length {epoch_length} iterations): it counts periods between validations; "
+            "the iterations of a period are --epoch_length"
+        )
+    return periods

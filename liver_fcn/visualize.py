@@ -65,7 +65,7 @@ def overlay_montage(
     fig, axes = plt.subplots(1, len(slices), figsize=(3.2 * len(slices), 3.6), squeeze=False)
     for ax, k in zip(axes[0], slices):
         # RAS -> screen: rows from anterior (top) to posterior, columns from the patient's right to left
-        view = lambda a: np.asarray(a)[:, :, k].T[::-1, ::-1]  # noqa: E731
+        view = lambda a, k=k: np.asarray(a)[:, :, k].T[::-1, ::-1]  # noqa: E731
         ax.imshow(view(image), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
         if truth is not None:
             sl = view(truth)
@@ -80,7 +80,9 @@ def overlay_montage(
                     ax.contour(sl == c, levels=[0.5], colors=CLASS_COLOURS.get(c, "w"), linewidths=1.1)
         ax.set_title(f"slice {k}", fontsize=9)
         ax.axis("off")
-    handles = [Line2D([], [], color=CLASS_COLOURS.get(c, "w"), label=class_names[c]) for c in range(1, len(class_names))]
+    handles = [
+        Line2D([], [], color=CLASS_COLOURS.get(c, "w"), label=class_names[c]) for c in range(1, len(class_names))
+    ]
     if pred is not None and truth is not None:
         handles += [
             Line2D([], [], color="k", ls="-", label="prediction (line)"),
@@ -102,8 +104,17 @@ class ValidationOverlay:
     validation patient or a checkpoint.
     """
 
-    def __init__(self, dataset, network_def, network, inferer, checkpoint: str | os.PathLike,
-                 output_path: str | os.PathLike, class_names: Sequence[str] = CLASS_NAMES, case: int = 0) -> None:
+    def __init__(
+        self,
+        dataset,
+        network_def,
+        network,
+        inferer,
+        checkpoint: str | os.PathLike,
+        output_path: str | os.PathLike,
+        class_names: Sequence[str] = CLASS_NAMES,
+        case: int = 0,
+    ) -> None:
         self.dataset, self.network_def, self.network, self.inferer = dataset, network_def, network, inferer
         self.checkpoint, self.output_path = Path(checkpoint), Path(output_path)
         self.class_names, self.case = list(class_names), int(case)
@@ -129,6 +140,10 @@ class ValidationOverlay:
             logits = self.inferer(item["image"][None].to(device), self.network)
         pred = np.asarray(logits.argmax(1)[0].cpu())
         return overlay_montage(
-            np.asarray(item["image"][0].cpu()), self.output_path, pred=pred, truth=np.asarray(item["label"][0].cpu()),
-            class_names=self.class_names, title=f"{item.get('patient', 'validation')}: best checkpoint, prediction and reference",
+            np.asarray(item["image"][0].cpu()),
+            self.output_path,
+            pred=pred,
+            truth=np.asarray(item["label"][0].cpu()),
+            class_names=self.class_names,
+            title=f"{item.get('patient', 'validation')}: best checkpoint, prediction and reference",
         )

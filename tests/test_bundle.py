@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -16,11 +17,13 @@ import torch
 from .conftest import REPO
 
 CONFIGS = REPO / "bundle" / "configs"
+#: the bundle commands run from a folder outside the repository: the bundle finds its own files
+OUTSIDE = Path(tempfile.mkdtemp(prefix="liver-fcn-cwd-"))
 TINY = {
     "width": "0.0625",
     "pixel_spacing": "6.4",  # 409.6 mm / 6.4 mm = 64 pixels
     "iterations": "4",
-    "val_interval": "2",
+    "epoch_length": "2",
     "warmup_iterations": "1",
     "batch_size": "8",
     "num_workers": "0",
@@ -34,7 +37,11 @@ def bundle(*args: str, env: dict | None = None, timeout: int = 600) -> subproces
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=OUTSIDE,
+        env=full_env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -42,8 +49,19 @@ def bundle(*args: str, env: dict | None = None, timeout: int = 600) -> subproces
 def train(prepared: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     overrides = [x for k, v in TINY.items() for x in (f"--{k}", v)]
     return bundle(
-        "run", "training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(prepared),
-        "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"), *overrides, *extra, env=env,
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(out / "eval"),
+        "--ckpt_dir",
+        str(out / "models"),
+        *overrides,
+        *extra,
+        env=env,
     )
 
 
@@ -85,7 +103,7 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
     assert float(p["pixel_spacing"]) == 6.4 and float(p["field_of_view"]) == pytest.approx(409.6)
     assert float(p["lr"]) == 3e-4 and p["betas"] == "[0.9, 0.99]" and p["batch_size"] == "8"
     assert p["hu_window"] == "[-250, 450]" and p["iterations"] == "4" and p["seed"] == "0"
-    assert p["lr_schedule"] == "cosine" and p["val_interval"] == "2"
+    assert p["lr_schedule"] == "cosine" and p["epoch_length"] == "2" and p["val_interval"] == "1"
     for name in ("rotate", "zoom", "translate", "hu_offset", "contrast", "noise", "blur", "lowres", "gamma"):
         assert f"{name} p=" in p["augmentation"], name
     assert "flip" not in p["augmentation"]  # no left-right flip by default: the liver is on one side
@@ -101,7 +119,9 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
     local = Path(client.download_artifacts(run.info.run_id, next(a for a in artifacts if a.endswith(".json"))))
     cfg = json.loads(local.read_text())
     assert cfg["iterations"] == 4 and cfg["network_def"]["variant"] == "4s"  # the config as run, overrides applied
-    assert cfg["pipeline"]["resample"][1]["_target_"] == "liver_fcn.transforms.InPlaneResampled"  # the shared chain, copied in
+    assert (
+        cfg["_pipeline_"]["resample"][1]["_target_"] == "liver_fcn.transforms.InPlaneResampled"
+    )  # the shared chain, copied in
     resolved = cfg["_resolved_"]
     assert resolved["ckpt_dir"] == str(out / "models") and resolved["run_name"] == run.info.run_name
     assert resolved["num_classes"] == 4 and resolved["device"] == "cpu"
@@ -119,8 +139,21 @@ def test_the_recipe_learns_the_phantom_liver(prepared, tmp_path):
     3.2 mm pixels (128 x 128) on three phantom patients reach a validation liver IoU of at least
     0.8 on the fourth (0.88 when this test was written: 0.25 after 100 iterations, 0.79 after 200)."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    r = train(prepared, tmp_path, "--pixel_spacing", "3.2", "--iterations", "600", "--val_interval", "100",
-              "--warmup_iterations", "20", "--learning_rate", "0.001", env={"MLFLOW_TRACKING_URI": uri})
+    r = train(
+        prepared,
+        tmp_path,
+        "--pixel_spacing",
+        "3.2",
+        "--iterations",
+        "600",
+        "--epoch_length",
+        "100",
+        "--warmup_iterations",
+        "20",
+        "--learning_rate",
+        "0.001",
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client, run = only_run(uri)
     history = client.get_metric_history(run.info.run_id, "val_iou_liver")
@@ -152,17 +185,91 @@ def test_bad_dataset_dir_fails_before_any_run(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+def test_one_version_for_package_and_bundle_and_measured_eval_metrics():
+    import liver_fcn
+
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] == liver_fcn.__version__ == meta["required_packages_version"]["liver-fcn"]
+    assert liver_fcn.__version__ in meta["changelog"]
+    assert meta["eval_metrics"] and all(isinstance(v, float) and 0 < v < 1 for v in meta["eval_metrics"].values())
+
+
 def test_metadata_verifies_offline_and_network_matches_it():
     r = bundle(
-        "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
-        "--filepath", str(REPO / "bundle" / "docs" / "meta_schema.json"),
+        "verify_metadata",
+        "--meta_file",
+        str(CONFIGS / "metadata.json"),
+        "--filepath",
+        str(REPO / "bundle" / "docs" / "meta_schema.json"),
     )
     assert r.returncode == 0 and "metadata is verified with no error" in r.stdout + r.stderr, r.stderr[-2000:]
     r = bundle(
-        "verify_net_in_out", "--net_id", "network_def", "--meta_file", str(CONFIGS / "metadata.json"),
-        "--config_file", str(CONFIGS / "train.json"), "--width", "0.0625", "--n", "3",
+        "verify_net_in_out",
+        "--net_id",
+        "network_def",
+        "--meta_file",
+        str(CONFIGS / "metadata.json"),
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--width",
+        "0.0625",
+        "--n",
+        "3",
     )
     assert r.returncode == 0 and "data shape of network is verified" in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("workflow_type", ["train", "infer"])
+def test_monai_property_check_passes_from_another_folder(workflow_type, trained, prepared, tmp_path, monkeypatch):
+    """What the model-zoo CI runs: MONAI's ConfigWorkflow property check, here from outside the repository."""
+    from monai.bundle import ConfigWorkflow
+
+    out, _ = trained
+    monkeypatch.chdir(tmp_path)
+    if workflow_type == "train":
+        config = CONFIGS / "train.json"
+        overrides = {
+            **TINY,
+            "dataset_dir": str(prepared),
+            "output_dir": str(tmp_path / "eval"),
+            "ckpt_dir": str(tmp_path / "models"),
+        }
+        overrides = {
+            k: v if k in ("dataset_dir", "output_dir", "ckpt_dir") else float(v) if "." in v else int(v)
+            for k, v in overrides.items()
+        }
+    else:
+        config = CONFIGS / "inference.json"
+        overrides = {
+            "dataset_dir": str(prepared),
+            "checkpoint": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path / "inference"),
+        }
+    workflow = ConfigWorkflow(config_file=str(config), workflow_type=workflow_type, **overrides)
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert Path(workflow.bundle_root).resolve() == (REPO / "bundle").resolve()
+    assert workflow.val_interval == 1 if workflow_type == "train" else workflow.dataset_dir == str(prepared)
+    if workflow_type == "train":
+        assert workflow.max_epochs == 2 and workflow.trainer.state.epoch_length == 2
+    assert not list(tmp_path.glob("*mlruns*")) and not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.slow
+def test_monai_tracking_option_logs_into_the_same_run(prepared, tmp_path):
+    """``--tracking mlflow`` (MONAI's own MLflow handlers) fits: they log into the bundle's run and store."""
+    r = train(prepared, tmp_path, "--tracking", "mlflow")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    client, run = only_run(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
+    assert run.info.status == "FINISHED" and "val_iou_liver" in run.data.metrics and "train_loss" in run.data.metrics
+
+
+def test_an_old_val_interval_is_refused_with_its_new_meaning(prepared, tmp_path):
+    r = train(prepared, tmp_path, "--val_interval", "100")
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --val_interval 100 is more periods than the training has (2 of --epoch_length 2")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
 
 
 @pytest.mark.slow
@@ -170,14 +277,29 @@ def test_inference_with_the_trained_checkpoint(trained, prepared, tmp_path):
     out, _ = trained
     patient = json.loads((prepared / "datalist.json").read_text())["test"][0]
     r = bundle(
-        "run", "inference", "--config_file", str(CONFIGS / "inference.json"),
-        "--input", str(prepared / patient["image"]), "--output_dir", str(tmp_path / "pred"),
-        "--checkpoint", str(out / "models" / "model.pt"), "--dicom_seg", "true",
+        "run",
+        "inference",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--input",
+        str(prepared / patient["image"]),
+        "--output_dir",
+        str(tmp_path / "pred"),
+        "--checkpoint",
+        str(out / "models" / "model.pt"),
+        "--dicom_seg",
+        "true",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     name = patient["patient"]
     files = sorted(p.name for p in (tmp_path / "pred").iterdir())
-    assert files == [f"{name}_overlay.png", f"{name}_report.json", f"{name}_seg.dcm", f"{name}_seg.nii.gz", "summary.json"]
+    assert files == [
+        f"{name}_overlay.png",
+        f"{name}_report.json",
+        f"{name}_seg.dcm",
+        f"{name}_seg.nii.gz",
+        "summary.json",
+    ]
     report = json.loads((tmp_path / "pred" / f"{name}_report.json").read_text())
     assert report["shape"] == patient["shape"] and report["spacing_mm"] == pytest.approx(patient["spacing"], abs=1e-3)
     assert f"{name}: " in r.stdout and "1 case written to" in r.stdout
@@ -187,14 +309,39 @@ def test_inference_with_the_trained_checkpoint(trained, prepared, tmp_path):
 def test_compare_promotes_the_best_run_and_inference_takes_the_alias(trained, prepared, tmp_path):
     out, _ = trained
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    r = subprocess.run([str(Path(sys.executable).parent / "liver-fcn"), "compare", "--output-dir", str(out / "eval"), "--out", str(tmp_path / "cmp"),
-                        "--promote", "champion"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "liver-fcn"),
+            "compare",
+            "--output_dir",
+            str(out / "eval"),
+            "--out",
+            str(tmp_path / "cmp"),
+            "--promote",
+            "champion",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "models:/liver-fcn@champion -> version 1 (run fcn4s-w0.0625-64px-" in r.stdout
     patient = json.loads((prepared / "datalist.json").read_text())["test"][0]
     r = bundle(
-        "run", "inference", "--config_file", str(CONFIGS / "inference.json"), "--input", str(prepared / patient["image"]),
-        "--output_dir", str(tmp_path / "pred"), "--checkpoint", "models:/liver-fcn@champion", "--overlay", "false",
+        "run",
+        "inference",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--input",
+        str(prepared / patient["image"]),
+        "--output_dir",
+        str(tmp_path / "pred"),
+        "--checkpoint",
+        "models:/liver-fcn@champion",
+        "--overlay",
+        "false",
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{out / 'eval' / 'mlruns.db'}"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -204,26 +351,50 @@ def test_compare_promotes_the_best_run_and_inference_takes_the_alias(trained, pr
 def test_demo_overlay_of_the_trained_checkpoint(trained, prepared, tmp_path):
     out, _ = trained  # trained with other settings than train.json's: the checkpoint's own are used
     r = subprocess.run(
-        [sys.executable, str(REPO / "workflows" / "overlay.py"), "--dataset_dir", str(prepared),
-         "--checkpoint", str(out / "models" / "model.pt"), "--out", str(tmp_path / "overlay.png"),
-         "--tracking-uri", f"sqlite:///{out / 'eval' / 'mlruns.db'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "workflows" / "overlay.py"),
+            "--dataset_dir",
+            str(prepared),
+            "--checkpoint",
+            str(out / "models" / "model.pt"),
+            "--out",
+            str(tmp_path / "overlay.png"),
+            "--tracking_uri",
+            f"sqlite:///{out / 'eval' / 'mlruns.db'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # and into the checkpoint's MLflow run, beside the learning curves and the overlay the training drew
     client, run = only_run(f"sqlite:///{out / 'eval' / 'mlruns.db'}")
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
-        "plots/learning_curves.png", f"plots/{run.info.run_name}_overlay.png", "plots/overlay.png"}
+        "plots/learning_curves.png",
+        f"plots/{run.info.run_name}_overlay.png",
+        "plots/overlay.png",
+    }
 
 
 @pytest.mark.slow
 def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
     out, _ = trained
     r = bundle(
-        "run", "evaluating", "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
-        "--dataset_dir", str(prepared), "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"),
-        "--eval_split", "validation",
+        "run",
+        "evaluating",
+        "--config_file",
+        str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(out / "eval"),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--eval_split",
+        "validation",
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     folders = list((out / "eval" / "evaluation").iterdir())
@@ -235,7 +406,8 @@ def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
     (entry,) = json.loads((prepared / "datalist.json").read_text())["validation"]
     # one validation patient, by its name, clean, scanner-shifted and in another contrast phase, three classes each
     assert [(r["patient"], r["condition"], r["class"]) for r in rows] == [
-        (entry["patient"], cond, cls) for cond in ("clean", "shifted", "phase") for cls in ("liver", "bone", "kidney")]
+        (entry["patient"], cond, cls) for cond in ("clean", "shifted", "phase") for cls in ("liver", "bone", "kidney")
+    ]
     for r in rows:
         assert r["annotated"] == str(entry["annotated"][["liver", "bone", "kidney"].index(r["class"]) + 1])
         assert (r["dice"] == "nan") == (r["annotated"] == "False")
@@ -243,8 +415,16 @@ def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
     exp = client.get_experiment_by_name("liver-fcn")
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'evaluation'")
     assert run.info.status == "FINISHED" and run.data.params["split"] == "validation"
-    assert {"test_dice_liver", "test_assd_liver", "test_mssd_bone", "test_slice_iou_liver", "test_shifted_dice_liver",
-            "test_shift_change_dice_liver", "test_phase_dice_kidney", "test_phase_change_dice_liver"} <= set(run.data.metrics)
+    assert {
+        "test_dice_liver",
+        "test_assd_liver",
+        "test_mssd_bone",
+        "test_slice_iou_liver",
+        "test_shifted_dice_liver",
+        "test_shift_change_dice_liver",
+        "test_phase_dice_kidney",
+        "test_phase_change_dice_liver",
+    } <= set(run.data.metrics)
     assert run.data.tags["trained_run"].startswith("fcn4s-")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.csv", "summary.csv", "summary.json"}
 
@@ -257,9 +437,24 @@ def test_evaluation_leaves_out_classes_a_patient_has_no_masks_for(trained, prepa
     without = [e["patient"] for e in entries if not e["annotated"][3]]
     assert without, "the phantom set should hold a patient without kidney masks"
     r = bundle(
-        "run", "evaluating", "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
-        "--dataset_dir", str(prepared), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(out / "models"),
-        "--eval_split", "training", "--eval_name", "no-kidney", "--scanner_shift", "false", "--phase_shift", "False",
+        "run",
+        "evaluating",
+        "--config_file",
+        str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--eval_split",
+        "training",
+        "--eval_name",
+        "no-kidney",
+        "--scanner_shift",
+        "false",
+        "--phase_shift",
+        "False",
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     with open(tmp_path / "eval" / "evaluation" / "no-kidney" / "metrics.csv", newline="") as f:
@@ -272,3 +467,27 @@ def test_evaluation_leaves_out_classes_a_patient_has_no_masks_for(trained, prepa
     summary = json.loads((tmp_path / "eval" / "evaluation" / "no-kidney" / "summary.json").read_text())
     kidney = next(s for s in summary if s["class"] == "kidney" and s["metric"] == "dice")
     assert kidney["n"] == len(entries) - len(without)
+
+
+def test_configs_wire_with_short_expressions_and_literal_handler_lists():
+    """Configs name and connect objects; computing is the package's: no expression over 100 characters."""
+
+    def expressions(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                yield from expressions(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from expressions(v)
+        elif isinstance(node, str) and node.startswith("$"):
+            yield node
+
+    for path in sorted(CONFIGS.glob("*.json")):
+        config = json.loads(path.read_text())
+        long = [e for e in expressions(config) if len(e) > 100]
+        assert long == [], (path.name, long)
+    train = json.loads((CONFIGS / "train.json").read_text())
+    assert all(isinstance(h, dict) for h in train["train"]["handlers"])  # what MONAI's property check reads
+    assert {"mlflow_params", "augmentation_summary"}.isdisjoint(train)
+    multi = json.loads((CONFIGS / "multi_gpu_train.json").read_text())
+    assert "training" not in multi and "initialize" not in multi  # it layers on train.json's sequences

@@ -29,7 +29,8 @@ def synthetic(phantom_root, tmp_path_factory) -> Path:
     for n in (4, 5):  # as the shared database gives them: the mask zip alone
         (masks_only / f"3Dircadb1.{n}").mkdir()
         (masks_only / f"3Dircadb1.{n}" / "MASKS_DICOM.zip").write_bytes(
-            (phantom_root / f"3Dircadb1.{n}" / "MASKS_DICOM.zip").read_bytes())
+            (phantom_root / f"3Dircadb1.{n}" / "MASKS_DICOM.zip").read_bytes()
+        )
     out = tmp_path_factory.mktemp("synth") / "synth"
     synthesize(masks_only, out, copies=1, seed=1, sampling_weight=0.5, log=lambda s: None)
     return out
@@ -41,7 +42,11 @@ def test_synthetic_volumes_follow_the_masks_with_physical_densities(synthetic, p
     assert [e["patient"] for e in entries] == ["synth-3Dircadb1.4-0", "synth-3Dircadb1.5-0"]
     assert all(e["sampling_weight"] == 0.5 for e in entries)
     # phantom 4 has kidney masks, as do the real patients with kidneys; the class map follows prepare's
-    assert entries[0]["annotated"] == [True, True, True, True] and set(entries[0]["masks"]) == {"liver", "bone", "kidney"}
+    assert entries[0]["annotated"] == [True, True, True, True] and set(entries[0]["masks"]) == {
+        "liver",
+        "bone",
+        "kidney",
+    }
     e = entries[0]
     ct = nib.load(str(synthetic / e["image"]))
     hu = np.asarray(ct.dataobj)
@@ -62,10 +67,12 @@ def test_painted_kidneys_follow_the_contrast_phase(phase):
     from liver_fcn.data.synth import render_ct
 
     x, y, z = np.meshgrid(np.arange(80), np.arange(80), np.arange(24), indexing="ij")
-    body = (x - 40) ** 2 + (y - 40) ** 2 < 38 ** 2
+    body = (x - 40) ** 2 + (y - 40) ** 2 < 38**2
     kidney = ((x - 25) / 16.0) ** 2 + ((y - 40) / 11.0) ** 2 + ((z - 12) / 10.0) ** 2 < 1
     liver = ((x - 55) / 14.0) ** 2 + ((y - 35) / 14.0) ** 2 + ((z - 12) / 11.0) ** 2 < 1
-    hu = render_ct({"rightkidney": kidney, "liver": liver}, body, (1.0, 1.0, 1.0), np.random.default_rng(4), phase=phase)
+    hu = render_ct(
+        {"rightkidney": kidney, "liver": liver}, body, (1.0, 1.0, 1.0), np.random.default_rng(4), phase=phase
+    )
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[:, :, 1] = True
     rim = kidney & ~ndimage.binary_erosion(kidney, in_plane, iterations=2)  # outer cortex
@@ -87,7 +94,10 @@ def test_synthetic_volumes_can_leave_classes_to_real_ct(phantom_root, tmp_path):
     out = synthesize(phantom_root, tmp_path / "liver_only", patients=["4"], annotate=["liver"], log=lambda s: None)
     (entry,) = json.loads(out.read_text())["training"]
     assert entry["annotated"] == [True, True, False, False] and list(entry["masks"]) == ["liver"]
-    assert sorted(p.name for p in (tmp_path / "liver_only" / entry["patient"]).iterdir()) == ["ct.nii.gz", "liver.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "liver_only" / entry["patient"]).iterdir()) == [
+        "ct.nii.gz",
+        "liver.nii.gz",
+    ]
     with pytest.raises(InputError, match="spleen: not a class of the mapping"):
         synthesize(phantom_root, tmp_path / "x", annotate=["spleen"], log=lambda s: None)
 
@@ -95,8 +105,10 @@ def test_synthetic_volumes_can_leave_classes_to_real_ct(phantom_root, tmp_path):
 def test_mask_folder_without_body_outline_is_refused(phantom_root, tmp_path):
     src = tmp_path / "in" / "3Dircadb1.1"
     src.mkdir(parents=True)
-    with zipfile.ZipFile(phantom_root / "3Dircadb1.1" / "MASKS_DICOM.zip") as zin, \
-            zipfile.ZipFile(src / "MASKS_DICOM.zip", "w") as zout:
+    with (
+        zipfile.ZipFile(phantom_root / "3Dircadb1.1" / "MASKS_DICOM.zip") as zin,
+        zipfile.ZipFile(src / "MASKS_DICOM.zip", "w") as zout,
+    ):
         for info in zin.infolist():
             if "/skin/" not in info.filename:
                 zout.writestr(info, zin.read(info))
@@ -121,10 +133,32 @@ def test_fold_datalists_hold_each_patient_out_of_its_training(prepared, tmp_path
 def crossval(prepared: Path, out: Path, uri: str, name: str, *extra: str, overrides=()) -> subprocess.CompletedProcess:
     overrides = [x for k, v in {**TINY, **dict(overrides)}.items() for x in (f"--{k}", v)]
     return subprocess.run(
-        [sys.executable, "-m", "liver_fcn.cli", "crossval", "--dataset_dir", str(prepared), "--config",
-         str([str(CONFIGS / "train.json")]), "--name", name, "--out", str(out), "--tracking-uri", uri,
-         "--patients", "1", "2", *extra, "--", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "liver_fcn.cli",
+            "crossval",
+            "--dataset_dir",
+            str(prepared),
+            "--config",
+            str([str(CONFIGS / "train.json")]),
+            "--name",
+            name,
+            "--out",
+            str(out),
+            "--tracking_uri",
+            uri,
+            "--patients",
+            "1",
+            "2",
+            *extra,
+            "--",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -133,8 +167,17 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
     uri = f"sqlite:///{tmp_path / 'cv.db'}"
     a = crossval(prepared, tmp_path / "cv", uri, "plain")
     assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
-    b = crossval(prepared, tmp_path / "cv", uri, "synthetic", "--extra-training", str(synthetic), "--extra-weight", "0.25",
-                 overrides={"network_def#variant": "4s"})
+    b = crossval(
+        prepared,
+        tmp_path / "cv",
+        uri,
+        "synthetic",
+        "--extra_training",
+        str(synthetic),
+        "--extra_weight",
+        "0.25",
+        overrides={"network_def#variant": "4s"},
+    )
     assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
     assert "mean +- std over 2 folds" in a.stdout and "liver (shifted)" in a.stdout
 
@@ -149,7 +192,8 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
         assert parent.info.status == "FINISHED"
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(r.info.run_name for r in children) == sorted(
-            f"cv-{name}-3Dircadb1.{n}-{kind}" for n in (1, 2) for kind in ("train", "eval"))
+            f"cv-{name}-3Dircadb1.{n}-{kind}" for n in (1, 2) for kind in ("train", "eval")
+        )
         assert all(r.info.status == "FINISHED" for r in children)
         m = parent.data.metrics
         folds = [m[f"fold.3Dircadb1.{n}.dice_liver"] for n in (1, 2)]
@@ -169,17 +213,35 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
     assert train_b.data.params["extra_training"] == "synth: 2 volumes, weight 0.25"  # not the 0.5 recorded
     inputs = train_b.inputs.dataset_inputs  # the fold's patients and the extra set, each with its digest
     assert [json.loads(i.dataset.profile)["patients"]["training"] for i in inputs] == [4, 2]
-    assert inputs[1].dataset.name == "synthetic CT from 3D-IRCADb-01 organ masks" and len(inputs[1].dataset.digest) == 16
+    assert (
+        inputs[1].dataset.name == "synthetic CT from 3D-IRCADb-01 organ masks" and len(inputs[1].dataset.digest) == 16
+    )
     assert (tmp_path / "cv" / "synthetic" / "folds" / "3Dircadb1.1" / "models" / "model.pt").is_file()
 
     c = subprocess.run(
-        [sys.executable, "-m", "liver_fcn.cli", "compare", "--crossval", "plain", "synthetic", "--tracking-uri", uri,
-         "--out", str(tmp_path / "cmp")], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "liver_fcn.cli",
+            "compare",
+            "--crossval",
+            "plain",
+            "synthetic",
+            "--tracking_uri",
+            uri,
+            "--out",
+            str(tmp_path / "cmp"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert c.returncode == 0, c.stderr[-2000:]
     table = (tmp_path / "cmp" / "crossval_comparison.md").read_text()
     fa, fb = parents["plain"].data.metrics, parents["synthetic"].data.metrics
-    row = f"| 3Dircadb1.2 | dice | liver | {fa['fold.3Dircadb1.2.dice_liver']:.4f} | {fb['fold.3Dircadb1.2.dice_liver']:.4f} |"
+    a, b = fa["fold.3Dircadb1.2.dice_liver"], fb["fold.3Dircadb1.2.dice_liver"]
+    row = f"| 3Dircadb1.2 | dice | liver | {a:.4f} | {b:.4f} |"
     assert row in table and "| mean | shifted_dice | liver |" in table
     again = crossval(prepared, tmp_path / "cv", uri, "plain")
     assert again.returncode == 2 and "already exists; choose another --name" in again.stderr

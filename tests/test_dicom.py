@@ -8,10 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 
+from liver_fcn.data.ct import load_ct
 from liver_fcn.data.dicom import inspect_series
 from liver_fcn.data.dicom_write import SeriesGeometry, SeriesTags, write_series
 from liver_fcn.errors import InputError
-from liver_fcn.transforms import load_ct
 
 
 def volume(n=6, rows=40, cols=48, seed=0):
@@ -136,6 +136,7 @@ def test_mixed_sizes_and_duplicates(series, tmp_path):
 
 # ---- compressed transfer syntaxes, through pydicom's pixel plugins ----
 
+
 def ct_like(shape=(5, 48, 56)) -> np.ndarray:
     """int16 HU with air, soft tissue, bone and noise: every bit of the range in use."""
     rng = np.random.default_rng(3)
@@ -145,14 +146,18 @@ def ct_like(shape=(5, 48, 56)) -> np.ndarray:
     return np.clip(ct + rng.normal(0, 30, shape), -1024, 3071).astype(np.int16)
 
 
-@pytest.mark.parametrize("syntax, options, max_error", [
-    (pydicom.uid.RLELossless, {}, 0),
-    (pydicom.uid.JPEGLSLossless, {}, 0),
-    (pydicom.uid.JPEG2000Lossless, {}, 0),
-    (pydicom.uid.DeflatedExplicitVRLittleEndian, {}, 0),
-    (pydicom.uid.JPEGLSNearLossless, {"jls_error": 3}, 3),  # near-lossless: at most the stated error
-    (pydicom.uid.JPEG2000, {"j2k_psnr": [80]}, None),  # lossy: the RMS error is bounded below
-], ids=["RLE", "JPEG-LS", "JPEG2000-lossless", "Deflate", "JPEG-LS-near-lossless", "JPEG2000-lossy"])
+@pytest.mark.parametrize(
+    "syntax, options, max_error",
+    [
+        (pydicom.uid.RLELossless, {}, 0),
+        (pydicom.uid.JPEGLSLossless, {}, 0),
+        (pydicom.uid.JPEG2000Lossless, {}, 0),
+        (pydicom.uid.DeflatedExplicitVRLittleEndian, {}, 0),
+        (pydicom.uid.JPEGLSNearLossless, {"jls_error": 3}, 3),  # near-lossless: at most the stated error
+        (pydicom.uid.JPEG2000, {"j2k_psnr": [80]}, None),  # lossy: the RMS error is bounded below
+    ],
+    ids=["RLE", "JPEG-LS", "JPEG2000-lossless", "Deflate", "JPEG-LS-near-lossless", "JPEG2000-lossy"],
+)
 def test_compressed_series_read_as_the_uncompressed_one(tmp_path, syntax, options, max_error):
     ct = ct_like()
     raw = write_series(tmp_path / "raw", ct, SeriesGeometry(), SeriesTags())

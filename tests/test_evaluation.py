@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from liver_fcn.evaluation import class_metrics, slice_iou
 
@@ -77,20 +77,37 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
         folder.mkdir(parents=True)
         nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.int16), affine), str(folder / "ct.nii.gz"))
         nib.save(nib.Nifti1Image(np.transpose(block, (2, 1, 0)).astype(np.uint8), affine), str(folder / "liver.nii.gz"))
-        entries.append({"patient": name, "image": f"{name}/ct.nii.gz", "masks": {"liver": [f"{name}/liver.nii.gz"]},
-                        "annotated": [True, True, False, False]})
+        entries.append(
+            {
+                "patient": name,
+                "image": f"{name}/ct.nii.gz",
+                "masks": {"liver": [f"{name}/liver.nii.gz"]},
+                "annotated": [True, True, False, False],
+            }
+        )
     (tmp_path / "data" / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": entries}))
     (tmp_path / "models").mkdir()
-    torch.save({"model": {"threshold": torch.tensor(0.05)}, "settings": {**SETTINGS, "run_name": "threshold"}},
-               tmp_path / "models" / "model.pt")
+    torch.save(
+        {"model": {"threshold": torch.tensor(0.05)}, "settings": {**SETTINGS, "run_name": "threshold"}},
+        tmp_path / "models" / "model.pt",
+    )
     configs = [str(REPO / "bundle" / "configs" / f) for f in ("train.json", "evaluate.json")]
-    bundle_run("evaluating", config_file=configs, dataset_dir=str(tmp_path / "data"), ckpt_dir=str(tmp_path / "models"),
-               output_dir=str(tmp_path / "eval"), eval_name="eval-threshold", network_def=THRESHOLD_NET, logging_file=False)
+    bundle_run(
+        "evaluating",
+        config_file=configs,
+        dataset_dir=str(tmp_path / "data"),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
+        eval_name="eval-threshold",
+        network_def=THRESHOLD_NET,
+        logging_file=False,
+    )
     folder = tmp_path / "eval" / "evaluation" / "eval-threshold"
     with open(folder / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["patient"], r["condition"], r["class"]) for r in rows] == [
-        (p, c, k) for p in ("p1", "p2") for c in ("clean", "shifted", "phase") for k in ("liver", "bone", "kidney")]
+        (p, c, k) for p in ("p1", "p2") for c in ("clean", "shifted", "phase") for k in ("liver", "bone", "kidney")
+    ]
     for r in rows:
         if r["class"] == "liver" and r["condition"] == "phase":  # 100 HU -> 68.5 HU: still above the threshold
             assert float(r["dice"]) > 0.97 and float(r["volume_ref_ml"]) > 0, r
@@ -102,7 +119,8 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
             # the reference volume is the block's, in mL, whatever the grid it is scored on
             assert float(r["volume_ref_ml"]) == pytest.approx(
                 20250 * (0.8 * 0.7 * 3.0 if r["patient"] == "p1" else 0.6 * 0.6 * 1.25) / 1000,
-                rel=1e-4 if r["condition"] == "clean" else 0.12)
+                rel=1e-4 if r["condition"] == "clean" else 0.12,
+            )
         else:  # no masks for bone and kidney: not scored, not zero
             assert r["annotated"] == "False" and r["dice"] == "nan" and r["volume_ref_ml"] == "nan"
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
@@ -110,7 +128,9 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
     m = run.data.metrics
     assert m["test_dice_liver"] > 0.97 and m["test_shifted_dice_liver"] > 0.85
     assert m["test_shift_change_dice_liver"] == pytest.approx(m["test_shifted_dice_liver"] - m["test_dice_liver"])
-    assert math.isnan(m["test_dice_kidney"]) and run.data.params["scanner_shift"].startswith("3 mm slabs, 1.5 mm pixels")
+    assert math.isnan(m["test_dice_kidney"]) and run.data.params["scanner_shift"].startswith(
+        "3 mm slabs, 1.5 mm pixels"
+    )
     assert run.data.params["phase_shift"] == "liver and kidney enhancement x 0.3"
     assert m["test_phase_change_dice_liver"] == pytest.approx(m["test_phase_dice_liver"] - m["test_dice_liver"])
 
@@ -139,8 +159,11 @@ def test_contrast_phase_shift_scales_each_organs_enhancement_toward_unenhanced()
     # the dictionary transform: only the items of its condition, the class map untouched
     from monai.data import MetaTensor
 
-    item = {"image": MetaTensor(torch.as_tensor(hu)[None], affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0]))), "label": MetaTensor(torch.as_tensor(classes)[None]),
-            "condition": "phase"}
+    item = {
+        "image": MetaTensor(torch.as_tensor(hu)[None], affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0]))),
+        "label": MetaTensor(torch.as_tensor(classes)[None]),
+        "condition": "phase",
+    }
     shifted = SimulateContrastPhased(class_names=names, keep=0.3)(item)
     assert np.allclose(np.asarray(shifted["image"][0]), out) and shifted["label"] is item["label"]
     clean = SimulateContrastPhased(class_names=names)({**item, "condition": "clean"})
@@ -175,15 +198,31 @@ def test_bundle_evaluation_values_equal_metrics_computed_directly(tmp_path):
     affine = np.diag([*spacing, 1.0])
     nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)), affine), str(folder / "ct.nii.gz"))
     nib.save(nib.Nifti1Image(np.transpose(ref, (2, 1, 0)).astype(np.uint8), affine), str(folder / "liver.nii.gz"))
-    entry = {"patient": "p1", "image": "p1/ct.nii.gz", "masks": {"liver": ["p1/liver.nii.gz"]}, "annotated": [True, True, False, False]}
+    entry = {
+        "patient": "p1",
+        "image": "p1/ct.nii.gz",
+        "masks": {"liver": ["p1/liver.nii.gz"]},
+        "annotated": [True, True, False, False],
+    }
     (tmp_path / "data" / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": [entry]}))
     (tmp_path / "models").mkdir()
-    torch.save({"model": {"threshold": torch.tensor(0.05)}, "settings": {**SETTINGS, "run_name": "known"}},
-               tmp_path / "models" / "model.pt")
+    torch.save(
+        {"model": {"threshold": torch.tensor(0.05)}, "settings": {**SETTINGS, "run_name": "known"}},
+        tmp_path / "models" / "model.pt",
+    )
     configs = [str(REPO / "bundle" / "configs" / f) for f in ("train.json", "evaluate.json")]
-    bundle_run("evaluating", config_file=configs, dataset_dir=str(tmp_path / "data"), ckpt_dir=str(tmp_path / "models"),
-               output_dir=str(tmp_path / "eval"), eval_name="known", network_def=THRESHOLD_NET, scanner_shift=False,
-               phase_shift=False, logging_file=False)
+    bundle_run(
+        "evaluating",
+        config_file=configs,
+        dataset_dir=str(tmp_path / "data"),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
+        eval_name="known",
+        network_def=THRESHOLD_NET,
+        scanner_shift=False,
+        phase_shift=False,
+        logging_file=False,
+    )
     with open(tmp_path / "eval" / "evaluation" / "known" / "metrics.csv", newline="") as f:
         (row,) = [r for r in csv.DictReader(f) if r["class"] == "liver"]
 
@@ -201,14 +240,21 @@ def test_bundle_evaluation_values_equal_metrics_computed_directly(tmp_path):
 
     d_pr, d_rp = surface_distances(pred, ref), surface_distances(ref, pred)
     want = {
-        "dice": dice, "iou": iou, "voe": 100 * (1 - iou), "rvd": 100 * (n_pred - n_ref) / n_ref,
-        "mssd": max(d_pr.max(), d_rp.max()), "assd": (d_pr.sum() + d_rp.sum()) / (d_pr.size + d_rp.size),
-        "volume_pred_ml": n_pred * 2.5 / 1000, "volume_ref_ml": n_ref * 2.5 / 1000,
+        "dice": dice,
+        "iou": iou,
+        "voe": 100 * (1 - iou),
+        "rvd": 100 * (n_pred - n_ref) / n_ref,
+        "mssd": max(d_pr.max(), d_rp.max()),
+        "assd": (d_pr.sum() + d_rp.sum()) / (d_pr.size + d_rp.size),
+        "volume_pred_ml": n_pred * 2.5 / 1000,
+        "volume_ref_ml": n_ref * 2.5 / 1000,
     }
     # the block's top corner on the trimmed face is two slices (5 mm) and one pixel (1 mm) from the reference
     assert want["rvd"] > 0 and want["mssd"] == pytest.approx(math.hypot(5.0, 1.0))
     for k, v in want.items():
         assert float(row[k]) == pytest.approx(v, rel=1e-4), (k, row[k], v)
     # the paper's slice IoU: the mean over the slices where either mask has liver
-    per_slice = [(pred[z] & ref[z]).sum() / (pred[z] | ref[z]).sum() for z in range(pred.shape[0]) if (pred[z] | ref[z]).any()]
+    per_slice = [
+        (pred[z] & ref[z]).sum() / (pred[z] | ref[z]).sum() for z in range(pred.shape[0]) if (pred[z] | ref[z]).any()
+    ]
     assert float(row["slice_iou"]) == pytest.approx(float(np.mean(per_slice)), rel=1e-4)

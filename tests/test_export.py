@@ -25,8 +25,14 @@ CONFIGS = REPO / "bundle" / "configs"
 
 def monai_bundle(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +51,22 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def ckpt_export(checkpoint: Path, ts: Path) -> None:
     """The export command as the README gives it."""
-    r = monai_bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(checkpoint),
-                     "--config_file", str(CONFIGS / "inference.json"), "--meta_file", str(CONFIGS / "metadata.json"),
-                     "--key_in_ckpt", "model", "--checkpoint", str(checkpoint))
+    r = monai_bundle(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(ts),
+        "--ckpt_file",
+        str(checkpoint),
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--meta_file",
+        str(CONFIGS / "metadata.json"),
+        "--key_in_ckpt",
+        "model",
+        "--checkpoint",
+        str(checkpoint),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -72,8 +91,17 @@ def test_ckpt_export_gives_the_eager_output_and_carries_the_settings(checkpoint,
 def test_onnx_export_runs_in_onnx_runtime_at_any_size(checkpoint, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "model.onnx"
-    r = monai_bundle("onnx_export", "--args_file", str(CONFIGS / "onnx_export.json"), "--filepath", str(path),
-                     "--ckpt_file", str(checkpoint), "--checkpoint", str(checkpoint))
+    r = monai_bundle(
+        "onnx_export",
+        "--args_file",
+        str(CONFIGS / "onnx_export.json"),
+        "--filepath",
+        str(path),
+        "--ckpt_file",
+        str(checkpoint),
+        "--checkpoint",
+        str(checkpoint),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     net = eager(checkpoint)
@@ -97,8 +125,18 @@ def mask(folder: Path) -> np.ndarray:
 
 
 def infer(checkpoint: str, ct: Path, out: Path, **overrides) -> np.ndarray:
-    bundle_run("inference", config_file=str(CONFIGS / "inference.json"), input=str(ct), output_dir=str(out),
-               checkpoint=checkpoint, precision="fp32", overlay=False, postprocess=False, logging_file=False, **overrides)
+    bundle_run(
+        "inference",
+        config_file=str(CONFIGS / "inference.json"),
+        input=str(ct),
+        output_dir=str(out),
+        checkpoint=checkpoint,
+        precision="fp32",
+        overlay=False,
+        postprocess=False,
+        logging_file=False,
+        **overrides,
+    )
     return mask(out)
 
 
@@ -134,7 +172,9 @@ def test_registry_round_trip_log_promote_and_infer_from_models_uri(checkpoint, t
     assert list(meta.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, -1, -1]
     assert meta.metadata["settings"]["pixel_spacing"] == SETTINGS["pixel_spacing"]
     local = Path(mlflow.artifacts.download_artifacts("models:/liver-fcn-test/1", tracking_uri=uri, registry_uri=uri))
-    assert {"model.pt", "inference.json", "pipeline.json", "metadata.json"} <= {p.name for p in (local / "artifacts").iterdir()}
+    assert {"model.pt", "inference.json", "pipeline.json", "metadata.json"} <= {
+        p.name for p in (local / "artifacts").iterdir()
+    }
     assert (local / "input_example.json").is_file()
 
     version = promote(uri, "liver-fcn-test", "champion", run.info.run_id)
@@ -148,9 +188,19 @@ def test_registry_round_trip_log_promote_and_infer_from_models_uri(checkpoint, t
 def test_unknown_registered_model_is_one_line_and_exit_2(tmp_path):
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
     mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # an empty store
-    r = monai_bundle("run", "inference", "--config_file", str(CONFIGS / "inference.json"), "--input", str(nifti_ct(tmp_path)),
-                     "--output_dir", str(tmp_path / "out"), "--checkpoint", "models:/nothing@champion",
-                     env={"MLFLOW_TRACKING_URI": uri})
+    r = monai_bundle(
+        "run",
+        "inference",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--input",
+        str(nifti_ct(tmp_path)),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        "models:/nothing@champion",
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: models:/nothing@champion: not found in the model registry at " + uri)

@@ -30,8 +30,14 @@ THRESHOLD_NET = {"_target_": "tests.helpers.ThresholdNet"}
 CLASSES = ["background", "liver", "bone", "kidney"]
 #: what a trained checkpoint records: the network and its physical-space preprocessing
 SETTINGS = {
-    "variant": "8s", "width": 0.0625, "in_channels": 1, "class_names": CLASSES, "pixel_spacing": 1.0,
-    "image_size": 160, "hu_window": [-250, 450], "intensity_mean": 0.19,
+    "variant": "8s",
+    "width": 0.0625,
+    "in_channels": 1,
+    "class_names": CLASSES,
+    "pixel_spacing": 1.0,
+    "image_size": 160,
+    "hu_window": [-250, 450],
+    "intensity_mean": 0.19,
 }
 
 
@@ -54,8 +60,15 @@ def threshold_ckpt(tmp_path_factory) -> Path:
 
 def infer(ckpt: Path, input_path, out: Path, **overrides):
     kw = {"network_def": THRESHOLD_NET, **overrides}
-    bundle_run("inference", config_file=CONFIG, input=str(input_path), output_dir=str(out), checkpoint=str(ckpt),
-               logging_file=False, **kw)
+    bundle_run(
+        "inference",
+        config_file=CONFIG,
+        input=str(input_path),
+        output_dir=str(out),
+        checkpoint=str(ckpt),
+        logging_file=False,
+        **kw,
+    )
 
 
 def dice(a, b) -> float:
@@ -103,8 +116,12 @@ def test_nifti_round_trip_keeps_affine_shape_and_position(orientation, pixel_spa
 
 def dicom_affine(folder: Path) -> np.ndarray:
     """The affine ITK and MONAI derive for (column, row, slice) voxel order, written out from the tags."""
-    dss = sorted((pydicom.dcmread(f) for f in folder.iterdir()), key=lambda d: float(np.dot(
-        d.ImagePositionPatient, np.cross(d.ImageOrientationPatient[:3], d.ImageOrientationPatient[3:]))))
+    dss = sorted(
+        (pydicom.dcmread(f) for f in folder.iterdir()),
+        key=lambda d: float(
+            np.dot(d.ImagePositionPatient, np.cross(d.ImageOrientationPatient[:3], d.ImageOrientationPatient[3:]))
+        ),
+    )
     iop = np.array(dss[0].ImageOrientationPatient, float)
     row_cos, col_cos = iop[:3], iop[3:]
     dr, dc = (float(v) for v in dss[0].PixelSpacing)
@@ -143,9 +160,17 @@ def test_dicom_seg_references_the_ct_and_matches_the_mask(tmp_path):
     block[2:6, 10:40, 20:50] = True
     ct[:] = -1000
     ct[block] = 100
-    series = write_series(tmp_path / "p7" / "PATIENT_DICOM", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags())
+    series = write_series(
+        tmp_path / "p7" / "PATIENT_DICOM", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags()
+    )
     # at the series' own pixel spacing the chain resamples nothing: the mask must be exact
-    infer(checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128), series, tmp_path / "out", dicom_seg=True, overlay=False)
+    infer(
+        checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128),
+        series,
+        tmp_path / "out",
+        dicom_seg=True,
+        overlay=False,
+    )
     seg = hd.seg.segread(tmp_path / "out" / "p7_seg.dcm")  # a PATIENT_DICOM folder is named after its parent
     ref = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in series.iterdir()}
     assert seg.Modality == "SEG"
@@ -176,9 +201,17 @@ def test_deidentified_series_with_blank_uids_is_read_and_gets_a_seg(tmp_path):
     import highdicom as hd
 
     ct, block = block_volume(shape=(8, 64, 96))
-    series = write_series(tmp_path / "anon", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags())
+    series = write_series(
+        tmp_path / "anon", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags()
+    )
     deidentify(series, SpecificCharacterSet="")  # an empty character set, as one vendor writes it
-    infer(checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128), series, tmp_path / "out", dicom_seg=True, overlay=False)
+    infer(
+        checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128),
+        series,
+        tmp_path / "out",
+        dicom_seg=True,
+        overlay=False,
+    )
     mask = np.transpose(np.asarray(nib.load(str(tmp_path / "out" / "anon_seg.nii.gz")).dataobj), (2, 1, 0))
     assert dice(mask == 1, block) > 0.99
     report = json.loads((tmp_path / "out" / "anon_report.json").read_text())
@@ -192,10 +225,22 @@ def test_two_phases_on_one_grid_without_uids_are_refused_naming_both_files(thres
 
     ct, _ = block_volume(shape=(4, 40, 40))
     frame = generate_uid()  # one scan session: one frame of reference
-    for other_frame, expected in ((frame, r"venous_image_\d: same slice position as image_\d .*duplicate slice"),
-                                  (generate_uid(), r"folder holds 2 series: \(no SeriesInstanceUID.*put each series in its own folder")):
-        folder = write_series(tmp_path / "phases", ct, SeriesGeometry(), SeriesTags(series_description="arterial", frame_of_reference_uid=frame))
-        write_series(tmp_path / "venous", ct + 50, SeriesGeometry(), SeriesTags(series_description="venous", frame_of_reference_uid=other_frame))
+    for other_frame, expected in (
+        (frame, r"venous_image_\d: same slice position as image_\d .*duplicate slice"),
+        (generate_uid(), r"folder holds 2 series: \(no SeriesInstanceUID.*put each series in its own folder"),
+    ):
+        folder = write_series(
+            tmp_path / "phases",
+            ct,
+            SeriesGeometry(),
+            SeriesTags(series_description="arterial", frame_of_reference_uid=frame),
+        )
+        write_series(
+            tmp_path / "venous",
+            ct + 50,
+            SeriesGeometry(),
+            SeriesTags(series_description="venous", frame_of_reference_uid=other_frame),
+        )
         for f in (tmp_path / "venous").iterdir():
             shutil.copy(f, folder / f"venous_{f.name}")
         deidentify(folder)
@@ -233,11 +278,30 @@ def test_checkpoint_without_preprocessing_settings_is_refused(tmp_path):
     ct, _ = block_volume(shape=(6, 40, 40))
     src = tmp_path / "a.nii.gz"
     nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.float32), np.eye(4)), str(src))
-    for ckpt, why in ((old, "lacks the settings width, in_channels, class_names, pixel_spacing"), (bare, "holds no settings")):
+    for ckpt, why in (
+        (old, "lacks the settings width, in_channels, class_names, pixel_spacing"),
+        (bare, "holds no settings"),
+    ):
         r = subprocess.run(
-            [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG, "--input", str(src),
-             "--output_dir", str(tmp_path / "out"), "--checkpoint", str(ckpt)],
-            cwd=REPO, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "inference",
+                "--config_file",
+                CONFIG,
+                "--input",
+                str(src),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--checkpoint",
+                str(ckpt),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert r.returncode == 2, r.stderr[-2000:]
         last = r.stderr.strip().splitlines()[-1]
@@ -252,8 +316,14 @@ def test_real_fcn_checkpoint_rebuilds_from_its_settings(tmp_path):
     ct, _ = block_volume(shape=(6, 48, 40))
     src = tmp_path / "small.nii"
     nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.int16), np.diag([1.5, 1.5, 5.0, 1.0])), str(src))
-    bundle_run("inference", config_file=CONFIG, input=str(src), output_dir=str(tmp_path / "out"),
-               checkpoint=str(tmp_path / "model.pt"), logging_file=False)
+    bundle_run(
+        "inference",
+        config_file=CONFIG,
+        input=str(src),
+        output_dir=str(tmp_path / "out"),
+        checkpoint=str(tmp_path / "model.pt"),
+        logging_file=False,
+    )
     out = nib.load(str(tmp_path / "out" / "small_seg.nii.gz"))
     assert out.shape == (40, 48, 6)
 
@@ -261,11 +331,18 @@ def test_real_fcn_checkpoint_rebuilds_from_its_settings(tmp_path):
 def test_datalist_input_runs_every_case(threshold_ckpt, tmp_path):
     ct, _ = block_volume(shape=(6, 40, 48))
     for name in ("a", "b"):
-        nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.float32), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.float32), np.eye(4)), str(tmp_path / f"{name}.nii.gz")
+        )
     (tmp_path / "list.json").write_text(json.dumps([{"image": "a.nii.gz"}, "b.nii.gz"]))
     infer(threshold_ckpt, tmp_path / "list.json", tmp_path / "out", overlay=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "a_report.json", "a_seg.nii.gz", "b_report.json", "b_seg.nii.gz", "summary.json"]
+        "a_report.json",
+        "a_seg.nii.gz",
+        "b_report.json",
+        "b_seg.nii.gz",
+        "summary.json",
+    ]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [w["case"] for w in summary["written"]] == ["a", "b"] and summary["failed"] == []
 
@@ -276,14 +353,21 @@ def test_report_volume_is_voxel_count_times_voxel_volume():
     seg[0, 0, 0] = 2
     affine = np.array([[0, 0.9, 0, 0], [-0.6, 0, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1]])  # rotated axes
     r = case_report(seg, affine, ["background", "liver", "bone", "kidney"], "x")
-    assert r["voxels"]["liver"] == 54 and r["volumes_ml"]["liver"] == pytest.approx(54 * 0.9 * 0.6 * 2.5 / 1000, rel=1e-9)
+    assert r["voxels"]["liver"] == 54 and r["volumes_ml"]["liver"] == pytest.approx(
+        54 * 0.9 * 0.6 * 2.5 / 1000, rel=1e-9
+    )
     assert r["volumes_ml"]["kidney"] == 0 and r["voxels"]["bone"] == 1
     # voxel axis 0 (3 voxels) runs along y, axis 1 (6 voxels) along x
-    assert r["liver_extent_mm"] == {"width": pytest.approx(6 * 0.9), "depth": pytest.approx(3 * 0.6), "height": pytest.approx(3 * 2.5)}
+    assert r["liver_extent_mm"] == {
+        "width": pytest.approx(6 * 0.9),
+        "depth": pytest.approx(3 * 0.6),
+        "height": pytest.approx(3 * 2.5),
+    }
     assert r["liver_slices"] == [1, 3] and r["spacing_mm"] == [0.6, 0.9, 2.5]
 
 
 # ---- bad inputs: each stops with its own message, and nothing is written ----
+
 
 def two_series(tmp: Path) -> Path:
     ct, _ = block_volume(shape=(4, 40, 40))
@@ -341,7 +425,11 @@ def bad_inputs(tmp: Path) -> dict:
     nib.save(nib.Nifti1Image(np.zeros((40, 40, 4), np.float32), np.eye(4)), str(nii))
     (tmp / "dupes.json").write_text(json.dumps([str(nii), str(nii)]))
     cases["duplicate case names"] = (tmp / "dupes.json", {}, r"case name 'ok' is also that of")
-    cases["DICOM SEG of a NIfTI"] = (nii, {"dicom_seg": True}, r"ok.nii.gz: a DICOM Segmentation needs a DICOM series input")
+    cases["DICOM SEG of a NIfTI"] = (
+        nii,
+        {"dicom_seg": True},
+        r"ok.nii.gz: a DICOM Segmentation needs a DICOM series input",
+    )
     s = good_series(tmp, "tilted")  # a 15 degree gantry tilt: each slice shifted along y as it steps in z
     for f in s.iterdir():
         ds = pydicom.dcmread(f)
@@ -386,7 +474,11 @@ def bad_inputs(tmp: Path) -> dict:
         if f.name != "image_0":
             f.unlink()
     cases["one-slice series"] = (s, {}, r"oneslice: series has 1 slice; a volume needs at least 2")
-    cases["unknown series UID"] = (good_series(tmp, "pick"), {"series_uid": "1.2.3.4"}, r"pick: no series with SeriesInstanceUID 1.2.3.4")
+    cases["unknown series UID"] = (
+        good_series(tmp, "pick"),
+        {"series_uid": "1.2.3.4"},
+        r"pick: no series with SeriesInstanceUID 1.2.3.4",
+    )
     nib.save(nib.Nifti1Image(np.zeros((40, 40), np.float32), np.eye(4)), str(tmp / "flat2d.nii.gz"))
     cases["2D NIfTI"] = (tmp / "flat2d.nii.gz", {}, r"flat2d.nii.gz: NIfTI image has shape \(40, 40\)")
     (tmp / "empty.json").write_text("[]")
@@ -394,11 +486,17 @@ def bad_inputs(tmp: Path) -> dict:
     (tmp / "noimage.json").write_text(json.dumps([{"patient": "x"}]))
     cases["datalist entry without image"] = (tmp / "noimage.json", {}, r"noimage.json: datalist entry without 'image'")
     (tmp / "nested.json").write_text(json.dumps(["empty.json"]))
-    cases["datalist inside a datalist"] = (tmp / "nested.json", {}, r"empty.json: a datalist must be the --input itself")
+    cases["datalist inside a datalist"] = (
+        tmp / "nested.json",
+        {},
+        r"empty.json: a datalist must be the --input itself",
+    )
     cases["unknown precision"] = (nii, {"precision": "fp16"}, r"precision must be 'auto', 'fp32' or 'bf16', got 'fp16'")
     cases["not a boolean"] = (nii, {"postprocess": "perhaps"}, r"--postprocess must be true or false, got 'perhaps'")
     cases["checkpoint missing"] = (nii, {"checkpoint": str(tmp / "none.pt")}, r"none.pt: checkpoint not found")
-    flat = nib.Nifti1Image(np.zeros((40, 40, 4), np.int16), np.eye(4))  # nibabel and MONAI would fall back to another matrix
+    flat = nib.Nifti1Image(
+        np.zeros((40, 40, 4), np.int16), np.eye(4)
+    )  # nibabel and MONAI would fall back to another matrix
     flat.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)  # a singular sform (slices of no thickness), no qform
     flat.set_qform(None, code=0)
     nib.save(flat, str(tmp / "flat.nii.gz"))
@@ -414,7 +512,11 @@ def bad_inputs(tmp: Path) -> dict:
     two.set_qform(np.eye(4), code=1)
     two.set_sform(moved, code=1)
     nib.save(two, str(tmp / "two_forms.nii.gz"))
-    cases["qform and sform disagree"] = (tmp / "two_forms.nii.gz", {}, r"two_forms.nii.gz: NIfTI qform and sform disagree by 72.0 mm")
+    cases["qform and sform disagree"] = (
+        tmp / "two_forms.nii.gz",
+        {},
+        r"two_forms.nii.gz: NIfTI qform and sform disagree by 72.0 mm",
+    )
     vals = np.zeros((40, 40, 4), np.float32)
     vals[3, 4, 1] = np.nan
     vals[5, 5, 2] = np.inf
@@ -428,7 +530,7 @@ def bad_inputs(tmp: Path) -> dict:
     raw = bytearray((s / "image_4").read_bytes())
     frame = next(pydicom.encaps.generate_frames(pydicom.dcmread(s / "image_4").PixelData, number_of_frames=1))
     at = bytes(raw).find(frame[:64])
-    raw[at + 8:at + 12] = (1 << 20).to_bytes(4, "little")
+    raw[at + 8 : at + 12] = (1 << 20).to_bytes(4, "little")
     (s / "image_4").write_bytes(bytes(raw))
     cases["corrupt RLE pixel data"] = (s, {}, r"image_4: cannot decode pixel data \(RuntimeError: .*RLE segment")
     return cases
@@ -492,12 +594,19 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(what, bad_cases, bad
 
 def test_no_input_given(threshold_ckpt, tmp_path):
     with pytest.raises(Exception) as e:
-        bundle_run("inference", config_file=CONFIG, output_dir=str(tmp_path / "o"), checkpoint=str(threshold_ckpt),
-                   network_def=THRESHOLD_NET, logging_file=False)
+        bundle_run(
+            "inference",
+            config_file=CONFIG,
+            output_dir=str(tmp_path / "o"),
+            checkpoint=str(threshold_ckpt),
+            network_def=THRESHOLD_NET,
+            logging_file=False,
+        )
     assert "no input: pass --input" in str(input_error(e.value))
 
 
 # ---- a failing case, case file sets, boolean options, through the command a user types ----
+
 
 @pytest.fixture(scope="module")
 def small_fcn(tmp_path_factory) -> Path:
@@ -505,7 +614,10 @@ def small_fcn(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     net = FCN("8s", in_channels=1, out_channels=4, width=1 / 16)
     path = tmp_path_factory.mktemp("fcn") / "model.pt"
-    torch.save({"model": net.state_dict(), "settings": {**SETTINGS, "width": 1 / 16, "pixel_spacing": 2.0, "image_size": 96}}, path)
+    torch.save(
+        {"model": net.state_dict(), "settings": {**SETTINGS, "width": 1 / 16, "pixel_spacing": 2.0, "image_size": 96}},
+        path,
+    )
     return path
 
 
@@ -548,18 +660,34 @@ def test_rerun_replaces_a_case_as_one_set_and_lowercase_false_means_false(small_
     r = bundle_cli("--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "x_overlay.png").exists()
-    r = bundle_cli("--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(out), "--overlay", "false",
-                   "--postprocess", "FALSE")
+    r = bundle_cli(
+        "--input",
+        str(src),
+        "--checkpoint",
+        str(small_fcn),
+        "--output_dir",
+        str(out),
+        "--overlay",
+        "false",
+        "--postprocess",
+        "FALSE",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (out / "x_overlay.png").exists()  # the earlier run's overlay is not left beside the new mask
     report = json.loads((out / "x_report.json").read_text())
     assert set(report["files"]) == {"mask"}
-    r = bundle_cli("--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(tmp_path / "o2"), "--overlay", "maybe")
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --overlay must be true or false, got 'maybe'"
+    r = bundle_cli(
+        "--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(tmp_path / "o2"), "--overlay", "maybe"
+    )
+    assert (
+        r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --overlay must be true or false, got 'maybe'"
+    )
     assert not (tmp_path / "o2").exists()
     (tmp_path / "afile").write_text("x")  # an output folder under a file: refused before any work
     r = bundle_cli("--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(tmp_path / "afile" / "out"))
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("output folder cannot be created: " + str(tmp_path / "afile") + " is a file")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "output folder cannot be created: " + str(tmp_path / "afile") + " is a file"
+    )
     assert "written to" not in r.stdout
 
 
@@ -573,8 +701,17 @@ def test_precision_auto_is_the_default_and_bf16_masks_agree_with_fp32(small_fcn,
     src = nifti_case(tmp_path / "x.nii.gz")
     masks = {}
     for precision in ("fp32", "auto"):
-        bundle_run("inference", config_file=CONFIG, input=str(src), output_dir=str(tmp_path / precision), checkpoint=str(small_fcn),
-                   precision=precision, overlay=False, postprocess=False, logging_file=False)
+        bundle_run(
+            "inference",
+            config_file=CONFIG,
+            input=str(src),
+            output_dir=str(tmp_path / precision),
+            checkpoint=str(small_fcn),
+            precision=precision,
+            overlay=False,
+            postprocess=False,
+            logging_file=False,
+        )
         masks[precision] = np.asarray(nib.load(str(tmp_path / precision / "x_seg.nii.gz")).dataobj)
     assert (masks["fp32"] == masks["auto"]).mean() > 0.99  # random weights: many near-ties, still nearly all equal
 
@@ -589,15 +726,26 @@ def test_quality_flags_each_fire_on_their_own_case():
     flags = quality_flags(seg, affine, CLASSES, vols)["flags"]
     assert flags == ["liver volume 41 mL outside 800-3000 mL"]
     assert quality_flags(seg, affine, CLASSES, {"liver": 1500.0})["flags"] == []
-    assert "liver in 2 large pieces" in quality_flags(seg, affine, CLASSES, {"liver": 1500.0}, components={"1": [1400.0, 90.0]})["flags"][0]
+    assert (
+        "liver in 2 large pieces"
+        in quality_flags(seg, affine, CLASSES, {"liver": 1500.0}, components={"1": [1400.0, 90.0]})["flags"][0]
+    )
     touching = seg.copy()
     touching[20:30, 20:30, 29] = 3  # a kidney on the last slice
-    assert quality_flags(touching, affine, CLASSES, {"liver": 1500.0})["flags"] == ["kidney touches the first or last slice: the scan may cut it off"]
+    assert quality_flags(touching, affine, CLASSES, {"liver": 1500.0})["flags"] == [
+        "kidney touches the first or last slice: the scan may cut it off"
+    ]
     # the head-feet axis is found from the affine, whatever the voxel order
     sideways = np.transpose(touching, (2, 0, 1))
-    assert quality_flags(sideways, affine[:, [2, 0, 1, 3]], CLASSES, {"liver": 1500.0})["flags"] == quality_flags(touching, affine, CLASSES, {"liver": 1500.0})["flags"]
+    assert (
+        quality_flags(sideways, affine[:, [2, 0, 1, 3]], CLASSES, {"liver": 1500.0})["flags"]
+        == quality_flags(touching, affine, CLASSES, {"liver": 1500.0})["flags"]
+    )
     unsure = quality_flags(seg, affine, CLASSES, {"liver": 1500.0}, entropy={1: 0.6, 2: 0.9})
-    assert unsure["flags"] == ["low confidence in the liver (mean entropy 0.60 > 0.35)"] and unsure["mean_entropy"]["bone"] == 0.9
+    assert (
+        unsure["flags"] == ["low confidence in the liver (mean entropy 0.60 > 0.35)"]
+        and unsure["mean_entropy"]["bone"] == 0.9
+    )
 
 
 def test_entropy_and_liver_pieces_are_measured_where_the_mask_is():
@@ -614,7 +762,9 @@ def test_entropy_and_liver_pieces_are_measured_where_the_mask_is():
     seg = torch.zeros(1, 30, 30, 10, dtype=torch.uint8)
     seg[0, 2:12, 2:12, 2:8] = 1  # 600 voxels of 8 mm^3 = 4.8 mL
     seg[0, 20:25, 20:25, 2:4] = 1  # 50 voxels = 0.4 mL
-    out = CountComponentsd("pred", label=1, min_ml=0.3)({"pred": MetaTensor(seg, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))})
+    out = CountComponentsd("pred", label=1, min_ml=0.3)(
+        {"pred": MetaTensor(seg, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))}
+    )
     assert out["components"]["1"] == pytest.approx([4.8, 0.4])
 
 
@@ -646,9 +796,18 @@ def dciodvfy_errors(path: Path) -> list[str]:
 @pytest.mark.parametrize("variant", ["phantom writer", "vendor header variants"])
 def test_dicom_seg_passes_the_standards_checker(tmp_path, variant):
     ct, _ = block_volume(shape=(6, 48, 64))
-    series = write_series(tmp_path / "ct", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags())
+    series = write_series(
+        tmp_path / "ct", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags()
+    )
     if variant == "vendor header variants":  # an empty character set, a retired PN form, blank IDs and UIDs
-        deidentify(series, SpecificCharacterSet="", PatientName="DOE^JOHN^^^", PatientID="", AccessionNumber="",
-                   StudyID="")
-    infer(checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128), series, tmp_path / "out", dicom_seg=True, overlay=False)
+        deidentify(
+            series, SpecificCharacterSet="", PatientName="DOE^JOHN^^^", PatientID="", AccessionNumber="", StudyID=""
+        )
+    infer(
+        checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128),
+        series,
+        tmp_path / "out",
+        dicom_seg=True,
+        overlay=False,
+    )
     assert dciodvfy_errors(tmp_path / "out" / "ct_seg.dcm") == []

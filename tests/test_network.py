@@ -25,8 +25,13 @@ def plain_vgg16(num_classes: int = 1000) -> nn.Module:
     model.features = nn.Sequential(*layers)
     model.avgpool = nn.AdaptiveAvgPool2d(7)
     model.classifier = nn.Sequential(
-        nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(True),
-        nn.Dropout(), nn.Linear(4096, num_classes),
+        nn.Linear(512 * 7 * 7, 4096),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(4096, 4096),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(4096, num_classes),
     )
     return model
 

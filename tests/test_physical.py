@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +62,10 @@ def world(affine: torch.Tensor, shape) -> torch.Tensor:
 @pytest.mark.parametrize("spacing, target", [((0.6, 0.7, 2.0), 1.5), ((1.6, 1.6, 5.0), 0.8)])
 def test_in_plane_resampling_puts_values_where_the_new_affine_says(spacing, target):
     # a linear ramp in world mm (bilinear interpolation reproduces it exactly away from the edges)
-    affine = torch.tensor([[-spacing[0], 0, 0, 30.0], [0, spacing[1], 0, -20.0], [0, 0, spacing[2], 5.0], [0, 0, 0, 1]], dtype=torch.float64)
+    affine = torch.tensor(
+        [[-spacing[0], 0, 0, 30.0], [0, spacing[1], 0, -20.0], [0, 0, spacing[2], 5.0], [0, 0, 0, 1]],
+        dtype=torch.float64,
+    )
     shape = (60, 50, 4)
     w = world(affine, shape)
     ramp = (0.5 * w[0] - 0.25 * w[1] + w[2]).float()
@@ -77,7 +81,8 @@ def test_in_plane_resampling_puts_values_where_the_new_affine_says(spacing, targ
     lab = torch.zeros(1, *shape, dtype=torch.uint8)
     lab[0, 20:40, 10:30, 1] = 2
     res = InPlaneResampled(["image", "label"], target, mode=["bilinear", "nearest"])(
-        {"image": MetaTensor(ramp[None], affine=affine), "label": MetaTensor(lab, affine=affine)})
+        {"image": MetaTensor(ramp[None], affine=affine), "label": MetaTensor(lab, affine=affine)}
+    )
     assert res["label"].dtype == torch.uint8 and set(res["label"].unique().tolist()) == {0, 2}
     assert res["label"][..., [0, 2, 3]].sum() == 0 and torch.equal(res["label"].affine, res["image"].affine)
 
@@ -86,7 +91,9 @@ def test_in_plane_resampling_anti_aliases_when_downsampling_only():
     stripes = torch.zeros(1, 64, 64, 2)
     stripes[0, ::2] = 1.0  # the finest pattern a grid holds: must average out, not alias
     down = InPlaneResampled("image", pixel_spacing=2.0)({"image": meta(stripes, (0.5, 0.5, 3.0))})["image"]
-    assert down.shape == (1, 16, 16, 2) and float(down.std()) < 0.02 and float(down.mean()) == pytest.approx(0.5, abs=0.02)
+    assert (
+        down.shape == (1, 16, 16, 2) and float(down.std()) < 0.02 and float(down.mean()) == pytest.approx(0.5, abs=0.02)
+    )
     same = {"image": meta(stripes, (1.0, 1.0, 3.0))}
     assert InPlaneResampled("image", pixel_spacing=1.0)(same)["image"] is same["image"]
 
@@ -111,16 +118,22 @@ def input_and_network_grid(axes=(0, 1, 2), flips=(False, False, False)):
     w = world(aff, shape)
     body = ((w[0] / 70) ** 2 + (w[1] / 55) ** 2 < 1).float()
     ct = MetaTensor((body * 1040 - 1000)[None].float(), affine=aff)
-    pre = Compose([
-        Orientationd("image", axcodes="RAS"), InPlaneResampled("image", pixel_spacing=1.5),
-        CropForegroundd("image", source_key="image", select_fn=body_mask),
-        CenterSpatialCropd("image", roi_size=[256, 256, -1]), DivisiblePadd("image", k=[32, 32, 1], mode="constant", value=-1024),
-    ])({"image": ct})["image"]
+    pre = Compose(
+        [
+            Orientationd("image", axcodes="RAS"),
+            InPlaneResampled("image", pixel_spacing=1.5),
+            CropForegroundd("image", source_key="image", select_fn=body_mask),
+            CenterSpatialCropd("image", roi_size=[256, 256, -1]),
+            DivisiblePadd("image", k=[32, 32, 1], mode="constant", value=-1024),
+        ]
+    )({"image": ct})["image"]
     return ct, pre
 
 
-@pytest.mark.parametrize("axes, flips", [((0, 1, 2), (False, False, False)), ((0, 1, 2), (True, True, False)),
-                                         ((2, 0, 1), (False, True, True))])
+@pytest.mark.parametrize(
+    "axes, flips",
+    [((0, 1, 2), (False, False, False)), ((0, 1, 2), (True, True, False)), ((2, 0, 1), (False, True, True))],
+)
 def test_class_map_comes_back_onto_the_input_grid_from_the_affines(axes, flips):
     ct, pre = input_and_network_grid(axes, flips)
     # logits that say "liver where world x > 10 mm, kidney where world y > 20 mm", on the network grid
@@ -136,22 +149,32 @@ def test_class_map_comes_back_onto_the_input_grid_from_the_affines(axes, flips):
     expected[wi[1] > 20] = 3
     covered = torch.zeros_like(expected, dtype=torch.bool)  # what the network grid covers of the input
     lo, hi = world(pre.affine, [2, 2, 2]), world(pre.affine, [pre.shape[1], pre.shape[2], 2])
-    covered = (wi[0] >= lo[0].min() + 1) & (wi[0] <= hi[0].max() - 2) & (wi[1] >= lo[1].min() + 1) & (wi[1] <= hi[1].max() - 2)
+    covered = (
+        (wi[0] >= lo[0].min() + 1)
+        & (wi[0] <= hi[0].max() - 2)
+        & (wi[1] >= lo[1].min() + 1)
+        & (wi[1] <= hi[1].max() - 2)
+    )
     near = (wi[0] - 10).abs().lt(2) | (wi[1] - 20).abs().lt(2)  # interpolation decides at the boundaries
     agree = (out[0] == expected)[covered & ~near]
     assert agree.float().mean() == 1.0
-    assert (out[0][~covered & ((wi[0] < lo[0].min() - 2) | (wi[0] > hi[0].max() + 2))] == 0).all()  # outside: background
+    assert (
+        out[0][~covered & ((wi[0] < lo[0].min() - 2) | (wi[0] > hi[0].max() + 2))] == 0
+    ).all()  # outside: background
 
 
 def test_class_map_matches_monai_invertd_of_the_probabilities():
-    from monai.transforms import Compose, Invertd, Orientationd, Spacingd, CropForegroundd, DivisiblePadd
+    from monai.transforms import Compose, CropForegroundd, DivisiblePadd, Invertd, Orientationd, Spacingd
 
     ct, _ = input_and_network_grid((0, 1, 2), (True, False, False))
-    pre_t = Compose([
-        Orientationd("image", axcodes="RAS"), Spacingd("image", pixdim=[1.5, 1.5, -1]),
-        CropForegroundd("image", source_key="image", select_fn=body_mask),
-        DivisiblePadd("image", k=[32, 32, 1], mode="constant", value=-1024),
-    ])
+    pre_t = Compose(
+        [
+            Orientationd("image", axcodes="RAS"),
+            Spacingd("image", pixdim=[1.5, 1.5, -1]),
+            CropForegroundd("image", source_key="image", select_fn=body_mask),
+            DivisiblePadd("image", k=[32, 32, 1], mode="constant", value=-1024),
+        ]
+    )
     d = pre_t({"image": ct.clone()})
     pre = d["image"]
     torch.manual_seed(0)
@@ -159,7 +182,8 @@ def test_class_map_matches_monai_invertd_of_the_probabilities():
     ours = class_map_on_input_grid(smooth, pre.affine, ct.affine, ct.shape[1:], chunk=5)
     probs = torch.softmax(smooth, 0)[1:]
     inv = Invertd("pred", transform=pre_t, orig_keys="image", nearest_interp=False)(
-        {"pred": MetaTensor(probs, meta=dict(pre.meta), applied_operations=list(pre.applied_operations)), "image": pre})["pred"]
+        {"pred": MetaTensor(probs, meta=dict(pre.meta), applied_operations=list(pre.applied_operations)), "image": pre}
+    )["pred"]
     theirs = torch.cat([1 - inv.sum(0, keepdim=True), inv]).argmax(0)
     # Invertd undoes the pad to the stride by dropping what the network said there (it reads as
     # background); ResampleToInputd keeps it, as those voxels are the input's too: compare the rest
@@ -183,7 +207,9 @@ def test_keep_largest_components_matches_monai_on_the_bounding_box():
     t = torch.as_tensor(lab)
     for labels, n in (([1], 1), ([3], 2)):
         ours = KeepLargestComponentsd("pred", applied_labels=labels, num_components=n)({"pred": t})["pred"]
-        theirs = KeepLargestConnectedComponentd("pred", applied_labels=labels, independent=True, num_components=n)({"pred": t})["pred"]
+        theirs = KeepLargestConnectedComponentd("pred", applied_labels=labels, independent=True, num_components=n)(
+            {"pred": t}
+        )["pred"]
         assert torch.equal(torch.as_tensor(ours), torch.as_tensor(theirs))
 
 
@@ -220,9 +246,15 @@ def test_scanner_simulation_averages_slabs_and_pixels_and_moves_the_grid_consist
     lab = np.zeros((1, 40, 30, 16), np.uint8)
     ct[0, 10:30, 6:24, 4:12] = 60.0
     lab[0, 10:30, 6:24, 4:12] = 1
-    affine = torch.tensor([[-0.75, 0, 0, 100.0], [0, -0.75, 0, 50.0], [0, 0, 1.5, -300.0], [0, 0, 0, 1]], dtype=torch.float64)
-    d = {"image": MetaTensor(torch.as_tensor(ct), affine=affine), "label": MetaTensor(torch.as_tensor(lab), affine=affine),
-         "patient": "p1", "condition": "shifted"}
+    affine = torch.tensor(
+        [[-0.75, 0, 0, 100.0], [0, -0.75, 0, 50.0], [0, 0, 1.5, -300.0], [0, 0, 0, 1]], dtype=torch.float64
+    )
+    d = {
+        "image": MetaTensor(torch.as_tensor(ct), affine=affine),
+        "label": MetaTensor(torch.as_tensor(lab), affine=affine),
+        "patient": "p1",
+        "condition": "shifted",
+    }
     sim = SimulateScannerd(("image", "label"), slab_mm=3.0, pixel_mm=1.5, noise_hu=20.0, offset_hu=40.0)
     out = sim(d)
     img, ref = out["image"], out["label"]
@@ -278,27 +310,67 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     for _ in range(50):
         opt2.step()
         poly.step()
-    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5 ** 0.9)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5**0.9)
     assert augmentation_summary({"rotate": (0.3, 12.0), "flip": (0.0, None)}) == "rotate p=0.3 (12.0)"
 
 
 def test_one_preprocessing_file_serves_training_evaluation_and_inference():
     from monai.bundle import ConfigParser
 
-    chains = {}
+    from liver_fcn.bundle import Pipeline
+
     for files in (["train.json"], ["train.json", "evaluate.json"], ["inference.json"]):
         parser = ConfigParser()
         parser.read_config([str(CONFIGS / f) for f in files])
-        parser.parse()  # resolves the '%bundle/configs/pipeline.json' macro
-        chains[files[-1]] = parser.get("pipeline")
-    pipeline = json.loads((CONFIGS / "pipeline.json").read_text())
-    for name, chain in chains.items():
-        for part in ("resample", "field_of_view", "body_grid", "context", "geometry", "window", "postprocessing"):
-            assert chain[part] == pipeline[part], (name, part)
+        assert parser["pipeline"]["_target_"] == "liver_fcn.bundle.Pipeline", files
+        path = Path(parser.get_parsed_content("pipeline#path"))
+        assert path.resolve() == (CONFIGS / "pipeline.json").resolve(), files
+    settings = dict(
+        class_names=["background", "liver", "bone", "kidney"],
+        pixel_spacing=1.6,
+        image_size=256,
+        in_channels=3,
+        slice_distance=2.5,
+        hu_window=[-250, 450],
+        intensity_mean=0.19,
+    )
+    pipeline = Pipeline(CONFIGS / "pipeline.json", **settings)
+    names = lambda chain: [type(t).__name__ for t in chain]  # noqa: E731
+    assert names(pipeline["geometry"]) == names(pipeline.chain("resample", "field_of_view", "context"))
+    assert names(pipeline["inference"]) == [
+        "CopyItemsd",
+        "LoadCTd",
+        "CopyItemsd",
+        "CastToTyped",
+        "Orientationd",
+        "InPlaneResampled",
+        "CropForegroundd",
+        "BorderPadd",
+        "CenterSpatialCropd",
+        "DivisiblePadd",
+        "AdjacentSlicesd",
+        "ScaleIntensityRanged",
+        "ShiftIntensityd",
+        "EnsureTyped",
+    ]
+    assert pipeline["window"][0].scaler.a_min == -250 and pipeline["context"][0].context == 1
+    field_of_view = Pipeline(CONFIGS / "pipeline.json", **settings, body_only="false", postprocess=False)
+    assert "ResizeWithPadOrCropd" in names(field_of_view["network_input"]) and field_of_view["cleanup"] == []
+    with pytest.raises(KeyError, match="defines no chain 'augment'"):
+        pipeline["augment"]
     for f in ("train.json", "evaluate.json", "inference.json"):  # nobody restates a transform of the chain
         text = (CONFIGS / f).read_text()
-        for target in ("InPlaneResampled", "CropForegroundd", "ResizeWithPadOrCropd", "DivisiblePadd", "ScaleIntensityRanged",
-                       "Orientationd", "KeepLargestComponentsd", "Invertd", "Spacingd"):
+        for target in (
+            "InPlaneResampled",
+            "CropForegroundd",
+            "ResizeWithPadOrCropd",
+            "DivisiblePadd",
+            "ScaleIntensityRanged",
+            "Orientationd",
+            "KeepLargestComponentsd",
+            "Invertd",
+            "Spacingd",
+        ):
             assert target not in text, (f, target)
 
 
@@ -321,7 +393,7 @@ def test_precision_auto_follows_the_cpu_and_trains_in_bf16():
     grads = [p.grad for p in net.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert list(net.state_dict())[0].startswith("net.")  # the wrapper adds no parameter of its own
-    assert set(net.net.state_dict()) == {k[len("net."):] for k in net.state_dict()}
+    assert set(net.net.state_dict()) == {k[len("net.") :] for k in net.state_dict()}
 
 
 @pytest.mark.parametrize("variant", ["32s", "16s", "8s", "4s"])
@@ -362,8 +434,18 @@ def test_cpu_and_quick_recipes_change_the_budget_not_the_method():
     for name in ("cpu.json", "quick.json"):
         overrides = json.loads((CONFIGS / name).read_text())
         # sizes, budget and loader settings only: the preprocessing chain, loss and augmentation stay
-        assert set(overrides) <= {"width", "pixel_spacing", "iterations", "val_interval", "warmup_iterations", "batch_size",
-                                  "learning_rate", "num_workers", "cache_workers", "val_slice_batch"}, name
+        assert set(overrides) <= {
+            "width",
+            "pixel_spacing",
+            "iterations",
+            "epoch_length",
+            "warmup_iterations",
+            "batch_size",
+            "learning_rate",
+            "num_workers",
+            "cache_workers",
+            "val_slice_batch",
+        }, name
         assert all(k in train for k in overrides), name
         parser = ConfigParser()
         parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / name)])

@@ -44,7 +44,9 @@ def test_datalist_of_the_phantoms(prepared):
         assert (prepared / e["image"] / "image_0").is_file()
         assert e["volumes_ml"]["liver"] > 50
         voxel_ml = np.prod(e["spacing"]) / 1000
-        assert e["volumes_ml"]["liver"] / voxel_ml == pytest.approx(round(e["volumes_ml"]["liver"] / voxel_ml), abs=0.05)
+        assert e["volumes_ml"]["liver"] / voxel_ml == pytest.approx(
+            round(e["volumes_ml"]["liver"] / voxel_ml), abs=0.05
+        )
     # validation and test patients are fully annotated when the strata allow it
     assert all(e["annotated"][3] for e in data["validation"] + data["test"])
 
@@ -85,7 +87,9 @@ def test_fully_unzipped_tree_needs_no_extraction(phantom_copy, tmp_path):
 
 
 def test_split_is_seeded_stratified_and_pinnable():
-    entries = [{"patient": f"3Dircadb1.{i}", "annotated": [True, True, True, i in (1, 3, 5, 6, 7, 11)]} for i in range(1, 21)]
+    entries = [
+        {"patient": f"3Dircadb1.{i}", "annotated": [True, True, True, i in (1, 3, 5, 6, 7, 11)]} for i in range(1, 21)
+    ]
     a = split_patients(entries, seed=1)
     b = split_patients(entries, seed=1)
     c = split_patients(entries, seed=2)
@@ -129,10 +133,17 @@ def test_zip_with_a_broken_deflate_stream(phantom_copy, tmp_path):
     with zipfile.ZipFile(z) as zf:
         info = zf.getinfo("PATIENT_DICOM/image_99")
     data = bytearray(z.read_bytes())
-    start = info.header_offset + 30 + len(info.filename.encode()) + int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = (
+        info.header_offset
+        + 30
+        + len(info.filename.encode())
+        + int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    )
     data[start : start + 8] = b"\xff" * 8  # an invalid deflate block type
     z.write_bytes(bytes(data))
-    with pytest.raises(InputError, match=r"3Dircadb1.2/PATIENT_DICOM.zip: corrupt entry 'PATIENT_DICOM/image_99' \(error: "):
+    with pytest.raises(
+        InputError, match=r"3Dircadb1.2/PATIENT_DICOM.zip: corrupt entry 'PATIENT_DICOM/image_99' \(error: "
+    ):
         prepare(phantom_copy, tmp_path / "out", log=quiet)
     assert_nothing_written(tmp_path / "out")
 
@@ -185,17 +196,23 @@ def test_mask_of_the_wrong_shape(phantom_copy, tmp_path):
         return buf.getvalue()
 
     rewrite_zip(phantom_copy / "3Dircadb1.5" / "MASKS_DICOM.zip", crop)
-    with pytest.raises(InputError, match=r"3Dircadb1.5/MASKS_DICOM.zip:MASKS_DICOM/liver: mask series is 60x64x12, the CT is 64x64x12"):
+    with pytest.raises(
+        InputError, match=r"3Dircadb1.5/MASKS_DICOM.zip:MASKS_DICOM/liver: mask series is 60x64x12, the CT is 64x64x12"
+    ):
         prepare(phantom_copy, tmp_path / "out", log=quiet)
     assert_nothing_written(tmp_path / "out")
 
 
 def test_mask_with_a_missing_slice_and_ct_with_a_broken_file(phantom_copy, tmp_path):
-    rewrite_zip(phantom_copy / "3Dircadb1.2" / "MASKS_DICOM.zip", lambda n, d: None if n.endswith("bone/image_11") else d)
+    rewrite_zip(
+        phantom_copy / "3Dircadb1.2" / "MASKS_DICOM.zip", lambda n, d: None if n.endswith("bone/image_11") else d
+    )
     with pytest.raises(InputError, match=r"3Dircadb1.2/MASKS_DICOM.zip:MASKS_DICOM/bone: mask series is 64x64x11"):
         prepare(phantom_copy, tmp_path / "out", log=quiet)
     shutil.copy(phantom_copy / "3Dircadb1.1" / "MASKS_DICOM.zip", phantom_copy / "3Dircadb1.2" / "MASKS_DICOM.zip")
-    rewrite_zip(phantom_copy / "3Dircadb1.1" / "PATIENT_DICOM.zip", lambda n, d: d[:400] if n.endswith("image_4") else d)
+    rewrite_zip(
+        phantom_copy / "3Dircadb1.1" / "PATIENT_DICOM.zip", lambda n, d: d[:400] if n.endswith("image_4") else d
+    )
     with pytest.raises(InputError, match=r"3Dircadb1.1/PATIENT_DICOM.zip:PATIENT_DICOM/image_4: .*truncated"):
         prepare(phantom_copy, tmp_path / "out", log=quiet)
     assert_nothing_written(tmp_path / "out")
@@ -224,8 +241,18 @@ def test_incomplete_kidney_pair_is_reported_not_hidden(phantom_copy, tmp_path):
 
 def test_cli_reports_one_line_and_exit_code_2(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "liver_fcn.cli", "prepare", "--ircadb", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "liver_fcn.cli",
+            "prepare",
+            "--ircadb",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "none: 3D-IRCADb-01 folder does not exist" in r.stderr
@@ -252,7 +279,7 @@ def test_real_sample(tmp_path):
 
 def test_real_ct_loads_without_header_noise(tmp_path, caplog):
     """The real files hold decimal strings over 16 characters; loading them logs nothing about it."""
-    from liver_fcn.transforms import load_ct
+    from liver_fcn.data.ct import load_ct
 
     ircadb = real_sample_or_skip()
     with zipfile.ZipFile(ircadb / "3Dircadb1.1" / "PATIENT_DICOM.zip") as zf:

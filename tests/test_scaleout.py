@@ -44,7 +44,9 @@ def prepared_two_val(phantom_root, tmp_path_factory) -> Path:
 def runs_of(uri: str, experiment: str = "liver-fcn"):
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    return client, ([r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") != "evaluation"] if exp else [])
+    return client, (
+        [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") != "evaluation"] if exp else []
+    )
 
 
 def steps(client, run, key: str) -> list[int]:
@@ -56,10 +58,24 @@ def test_torchrun_two_processes_on_cpu_log_one_finished_run(prepared_two_val, tm
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "monai.bundle", "run", "training",
-        "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")]),
-        "--dataset_dir", str(prepared_two_val), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")]),
+        "--dataset_dir",
+        str(prepared_two_val),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
         *tiny_overrides(),
     ]
     t0 = time.time()
@@ -87,8 +103,16 @@ def test_torchrun_shards_an_archive_and_writes_one_summary(tmp_path):
     from liver_fcn.networks import FCN
 
     torch.manual_seed(0)
-    settings = {"variant": "8s", "width": 1 / 16, "in_channels": 1, "class_names": ["background", "liver", "bone", "kidney"],
-                "pixel_spacing": 2.0, "image_size": 96, "hu_window": [-250, 450], "intensity_mean": 0.19}
+    settings = {
+        "variant": "8s",
+        "width": 1 / 16,
+        "in_channels": 1,
+        "class_names": ["background", "liver", "bone", "kidney"],
+        "pixel_spacing": 2.0,
+        "image_size": 96,
+        "hu_window": [-250, 450],
+        "intensity_mean": 0.19,
+    }
     torch.save({"model": FCN("8s", 1, 4, width=1 / 16).state_dict(), "settings": settings}, tmp_path / "model.pt")
     ct = np.full((48, 40, 6), -1000, np.int16)
     ct[10:30, 10:30, 1:5] = 60
@@ -97,10 +121,28 @@ def test_torchrun_shards_an_archive_and_writes_one_summary(tmp_path):
         nib.save(nib.Nifti1Image(ct, np.diag([2.0, 2.0, 5.0, 1.0])), str(tmp_path / f"{n}.nii.gz"))
     (tmp_path / "list.json").write_text(json.dumps([f"{n}.nii.gz" for n in names]))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "monai.bundle", "run", "inference", "--config_file", str(REPO / "bundle/configs/inference.json"),
-           "--input", str(tmp_path / "list.json"), "--checkpoint", str(tmp_path / "model.pt"), "--output_dir", str(out),
-           "--overlay", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--config_file",
+        str(REPO / "bundle/configs/inference.json"),
+        "--input",
+        str(tmp_path / "list.json"),
+        "--checkpoint",
+        str(tmp_path / "model.pt"),
+        "--output_dir",
+        str(out),
+        "--overlay",
+        "false",
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -125,9 +167,20 @@ def mlflow_server(tmp_path_factory):
     for attempt in range(5):
         port = free_port()
         cmd = [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-            "--workers", "1",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
         ]
         log = open(root / "server.log", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -160,13 +213,32 @@ def mlflow_server(tmp_path_factory):
 def test_team_server_two_runs_compared_over_http(mlflow_server, prepared, tmp_path):
     url, root = mlflow_server
     env = {"MLFLOW_TRACKING_URI": url}
-    common = ["run", "training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(prepared),
-              "--output_dir", str(tmp_path / "eval"), "--experiment_name", "team"]
+    common = [
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--experiment_name",
+        "team",
+    ]
     r8 = bundle(*common, "--ckpt_dir", str(tmp_path / "m8"), *tiny_overrides(), env=env)
     assert r8.returncode == 0, r8.stderr[-3000:]
     # FCN-4s staged from the FCN-8s checkpoint: shared tensors loaded, the pool2 skip starts at zero
-    r4 = bundle(*common, "--ckpt_dir", str(tmp_path / "m4"), *tiny_overrides(), "--network_def#variant", "4s",
-                "--init_checkpoint", str(tmp_path / "m8" / "model.pt"), env=env)
+    r4 = bundle(
+        *common,
+        "--ckpt_dir",
+        str(tmp_path / "m4"),
+        *tiny_overrides(),
+        "--network_def#variant",
+        "4s",
+        "--init_checkpoint",
+        str(tmp_path / "m8" / "model.pt"),
+        env=env,
+    )
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert "kept their initialisation: score_pool2, upscore4, upscore_pool3" in r4.stdout + r4.stderr
     assert "not used: upscore8" in r4.stdout + r4.stderr
@@ -179,8 +251,23 @@ def test_team_server_two_runs_compared_over_http(mlflow_server, prepared, tmp_pa
     assert len(list((root / "artifacts").rglob("model.pt"))) == 2
     out = tmp_path / "compare"
     c = subprocess.run(
-        [sys.executable, "-m", "liver_fcn.cli", "compare", "--experiment", "team", "--tracking-uri", url, "--out", str(out),
-         "--log-run"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "liver_fcn.cli",
+            "compare",
+            "--experiment",
+            "team",
+            "--tracking_uri",
+            url,
+            "--out",
+            str(out),
+            "--log_run",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert c.returncode == 0, c.stderr[-2000:]
     assert "2 runs of experiment 'team'" in c.stdout
@@ -212,12 +299,16 @@ def check_the_story_over_rest(url: str, run_ids: list[str]) -> None:
         # provenance: the command, the user, the commit of this checkout, the versions
         assert tags["mlflow.source.name"] == "monai.bundle run training (train.json)"
         assert tags["command"].startswith("python -m monai.bundle run training --config_file ")
-        assert tags["mlflow.source.git.commit"] == subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        assert (
+            tags["mlflow.source.git.commit"]
+            == subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        )
         assert tags["liver_fcn.version"] and tags["monai.version"] and tags["torch.version"] and tags["python.version"]
         # the best validation and the checkpoint it chose
         assert {"best_val_iou_liver", "best_val_dice_kidney", "best_iteration"} <= set(metrics)
-        assert tags["best_checkpoint"].startswith(f"model.pt = the validation at iteration {int(metrics['best_iteration'])}")
+        assert tags["best_checkpoint"].startswith(
+            f"model.pt = the validation at iteration {int(metrics['best_iteration'])}"
+        )
         assert "trained on 3 patients" in tags["mlflow.note.content"]
         # the data set: names and a digest, no local path
         (given,) = run["inputs"]["dataset_inputs"]
@@ -229,12 +320,16 @@ def check_the_story_over_rest(url: str, run_ids: list[str]) -> None:
         files = {f["path"] for f in rest(url, "artifacts/list", run_id=run_id).get("files", [])}
         assert {"logs", "plots"} <= files and any(f.endswith(".json") for f in files)
         assert {f["path"] for f in rest(url, "artifacts/list", run_id=run_id, path="plots")["files"]} == {
-            "plots/learning_curves.png", f"plots/{run['info']['run_name']}_overlay.png"}
+            "plots/learning_curves.png",
+            f"plots/{run['info']['run_name']}_overlay.png",
+        }
         (log,) = rest(url, "artifacts/list", run_id=run_id, path="logs")["files"]
         assert log["file_size"] > 1000
     assert len(digests) == 1  # the same patients: the same digest
     body = json.dumps({"experiment_ids": [exp["experiment_id"]], "filter": "tags.kind = 'comparison'"}).encode()
-    request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as r:
         comparisons = json.loads(r.read())["runs"]
     assert len(comparisons) == 1 and {p["key"]: p["value"] for p in comparisons[0]["data"]["params"]}["runs"] == "2"
@@ -245,9 +340,22 @@ def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_TRACKING_URI"] = uri
     periods = 30  # validation periods of 2 iterations: far more than can pass between two polls
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
-           "--dataset_dir", str(prepared), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
-           *tiny_overrides(iterations=2 * periods)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        *tiny_overrides(iterations=2 * periods),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not list((tmp_path / "models").glob("*_checkpoint_epoch=2.pt")):
@@ -275,17 +383,42 @@ def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
     assert ckpt["run"]["run_name"] == run.info.run_name
     assert "optimizer" in ckpt and ckpt["optimizer"]["state"]
     # resuming it with another preprocessing is refused before anything runs
-    other = subprocess.run([*cmd, "--resume", "True", "--pixel_spacing", "3.2"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
+    other = subprocess.run(
+        [*cmd, "--resume", "True", "--pixel_spacing", "3.2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert other.returncode == 2
-    assert other.stderr.strip().splitlines()[-1].endswith("trained with pixel_spacing=6.4, this run has pixel_spacing=3.2")
+    assert (
+        other.stderr.strip().splitlines()[-1].endswith("trained with pixel_spacing=6.4, this run has pixel_spacing=3.2")
+    )
 
 
 def test_resume_with_other_settings_or_without_checkpoint_is_refused(prepared, tmp_path):
-    r = bundle("run", "training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(prepared),
-               "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "none"), *tiny_overrides(), "--resume", "True")
+    r = bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--ckpt_dir",
+        str(tmp_path / "none"),
+        *tiny_overrides(),
+        "--resume",
+        "True",
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].endswith("none: no training checkpoint (<run>_checkpoint_epoch=N.pt) to resume from")
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .endswith("none: no training checkpoint (<run>_checkpoint_epoch=N.pt) to resume from")
+    )
 
 
 def test_coarser_stage_initialises_a_finer_one(tmp_path):
@@ -294,7 +427,9 @@ def test_coarser_stage_initialises_a_finer_one(tmp_path):
     for m in (coarse.score_fr, coarse.score_pool4):
         nn.init.normal_(m.weight, 0, 0.2)
     torch.save({"model": coarse.state_dict(), "settings": {"variant": "16s"}}, tmp_path / "stage16.pt")
-    fine = prepare_network(FCN("8s", out_channels=4, width=1 / 16, dropout=0.0), "cpu", tmp_path / "stage16.pt", log=lambda s: None).eval()
+    fine = prepare_network(
+        FCN("8s", out_channels=4, width=1 / 16, dropout=0.0), "cpu", tmp_path / "stage16.pt", log=lambda s: None
+    ).eval()
     assert torch.equal(fine.features[0].weight, coarse.features[0].weight)
     assert torch.count_nonzero(fine.score_pool3.weight) == 0
     x = torch.randn(1, 1, 128, 128)
@@ -329,13 +464,27 @@ def test_imagenet_weights_through_the_bundle(prepared, tmp_path):
         assert torch.equal(net.state_dict()[key], expected[key]), key
     assert torch.count_nonzero(net.score_fr.weight) == 0  # the score layers keep their zero start
     # the command line: True finds the file in $TORCH_HOME; a missing file or a narrow network is refused
-    base = ["--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(prepared),
-            "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models")]
+    base = [
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+    ]
     ok = bundle("run", "network_def", *base, "--network_def#pretrained", "True", env={"TORCH_HOME": str(home)})
     assert ok.returncode == 0, ok.stderr[-2000:]
-    missing = bundle("run", "training", *base, *tiny_overrides(width=1.0), "--network_def#pretrained", str(tmp_path / "absent.pth"))
+    missing = bundle(
+        "run", "training", *base, *tiny_overrides(width=1.0), "--network_def#pretrained", str(tmp_path / "absent.pth")
+    )
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'absent.pth'}: VGG16 weight file does not exist"
-    narrow = bundle("run", "training", *base, *tiny_overrides(), "--network_def#pretrained", "True", env={"TORCH_HOME": str(home)})
+    assert (
+        missing.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'absent.pth'}: VGG16 weight file does not exist"
+    )
+    narrow = bundle(
+        "run", "training", *base, *tiny_overrides(), "--network_def#pretrained", "True", env={"TORCH_HOME": str(home)}
+    )
     assert narrow.returncode != 0 and "ImageNet VGG16 weights need width=1.0" in narrow.stderr
     assert not (tmp_path / "eval").exists() and not (tmp_path / "models").exists()  # nothing written

@@ -47,8 +47,10 @@ def test_registration_recovers_a_deformed_copy_of_its_own_masks():
     shape = case.ct.shape
     source = RegistrationLabels.from_organs(case.masks, affine)
     known = _deformation(shape, affine)
-    deformed = {k: warp_image(m.astype(np.uint8), affine, known, shape, affine, linear=False, default=0) > 0
-                for k, m in case.masks.items()}
+    deformed = {
+        k: warp_image(m.astype(np.uint8), affine, known, shape, affine, linear=False, default=0) > 0
+        for k, m in case.masks.items()
+    }
     target = RegistrationLabels.from_organs(deformed, affine)
     before = {k: dice(source.masks[k], target.masks[k]) for k in ("liver", "kidney", "body")}
     assert before["liver"] < 0.85 and before["kidney"] < 0.6  # the deformation is no small one
@@ -68,7 +70,8 @@ def _masks_only(phantom_root: Path, root: Path, numbers=(4, 5)) -> Path:
     for n in numbers:  # as the shared database gives them: the mask zip alone
         (root / f"3Dircadb1.{n}").mkdir(parents=True)
         (root / f"3Dircadb1.{n}" / "MASKS_DICOM.zip").write_bytes(
-            (phantom_root / f"3Dircadb1.{n}" / "MASKS_DICOM.zip").read_bytes())
+            (phantom_root / f"3Dircadb1.{n}" / "MASKS_DICOM.zip").read_bytes()
+        )
     return root
 
 
@@ -79,9 +82,30 @@ def warped(phantom_root, prepared, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("warped") / "warped"
     masks = _masks_only(phantom_root, tmp_path_factory.mktemp("masks_only"))
     r = subprocess.run(
-        [sys.executable, "-m", "liver_fcn.cli", "warp", "--dataset_dir", str(prepared), "--masks", str(masks),
-         "--out", str(out), "--sources", *sources, "--weight", "0.3", "--min-liver-dice", "0.5", "--spacing", "6"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "liver_fcn.cli",
+            "warp",
+            "--dataset_dir",
+            str(prepared),
+            "--masks",
+            str(masks),
+            "--out",
+            str(out),
+            "--sources",
+            *sources,
+            "--weight",
+            "0.3",
+            "--min_liver_dice",
+            "0.5",
+            "--spacing",
+            "6",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return out
@@ -101,8 +125,8 @@ def test_warp_writes_real_tissue_under_the_targets_own_masks(warped, phantom_roo
         liver = np.asarray(nib.load(e["masks"]["liver"][0]).dataobj) > 0
         assert ct.get_data_dtype() == np.int16 and ct.shape == liver.shape == tuple(e["shape"])
         # the label is the target's own liver mask, not the warped source's
-        from liver_fcn.data.synth import _read_masks
         from liver_fcn.data.archive import safe_extract
+        from liver_fcn.data.synth import _read_masks
 
         own = phantom_root / target / "MASKS_DICOM.zip"
         folder = tmp_path / target
@@ -134,8 +158,11 @@ def test_training_leaves_out_volumes_derived_from_held_out_patients(warped, prep
     # a fold that holds out the training source too has nothing left of the set: said, not ignored
     fold = tmp_path / "datalist.json"
     splits = {k: load_datalist(prepared / "datalist.json", k, required=False) for k in ("training", "validation")}
-    fold.write_text(json.dumps({"training": splits["training"][1:], "validation": splits["validation"],
-                                "test": splits["training"][:1]}))
+    fold.write_text(
+        json.dumps(
+            {"training": splits["training"][1:], "validation": splits["validation"], "test": splits["training"][:1]}
+        )
+    )
     with pytest.raises(InputError, match="no training volume left"):
         TrainingSets(fold, [str(warped)], log=lambda s: None)
     with pytest.raises(InputError, match="an extra training set is a path or"):
@@ -151,17 +178,51 @@ def test_warp_refuses_a_target_without_body_outline(prepared, phantom_root, tmp_
 
     src = tmp_path / "in" / "3Dircadb1.4"
     src.mkdir(parents=True)
-    with zipfile.ZipFile(phantom_root / "3Dircadb1.4" / "MASKS_DICOM.zip") as zin, \
-            zipfile.ZipFile(src / "MASKS_DICOM.zip", "w") as zout:
+    with (
+        zipfile.ZipFile(phantom_root / "3Dircadb1.4" / "MASKS_DICOM.zip") as zin,
+        zipfile.ZipFile(src / "MASKS_DICOM.zip", "w") as zout,
+    ):
         for info in zin.infolist():
             if "/skin/" not in info.filename:
                 zout.writestr(info, zin.read(info))
     r = subprocess.run(
-        [sys.executable, "-m", "liver_fcn.cli", "warp", "--dataset_dir", str(prepared), "--masks", str(tmp_path / "in"),
-         "--out", str(tmp_path / "out"), "--sources", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "liver_fcn.cli",
+            "warp",
+            "--dataset_dir",
+            str(prepared),
+            "--masks",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "out"),
+            "--sources",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "needs 'skin' and 'liver' masks" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "datalist.json").exists()
     r = subprocess.run(
-        [sys.executable, "-m", "liver_fcn.cli", "warp", "--dataset_dir", str(tmp_path / "none"), "--masks",
-         str(phantom_root), "--out", str(tmp_path / "out2")], cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "liver_fcn.cli",
+            "warp",
+            "--dataset_dir",
+            str(tmp_path / "none"),
+            "--masks",
+            str(phantom_root),
+            "--out",
+            str(tmp_path / "out2"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "datalist not found" in r.stderr and not (tmp_path / "out2").exists()

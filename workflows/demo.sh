@@ -21,4 +21,4 @@ python -m monai.bundle run training \
 # a picture of the best checkpoint's prediction on the validation patient (the training run already
 # holds the same picture in MLflow, under plots/)
 python workflows/overlay.py --config "['bundle/configs/train.json','bundle/configs/quick.json']" \
-    --dataset_dir "$DATA/prepared" --out bundle/eval/overlay.png --tracking-uri none
+    --dataset_dir "$DATA/prepared" --out bundle/eval/overlay.png --tracking_uri none

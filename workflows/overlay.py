@@ -27,8 +27,11 @@ def main() -> None:
     p.add_argument("--checkpoint", default="bundle/models/model.pt")
     p.add_argument("--case", type=int, default=0, help="index in the validation split")
     p.add_argument("--out", default="bundle/eval/overlay.png")
-    p.add_argument("--tracking-uri", help="MLflow store of the checkpoint's training run, to log the picture into "
-                   "(default: $MLFLOW_TRACKING_URI or bundle/eval/mlruns.db); 'none' to skip")
+    p.add_argument(
+        "--tracking_uri",
+        help="MLflow store of the checkpoint's training run, to log the picture into "
+        "(default: $MLFLOW_TRACKING_URI or bundle/eval/mlruns.db); 'none' to skip",
+    )
     args = p.parse_args()
 
     files = ast.literal_eval(args.config) if args.config.startswith("[") else args.config
@@ -51,12 +54,16 @@ def main() -> None:
     truth = item["label"][0].numpy()
     names = parser.get_parsed_content("class_names")
     out = overlay_montage(
-        image, args.out, pred=pred, truth=truth, class_names=names,
+        image,
+        args.out,
+        pred=pred,
+        truth=truth,
+        class_names=names,
         title=f"{parser.get_parsed_content('validate#files')[args.case]['patient']}: prediction and reference",
     )
     print(f"wrote {out}")
     if (args.tracking_uri or "").lower() != "none":  # not given: the default store
-        from liver_fcn.tracking import resolve_tracking_uri, run_id_of
+        from liver_fcn.runs import resolve_tracking_uri, run_id_of
 
         uri = resolve_tracking_uri("bundle/eval", args.tracking_uri)
         run_id = run_id_of(uri, settings.get("experiment_name", "liver-fcn"), settings.get("run_name"))

@@ -69,7 +69,9 @@ def check_zip(
             raise InputError(f"{path}: entry {info.filename!r} appears twice")
         seen.add(norm)
         if info.file_size > max_member_bytes:
-            raise InputError(f"{path}: entry {info.filename!r} would extract to {info.file_size} bytes (limit {max_member_bytes})")
+            raise InputError(
+                f"{path}: entry {info.filename!r} would extract to {info.file_size} bytes (limit {max_member_bytes})"
+            )
         total += info.file_size
         if total > max_total_bytes:
             raise InputError(f"{path}: archive would extract to more than {max_total_bytes} bytes")
@@ -108,7 +110,11 @@ def safe_extract(
                         dst.write(chunk)
             except FileExistsError:
                 raise InputError(f"{path}: entry {info.filename!r} collides with an existing file") from None
-            except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad CRC, a broken deflate stream, a cut-off entry
+            except (
+                zipfile.BadZipFile,
+                zlib.error,
+                EOFError,
+            ) as e:  # a bad CRC, a broken deflate stream, a cut-off entry
                 raise InputError(f"{path}: corrupt entry {info.filename!r} ({type(e).__name__}: {e})") from None
             out.append(target)
     return out

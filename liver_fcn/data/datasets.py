@@ -56,13 +56,17 @@ def load_datalist(
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: datalist not found; run `liver-fcn prepare --out <dataset_dir>` or pass --dataset_dir")
+        raise InputError(
+            f"{path}: datalist not found; run `liver-fcn prepare --out <dataset_dir>` or pass --dataset_dir"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: datalist is not valid JSON ({e})") from None
     if split not in data:
-        raise InputError(f"{path}: datalist has no {split!r} split (has {', '.join(k for k in data if isinstance(data[k], list))})")
+        raise InputError(
+            f"{path}: datalist has no {split!r} split (has {', '.join(k for k in data if isinstance(data[k], list))})"
+        )
     base = Path(base_dir) if base_dir else path.parent
 
     def resolve(p: str) -> str:
@@ -104,15 +108,19 @@ class TrainingSets:
     def __init__(self, datalist: str | os.PathLike, extra: Sequence | None = (), log: Callable[[str], None] = print):
         self.datalist = Path(datalist)
         base = load_datalist(self.datalist, "training")
-        held = {e["patient"] for split in ("validation", "test")
-                for e in load_datalist(self.datalist, split, required=False)}
+        held = {
+            e["patient"]
+            for split in ("validation", "test")
+            for e in load_datalist(self.datalist, split, required=False)
+        }
         self.sets: list[tuple[Path, list[dict], float | None, int]] = [(self.datalist, base, None, 0)]
         for item in extra or ():
             if isinstance(item, Mapping):
                 unknown = set(item) - {"datalist", "weight"}
                 if "datalist" not in item or unknown:
                     raise InputError(
-                        f"{dict(item)}: an extra training set is a path or {{'datalist': path, 'weight': w}}")
+                        f"{dict(item)}: an extra training set is a path or {{'datalist': path, 'weight': w}}"
+                    )
                 path, weight = _set_path(item["datalist"]), item.get("weight")
             else:
                 path, weight = _set_path(item), None
@@ -127,8 +135,10 @@ class TrainingSets:
                     e["sampling_weight"] = float(weight)
                 entries.append(e)
             if dropped:
-                log(f"{path}: {dropped} volume(s) derived from a validation or test patient "
-                    f"({', '.join(sorted(held))}) left out of training")
+                log(
+                    f"{path}: {dropped} volume(s) derived from a validation or test patient "
+                    f"({', '.join(sorted(held))}) left out of training"
+                )
             if not entries:
                 raise InputError(f"{path}: no training volume left once those of held-out patients are left out")
             self.sets.append((path, entries, None if weight is None else float(weight), dropped))
@@ -148,13 +158,18 @@ class TrainingSets:
         """``[(name, training entries)]`` of the data set and of each extra set."""
         return [(self.name(path), entries) for path, entries, _, _ in self.sets]
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def summary(self) -> str:
         """The extra sets as a parameter value: folder, volumes, weight, volumes left out."""
         parts = []
         for path, entries, weight, dropped in self.sets[1:]:
             w = weight if weight is not None else sorted({float(e.get("sampling_weight", 1.0)) for e in entries})
-            parts.append(f"{path.parent.name}: {len(entries)} volumes, weight {w}"
-                         + (f", {dropped} left out (held-out source)" if dropped else ""))
+            parts.append(
+                f"{path.parent.name}: {len(entries)} volumes, weight {w}"
+                + (f", {dropped} left out (held-out source)" if dropped else "")
+            )
         return "; ".join(parts) or "none"
 
 

@@ -138,7 +138,9 @@ def _series_key(ds: pydicom.Dataset, f: Path) -> str:
     orient = ",".join(f"{float(v):.4f}" for v in ds.ImageOrientationPatient)
     spacing = ",".join(f"{float(v):.4f}" for v in ds.PixelSpacing)
     frame = str(ds.get("FrameOfReferenceUID", "") or "").strip() or "-"
-    return f"(no SeriesInstanceUID: {int(ds.Rows)}x{int(ds.Columns)} at {spacing} mm, orientation {orient}, frame {frame})"
+    return (
+        f"(no SeriesInstanceUID: {int(ds.Rows)}x{int(ds.Columns)} at {spacing} mm, orientation {orient}, frame {frame})"
+    )
 
 
 def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, series_uid: str | None, modality):
@@ -165,8 +167,11 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
         for uid, idx in by_uid.items():
             desc = str(datasets[idx[0]].get("SeriesDescription", "")) or "no description"
             parts.append(f"{uid} ({desc}, {len(idx)} files)")
-        advice = ("pick one by its UID" if all(not k.startswith("(") for k in by_uid)
-                  else "series without a UID cannot be picked by one: put each series in its own folder")
+        advice = (
+            "pick one by its UID"
+            if all(not k.startswith("(") for k in by_uid)
+            else "series without a UID cannot be picked by one: put each series in its own folder"
+        )
         raise InputError(f"{folder}: folder holds {len(by_uid)} series: {'; '.join(parts)}; {advice}")
     uid = str(datasets[0].get("SeriesInstanceUID", "") or "").strip()  # "" for a de-identified series
 
@@ -174,9 +179,14 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
         _require(ds, f, "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
         if modality is not None and str(ds.get("Modality", "")).upper() != modality:
             raise InputError(f"{f}: modality is {ds.get('Modality', 'missing')!s}, expected {modality}")
-        samples, photometric = int(ds.get("SamplesPerPixel", 1) or 1), str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        samples, photometric = (
+            int(ds.get("SamplesPerPixel", 1) or 1),
+            str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+        )
         if samples != 1 or not photometric.upper().startswith("MONOCHROME"):
-            raise InputError(f"{f}: a {photometric} image of {samples} samples per pixel; a CT slice holds one grey value per pixel")
+            raise InputError(
+                f"{f}: a {photometric} image of {samples} samples per pixel; a CT slice holds one grey value per pixel"
+            )
         _check_pixel_data(ds, f)
     if len(datasets) < 2:
         raise InputError(f"{folder}: series has {len(datasets)} slice; a volume needs at least 2")
@@ -236,9 +246,7 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
     return datasets, files, info
 
 
-def inspect_series(
-    folder: str | os.PathLike, series_uid: str | None = None, modality: str | None = "CT"
-) -> SeriesInfo:
+def inspect_series(folder: str | os.PathLike, series_uid: str | None = None, modality: str | None = "CT") -> SeriesInfo:
     """Check a series folder from its headers. Uncompressed pixel data is located and its length
     checked; compressed pixel data (JPEG, JPEG-LS, JPEG 2000, RLE) is decoded, so that a corrupt
     slice is found here, before any output, and not halfway through a run."""

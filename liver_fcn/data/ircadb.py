@@ -136,8 +136,7 @@ def _resolve_classes(organs: dict[str, list], available: dict[str, Path]) -> tup
                 break
             if present:
                 notes.append(
-                    f"{cls}: only {', '.join(present)} of {' + '.join(names)} present; "
-                    f"{cls} counted as not annotated"
+                    f"{cls}: only {', '.join(present)} of {' + '.join(names)} present; {cls} counted as not annotated"
                 )
                 used.update(n.lower() for n in present)
     return chosen, notes, used

@@ -106,8 +106,12 @@ def make_phantom(seed: int, size: int = 256, slices: int = 48, kidney_masks: boo
 
     # liver: right lobe plus a left lobe crossing the midline, clipped by the body wall
     w = _wobble(rng, u, v, z, 0.35)
-    right = _ellipsoid(u, v, z, (-0.38 + j(0.05), 0.02 + j(0.05), 0.74 + j(0.04)), (0.33 + j(0.04), 0.42 + j(0.04), 0.24 + j(0.03)), w)
-    left = _ellipsoid(u, v, z, (0.02 + j(0.06), -0.3 + j(0.05), 0.8 + j(0.03)), (0.3 + j(0.06), 0.16 + j(0.03), 0.12 + j(0.02)), w)
+    right = _ellipsoid(
+        u, v, z, (-0.38 + j(0.05), 0.02 + j(0.05), 0.74 + j(0.04)), (0.33 + j(0.04), 0.42 + j(0.04), 0.24 + j(0.03)), w
+    )
+    left = _ellipsoid(
+        u, v, z, (0.02 + j(0.06), -0.3 + j(0.05), 0.8 + j(0.03)), (0.3 + j(0.06), 0.16 + j(0.03), 0.12 + j(0.02)), w
+    )
     liver = core & (right | left)
     hu[liver] = (liver_hu + 8 * _wobble(rng, u * 4, v * 4, z * 4, 1.0))[liver]
     tumours = []
@@ -122,14 +126,40 @@ def make_phantom(seed: int, size: int = 256, slices: int = 48, kidney_masks: boo
         hu[t] = liver_hu - rng.uniform(30, 60)
         tumours.append(t)
 
-    spleen = core & ~liver & _ellipsoid(
-        u, v, z, (0.55 + j(0.05), 0.25 + j(0.05), 0.7 + j(0.05)), (0.14 + j(0.03), 0.2 + j(0.03), 0.14 + j(0.03)), _wobble(rng, u, v, z, 0.3)
+    spleen = (
+        core
+        & ~liver
+        & _ellipsoid(
+            u,
+            v,
+            z,
+            (0.55 + j(0.05), 0.25 + j(0.05), 0.7 + j(0.05)),
+            (0.14 + j(0.03), 0.2 + j(0.03), 0.14 + j(0.03)),
+            _wobble(rng, u, v, z, 0.3),
+        )
     )
     hu[spleen] = (spleen_hu + 8 * _wobble(rng, u * 4, v * 4, z * 4, 1.0))[spleen]
 
     kz = 0.36 + j(0.04)
-    rk = core & ~liver & _ellipsoid(u, v, z, (-0.3 + j(0.03), 0.42 + j(0.03), kz - 0.04), (0.1, 0.13, 0.17 + j(0.02)), _wobble(rng, u, v, z, 0.2))
-    lk = core & ~spleen & _ellipsoid(u, v, z, (0.3 + j(0.03), 0.42 + j(0.03), kz + 0.03), (0.1, 0.13, 0.17 + j(0.02)), _wobble(rng, u, v, z, 0.2))
+    rk = (
+        core
+        & ~liver
+        & _ellipsoid(
+            u,
+            v,
+            z,
+            (-0.3 + j(0.03), 0.42 + j(0.03), kz - 0.04),
+            (0.1, 0.13, 0.17 + j(0.02)),
+            _wobble(rng, u, v, z, 0.2),
+        )
+    )
+    lk = (
+        core
+        & ~spleen
+        & _ellipsoid(
+            u, v, z, (0.3 + j(0.03), 0.42 + j(0.03), kz + 0.03), (0.1, 0.13, 0.17 + j(0.02)), _wobble(rng, u, v, z, 0.2)
+        )
+    )
     for k in (rk, lk):
         hu[k] = (kidney_hu + 10 * _wobble(rng, u * 5, v * 5, z * 5, 1.0))[k]
         sinus = k & _ellipsoid(u, v, z, (0.0, 0.42, kz), (1.0, 0.05, 0.08))

@@ -34,22 +34,56 @@ from liver_fcn.data.archive import check_zip, safe_extract
 from liver_fcn.data.ircadb import PATIENT_RE, _organ_folders, _resolve_classes, load_class_mapping
 from liver_fcn.errors import InputError
 from liver_fcn.outputs import write_json_atomic
+from liver_fcn.data.ct import load_ct
 
 __all__ = ["find_mask_patients", "render_ct", "synthesize"]
 
 #: organ folder name (lower case, prefix) -> tissue kind painted for it; the first matching prefix wins
 TISSUES: list[tuple[str, str]] = [
-    ("livertumor", "lesion"), ("metasta", "lesion"), ("liverkyst", "cyst"), ("livercyst", "cyst"),
-    ("liver", "liver"), ("portalvein", "vein"), ("venacava", "vein"), ("venoussystem", "vein"),
-    ("artery", "artery"), ("bone", "bone"), ("kidney", "kidney"), ("leftkidney", "kidney"),
-    ("rightkidney", "kidney"), ("spleen", "spleen"), ("lung", "lung"), ("leftlung", "lung"),
-    ("rightlung", "lung"), ("stomach", "stomach"), ("gallbladder", "fluid"), ("biliary", "fluid"),
-    ("pancreas", "soft"), ("surrenal", "soft"), ("stone", "calcium"), ("metal", "metal"),
+    ("livertumor", "lesion"),
+    ("metasta", "lesion"),
+    ("liverkyst", "cyst"),
+    ("livercyst", "cyst"),
+    ("liver", "liver"),
+    ("portalvein", "vein"),
+    ("venacava", "vein"),
+    ("venoussystem", "vein"),
+    ("artery", "artery"),
+    ("bone", "bone"),
+    ("kidney", "kidney"),
+    ("leftkidney", "kidney"),
+    ("rightkidney", "kidney"),
+    ("spleen", "spleen"),
+    ("lung", "lung"),
+    ("leftlung", "lung"),
+    ("rightlung", "lung"),
+    ("stomach", "stomach"),
+    ("gallbladder", "fluid"),
+    ("biliary", "fluid"),
+    ("pancreas", "soft"),
+    ("surrenal", "soft"),
+    ("stone", "calcium"),
+    ("metal", "metal"),
 ]
 #: contrast phases a rendering draws from (kidney and vessel densities follow them)
 PHASES = ("unenhanced", "arterial", "portal", "excretory")
 #: painting order: later kinds win where masks overlap (vessels and lesions inside the liver)
-ORDER = ["soft", "lung", "stomach", "spleen", "kidney", "liver", "vein", "artery", "fluid", "cyst", "lesion", "bone", "calcium", "metal"]
+ORDER = [
+    "soft",
+    "lung",
+    "stomach",
+    "spleen",
+    "kidney",
+    "liver",
+    "vein",
+    "artery",
+    "fluid",
+    "cyst",
+    "lesion",
+    "bone",
+    "calcium",
+    "metal",
+]
 
 
 def _tissue(name: str) -> str | None:
@@ -87,10 +121,14 @@ def _upsample(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     import torch
 
     t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
-    return torch.nn.functional.interpolate(t, size=tuple(int(n) for n in shape), mode="trilinear", align_corners=True)[0, 0].numpy()
+    return torch.nn.functional.interpolate(t, size=tuple(int(n) for n in shape), mode="trilinear", align_corners=True)[
+        0, 0
+    ].numpy()
 
 
-def _smooth_field(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float], scale_mm: float) -> np.ndarray:
+def _smooth_field(
+    rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float], scale_mm: float
+) -> np.ndarray:
     """Zero-mean, unit-std Gaussian random field with a correlation length of about ``scale_mm``,
     drawn on a coarse grid and interpolated (cheap at 512 x 512 x N)."""
     step = [max(1, int(scale_mm / (2 * s))) for s in spacing]
@@ -114,7 +152,10 @@ def _depth_below_skin(body: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 
 
 def render_ct(
-    organs: dict[str, np.ndarray], body: np.ndarray, spacing: Sequence[float], rng: np.random.Generator,
+    organs: dict[str, np.ndarray],
+    body: np.ndarray,
+    spacing: Sequence[float],
+    rng: np.random.Generator,
     phase: str | None = None,
 ) -> np.ndarray:
     """Paint a CT (float32 HU, the masks' shape) from organ masks and the body outline.
@@ -136,7 +177,9 @@ def render_ct(
     soft_hu = rng.uniform(15, 60) + 15 * _smooth_field(rng, shape, sp, 30)
     fat_share = rng.uniform(0.25, 0.6)
     inner = np.where(visceral > np.quantile(visceral[body], 1 - fat_share) if body.any() else 0, fat_hu, soft_hu)
-    hu = np.where(body, np.where(depth < sub_fat, fat_hu, np.where(depth < wall, muscle_hu, inner)), hu).astype(np.float32)
+    hu = np.where(body, np.where(depth < sub_fat, fat_hu, np.where(depth < wall, muscle_hu, inner)), hu).astype(
+        np.float32
+    )
 
     # contrast phase: unenhanced, arterial (kidney cortex bright against its medulla), portal venous,
     # excretory (contrast in the collecting system); the enhancement varies within each phase
@@ -144,8 +187,12 @@ def render_ct(
     phase = drawn if phase is None else phase
     if phase not in PHASES:
         raise ValueError(f"{phase!r}: not a contrast phase ({', '.join(PHASES)})")
-    enhancement = {"unenhanced": 0.0, "arterial": rng.uniform(0.15, 0.45), "portal": rng.uniform(0.6, 1.0),
-                   "excretory": rng.uniform(0.35, 0.6)}[phase]
+    enhancement = {
+        "unenhanced": 0.0,
+        "arterial": rng.uniform(0.15, 0.45),
+        "portal": rng.uniform(0.6, 1.0),
+        "excretory": rng.uniform(0.35, 0.6),
+    }[phase]
     liver_hu = 55 + 75 * enhancement + rng.uniform(-10, 10)
     values = {
         "liver": liver_hu,
@@ -239,7 +286,9 @@ def _kidney(
     return np.broadcast_to(out, mask.shape)[mask]
 
 
-def _ellipsoid_distractor(hu: np.ndarray, free: np.ndarray, sp: Sequence[float], rng: np.random.Generator, liver_hu: float) -> None:
+def _ellipsoid_distractor(
+    hu: np.ndarray, free: np.ndarray, sp: Sequence[float], rng: np.random.Generator, liver_hu: float
+) -> None:
     """Paint one ellipsoid of 40-120 mm radii (clipped to ``free``) around a random free voxel."""
     candidates = np.flatnonzero(free[::4, ::4, ::2])
     if candidates.size == 0:
@@ -248,7 +297,7 @@ def _ellipsoid_distractor(hu: np.ndarray, free: np.ndarray, sp: Sequence[float],
     radii = rng.uniform(20, 60, size=3) / np.asarray(sp)  # semi-axes in voxels
     lo = np.maximum(ci - np.ceil(radii).astype(int), 0)
     hi = np.minimum(ci + np.ceil(radii).astype(int) + 1, free.shape)
-    grid = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    grid = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     q = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, ci, radii))
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     inside = (q < 1.0) & free[box]
@@ -262,8 +311,6 @@ def _ellipsoid_distractor(hu: np.ndarray, free: np.ndarray, sp: Sequence[float],
 
 def _read_masks(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """All organ mask series of an extracted MASKS_DICOM folder, and their common affine."""
-    from liver_fcn.transforms import load_ct
-
     organs, affine = {}, None
     for name, path in _organ_folders(folder).items():
         img = load_ct(path, modality=None)
@@ -350,27 +397,35 @@ def synthesize(
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(stage, final)
-                entries.append({
-                    "patient": case,
-                    "image": f"{case}/ct.nii.gz",
-                    "masks": {c: [f"{case}/{c}.nii.gz"] for c in classes[1:] if c in label_masks},
-                    "annotated": [True] + [c in label_masks for c in classes[1:]],
-                    "shape": list(ct.shape),
-                    "spacing": [round(float(s), 6) for s in spacing],
-                    "synthetic_from": name,
-                    "sampling_weight": sampling_weight,
-                })
+                entries.append(
+                    {
+                        "patient": case,
+                        "image": f"{case}/ct.nii.gz",
+                        "masks": {c: [f"{case}/{c}.nii.gz"] for c in classes[1:] if c in label_masks},
+                        "annotated": [True] + [c in label_masks for c in classes[1:]],
+                        "shape": list(ct.shape),
+                        "spacing": [round(float(s), 6) for s in spacing],
+                        "synthetic_from": name,
+                        "sampling_weight": sampling_weight,
+                    }
+                )
             missing = [c for c in classes[1:] if c not in label_masks]  # absent, or left to real CT
-            log(f"{name}: {copies} synthetic CT{'s' if copies > 1 else ''} {ct.shape[0]}x{ct.shape[1]}x{ct.shape[2]}"
-                + (f"; not annotated: {', '.join(missing)}" if missing else "") + f" ({time.time() - t0:.1f} s)")
-    write_json_atomic(datalist, {
-        "name": "synthetic CT from 3D-IRCADb-01 organ masks",
-        "source": str(Path(masks_root).resolve()),
-        "classes": classes,
-        "organs": organ_map,
-        "training": entries,
-        "validation": [],
-        "test": [],
-    })
+            log(
+                f"{name}: {copies} synthetic CT{'s' if copies > 1 else ''} {ct.shape[0]}x{ct.shape[1]}x{ct.shape[2]}"
+                + (f"; not annotated: {', '.join(missing)}" if missing else "")
+                + f" ({time.time() - t0:.1f} s)"
+            )
+    write_json_atomic(
+        datalist,
+        {
+            "name": "synthetic CT from 3D-IRCADb-01 organ masks",
+            "source": str(Path(masks_root).resolve()),
+            "classes": classes,
+            "organs": organ_map,
+            "training": entries,
+            "validation": [],
+            "test": [],
+        },
+    )
     log(f"wrote {datalist}: {len(entries)} synthetic training volumes")
     return datalist

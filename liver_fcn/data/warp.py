@@ -35,16 +35,23 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from liver_fcn.data.archive import check_zip, safe_extract
 from liver_fcn.data.ircadb import _resolve_classes, load_class_mapping
 from liver_fcn.data.synth import _read_masks, find_mask_patients
 from liver_fcn.errors import InputError
 from liver_fcn.outputs import write_json_atomic, write_text_atomic
+from liver_fcn.data.ct import load_ct
 
 __all__ = [
-    "RegistrationLabels", "WarpResult", "dice", "label_map", "register_labels", "warp_image", "warp_patient", "warp_patients",
+    "RegistrationLabels",
+    "WarpResult",
+    "dice",
+    "label_map",
+    "register_labels",
+    "warp_image",
+    "warp_patient",
+    "warp_patients",
 ]
 
 #: registration label -> (organ folder name prefixes, code in the label-coded image); later rows win
@@ -187,8 +194,13 @@ def register_labels(
 
 
 def warp_image(
-    arr: np.ndarray, affine: np.ndarray, transform, target_shape: Sequence[int], target_affine: np.ndarray,
-    linear: bool = True, default: float = -1024.0,
+    arr: np.ndarray,
+    affine: np.ndarray,
+    transform,
+    target_shape: Sequence[int],
+    target_affine: np.ndarray,
+    linear: bool = True,
+    default: float = -1024.0,
 ) -> np.ndarray:
     """``arr`` (on ``affine``) resampled onto the target grid through ``transform`` (target -> source)."""
     import SimpleITK as sitk
@@ -308,13 +320,11 @@ def warp_patients(
     ``min_liver_dice``: a pair whose warped liver agrees less with the target's is dropped, or kept
     at ``low_weight`` when that is positive. ``sampling_weight``: the weight of each kept volume.
     """
-    from liver_fcn.transforms import load_ct
-
     classes, organ_map = load_class_mapping(mapping)
     if sampling_weight <= 0:
         raise InputError(f"sampling weight must be positive, got {sampling_weight}")
     if not 0 <= min_liver_dice <= 1:
-        raise InputError(f"--min-liver-dice must lie in [0, 1], got {min_liver_dice}")
+        raise InputError(f"--min_liver_dice must lie in [0, 1], got {min_liver_dice}")
     dataset_dir, out = Path(dataset_dir), Path(out)
     real = _source_patients(dataset_dir, sources)
     found = find_mask_patients(masks_root)
@@ -371,13 +381,22 @@ def warp_patients(
                 liver = result.dice["liver"]
                 weight = sampling_weight if liver >= min_liver_dice else low_weight
                 annotate = [c for c in classes[1:] if c in class_masks and c in source_classes]
-                row = {"case": case, "source": source_name, "target": target_name,
-                       **{f"dice_{n}": result.dice.get(n, "") for n, _, _ in REGISTRATION_LABELS},
-                       "seconds": round(result.seconds, 1), "kept": weight > 0, "sampling_weight": weight}
+                row = {
+                    "case": case,
+                    "source": source_name,
+                    "target": target_name,
+                    **{f"dice_{n}": result.dice.get(n, "") for n, _, _ in REGISTRATION_LABELS},
+                    "seconds": round(result.seconds, 1),
+                    "kept": weight > 0,
+                    "sampling_weight": weight,
+                }
                 rows.append(row)
-                log(f"{case}: Dice " + ", ".join(f"{n} {d:.3f}" for n, d in result.dice.items())
+                log(
+                    f"{case}: Dice "
+                    + ", ".join(f"{n} {d:.3f}" for n, d in result.dice.items())
                     + f" ({result.seconds:.0f} s)"
-                    + ("" if weight > 0 else f"; dropped (liver below {min_liver_dice})"))
+                    + ("" if weight > 0 else f"; dropped (liver below {min_liver_dice})")
+                )
                 if weight <= 0:
                     continue
                 stage, final = Path(tmp) / f"stage-{case}", out / case
@@ -391,34 +410,43 @@ def warp_patients(
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(stage, final)
-                _overlay_png(out / "overlays" / f"{case}.png", result.ct, {c: class_masks[c] for c in annotate},
-                             spacing, f"{source_name} CT warped onto {target_name}: target's contours "
-                             f"(warped liver Dice {liver:.2f})")
-                entries.append({
-                    "patient": case,
-                    "image": f"{case}/ct.nii.gz",
-                    "masks": {c: [f"{case}/{c}.nii.gz"] for c in annotate},
-                    "annotated": [True] + [c in annotate for c in classes[1:]],
-                    "shape": list(result.ct.shape),
-                    "spacing": [round(float(s), 6) for s in spacing],
-                    "source_patients": [source_name],
-                    "anatomy_from": target_name,
-                    "warp_dice": result.dice,
-                    "sampling_weight": weight,
-                })
+                _overlay_png(
+                    out / "overlays" / f"{case}.png",
+                    result.ct,
+                    {c: class_masks[c] for c in annotate},
+                    spacing,
+                    f"{source_name} CT warped onto {target_name}: target's contours (warped liver Dice {liver:.2f})",
+                )
+                entries.append(
+                    {
+                        "patient": case,
+                        "image": f"{case}/ct.nii.gz",
+                        "masks": {c: [f"{case}/{c}.nii.gz"] for c in annotate},
+                        "annotated": [True] + [c in annotate for c in classes[1:]],
+                        "shape": list(result.ct.shape),
+                        "spacing": [round(float(s), 6) for s in spacing],
+                        "source_patients": [source_name],
+                        "anatomy_from": target_name,
+                        "warp_dice": result.dice,
+                        "sampling_weight": weight,
+                    }
+                )
     buf = [",".join(rows[0])] if rows else []
     buf += [",".join(str(v) for v in r.values()) for r in rows]
     write_text_atomic(out / "warp_report.csv", "\n".join(buf) + "\n")
-    write_json_atomic(datalist, {
-        "name": "real CT warped onto 3D-IRCADb-01 mask-only anatomies",
-        "source": str(dataset_dir.resolve()),
-        "masks": str(Path(masks_root).resolve()),
-        "classes": classes,
-        "min_liver_dice": min_liver_dice,
-        "training": entries,
-        "validation": [],
-        "test": [],
-    })
+    write_json_atomic(
+        datalist,
+        {
+            "name": "real CT warped onto 3D-IRCADb-01 mask-only anatomies",
+            "source": str(dataset_dir.resolve()),
+            "masks": str(Path(masks_root).resolve()),
+            "classes": classes,
+            "min_liver_dice": min_liver_dice,
+            "training": entries,
+            "validation": [],
+            "test": [],
+        },
+    )
     kept = sum(r["kept"] for r in rows)
     log(f"wrote {datalist}: {kept} of {len(rows)} warped volumes kept")
     return datalist

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -161,13 +160,29 @@ class Float32ConvTranspose2d(nn.ConvTranspose2d):
     per class, so float32 costs little. Its parameters are those of ``nn.ConvTranspose2d``.
     """
 
-    def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return F.conv_transpose2d(input.float(), self.weight, self.bias, self.stride, self.padding,
-                                      self.output_padding, self.groups, self.dilation)
+            return F.conv_transpose2d(
+                input.float(),
+                self.weight,
+                self.bias,
+                self.stride,
+                self.padding,
+                self.output_padding,
+                self.groups,
+                self.dilation,
+            )
         with torch.autocast(input.device.type, enabled=False):
-            return F.conv_transpose2d(input.float(), self.weight.float(), self.bias, self.stride, self.padding,
-                                      self.output_padding, self.groups, self.dilation)
+            return F.conv_transpose2d(
+                input.float(),
+                self.weight.float(),
+                self.bias,
+                self.stride,
+                self.padding,
+                self.output_padding,
+                self.groups,
+                self.dilation,
+            )
 
 
 class FCN(nn.Module):
@@ -292,7 +307,9 @@ class FCN(nn.Module):
     @staticmethod
     def _crop(x: torch.Tensor, offset: int, h: int, w: int) -> torch.Tensor:
         if x.shape[-2] < offset + h or x.shape[-1] < offset + w:
-            raise RuntimeError("FCN: a score map is too small to crop " + str(h) + "x" + str(w) + " at offset " + str(offset))
+            raise RuntimeError(
+                "FCN: a score map is too small to crop " + str(h) + "x" + str(w) + " at offset " + str(offset)
+            )
         return x[..., offset : offset + h, offset : offset + w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

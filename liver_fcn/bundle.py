@@ -1,0 +1,76 @@
+"""Where the bundle is, and the transform chains its configs share.
+
+A MONAI bundle is a folder (``configs/``, ``models/``, ``docs/``); its configs build every path from
+``bundle_root``. :func:`bundle_root` gives the folder of the config being run, so
+``python -m monai.bundle run ... --config_file /any/where/bundle/configs/inference.json`` works from
+any working directory. :class:`Pipeline` reads ``configs/pipeline.json`` from there: the one definition
+of the data chain that training, evaluation, inference and the overlay script share.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+import liver_fcn.options  # noqa: F401  (pipeline.json's expressions name these modules)
+import liver_fcn.transforms  # noqa: F401
+
+#: the bundle folder of a source checkout (``bundle/`` beside the package), used when no bundle
+#: workflow is running (a config parsed with ``ConfigParser`` directly)
+SOURCE_BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+
+
+def running_workflow() -> ConfigWorkflow | None:
+    """The ``ConfigWorkflow`` whose config is being evaluated (``python -m monai.bundle run``), if any."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, ConfigWorkflow):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def bundle_root() -> str:
+    """The bundle folder of the config being run: the parent of the ``configs/`` folder that holds it.
+
+    Outside a bundle workflow (a config parsed with ``ConfigParser`` directly), the bundle of the
+    source checkout. A config may still set ``bundle_root`` itself (``--bundle_root DIR``).
+    """
+    workflow = running_workflow()
+    if workflow is not None:
+        configs = Path(workflow.config_root_path)
+        return os.fspath(configs.parent if configs.name == "configs" else configs)
+    if not SOURCE_BUNDLE.is_dir():
+        raise FileNotFoundError(f"{SOURCE_BUNDLE}: no bundle folder here; set bundle_root to the bundle's folder")
+    return os.fspath(SOURCE_BUNDLE)
+
+
+class Pipeline:
+    """The transform chains of a bundle's ``pipeline.json``, built with the host config's settings.
+
+    ``Pipeline(path, pixel_spacing=1.6, ...)["resample"]`` is the list of transforms under the id
+    ``resample``; ``chain("load", "geometry")`` joins several. The settings fill the ids the chains
+    refer to (``@pixel_spacing``, ...); chains are built once, on first use, and shared.
+    """
+
+    def __init__(self, path: str | os.PathLike, **settings) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: the bundle's pipeline definition is missing")
+        self.path = os.fspath(path)
+        globals_ = {"liver_fcn": "liver_fcn", "monai": "monai", "torch": "torch", "np": "numpy"}
+        self.parser = ConfigParser(globals=globals_)
+        self.parser.read_config(self.path)
+        self.parser.update(settings)
+
+    def __getitem__(self, name: str) -> list:
+        if name not in self.parser:
+            raise KeyError(f"{self.path} defines no chain {name!r}")
+        return list(self.parser.get_parsed_content(name))
+
+    def chain(self, *names: str) -> list:
+        """The transforms of the named chains, in order."""
+        return [t for name in names for t in self[name]]

@@ -1,0 +1,57 @@
+"""Reading a CT: a DICOM series folder or a NIfTI file, with exactly one reader."""
+
+from __future__ import annotations
+import math
+import zlib
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor, NibabelReader
+from monai.transforms import LoadImage, MapTransform
+from scipy import ndimage
+from liver_fcn import CLASS_NAMES
+from liver_fcn.data.dicom import CTSeriesReader
+from liver_fcn.errors import InputError
+
+__all__ = ["NIFTI_SUFFIXES", "ct_loader", "load_ct"]
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+def ct_loader() -> LoadImage:
+    return LoadImage(image_only=True, ensure_channel_first=True)
+
+def load_ct(path, loader: LoadImage | None = None, series_uid: str | None = None, modality: str | None = "CT"):
+    """Load a CT (DICOM series folder or NIfTI file) with exactly one reader; channel-first MetaTensor.
+
+    MONAI's LoadImage falls back to its other readers when the chosen one fails, which would read a
+    folder of two series or with a missing slice after all. Passing the reader at call time
+    disables the fallback; any failure becomes an :class:`InputError` naming the file.
+    """
+    loader = loader or ct_loader()
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: input does not exist")
+    if p.is_dir():
+        reader = CTSeriesReader(series_uid=series_uid, modality=modality)
+    elif p.name.lower().endswith(NIFTI_SUFFIXES):
+        reader = NibabelReader()
+    elif p.suffix.lower() == ".dcm":
+        raise InputError(f"{p}: a single DICOM file; pass the folder holding the whole series")
+    else:
+        raise InputError(f"{p}: not a DICOM series folder or a NIfTI file (.nii, .nii.gz)")
+    try:
+        img = loader(p, reader=reader)
+    except InputError:
+        raise
+    except Exception as e:  # a corrupt NIfTI, an undecodable slice ...
+        raise InputError(f"{p}: cannot be read ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    if img.is_floating_point() and not bool(torch.isfinite(img).all()):
+        bad = int((~torch.isfinite(img)).sum())
+        raise InputError(
+            f"{p}: {bad} voxel{'s' if bad != 1 else ''} not finite (NaN or infinity); a CT holds numbers of HU"
+        )
+    return img

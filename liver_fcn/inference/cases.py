@@ -1,0 +1,168 @@
+"""The cases of an inference run: ``--input`` resolved and every case checked before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from liver_fcn.data.dicom import inspect_series
+from liver_fcn.errors import InputError, reported
+
+__all__ = ["check_nifti_affine", "check_output_dir", "collect_cases", "shard"]
+
+
+def _case_name(path: Path) -> str:
+    if path.is_dir():
+        name = path.name
+        if name.upper() in ("PATIENT_DICOM", "DICOM", "CT", "IMAGES", "SERIES") and path.parent.name:
+            name = path.parent.name
+    else:
+        name = re.sub(r"\.nii(\.gz)?$", "", path.name, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "case"
+
+
+def check_nifti_affine(img, path) -> None:
+    """Refuse a NIfTI whose voxel-to-world affine cannot place it: not finite, or singular (a zero
+    or degenerate matrix, zero voxel volume), or whose qform and sform (both set) disagree by more
+    than 1 mm over the volume. nibabel and MONAI would otherwise fall back to another matrix - an
+    identity, say - and volumes in mL would silently be wrong."""
+    header = img.header
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: NIfTI affine is not finite")
+    lin = affine[:3, :3]
+    size = np.sqrt((lin**2).sum(axis=0))
+    if np.any(size < 1e-6) or abs(np.linalg.det(lin)) < 1e-9 * max(float(np.prod(size)), 1e-30):
+        raise InputError(
+            f"{path}: NIfTI affine is singular (voxel sizes {np.round(size, 4).tolist()} mm): "
+            "the voxels cannot be placed"
+        )
+    if hasattr(header, "get_qform") and int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0:
+        q, s = header.get_qform(), header.get_sform()
+        shape = np.asarray(img.shape[:3], dtype=np.float64)
+        corners = np.array(
+            [[a, b, c, 1.0] for a in (0, shape[0] - 1) for b in (0, shape[1] - 1) for c in (0, shape[2] - 1)]
+        )
+        gap = float(np.abs(corners @ q.T - corners @ s.T)[:, :3].max())
+        if gap > 1.0:
+            raise InputError(
+                f"{path}: NIfTI qform and sform disagree by {gap:.1f} mm; fix the header or drop one of them"
+            )
+
+
+def _check_nifti(path: Path) -> tuple:
+    try:
+        img = nib.load(str(path))
+        shape = img.shape
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise InputError(f"{path}: NIfTI image has shape {img.shape}; a 3D CT volume is expected")
+        np.asanyarray(img.dataobj[..., :1])  # reads (and so checks) the start of the data
+        check_nifti_affine(img, path)
+        if np.issubdtype(img.get_data_dtype(), np.floating):  # only floats can hold NaN: read them all
+            data = np.asanyarray(img.dataobj)
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            if bad:
+                raise InputError(
+                    f"{path}: {bad} voxel{'s' if bad != 1 else ''} not finite (NaN or infinity); "
+                    "a CT holds numbers of HU"
+                )
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    return shape
+
+
+def _check_one(path: Path, series_uid: str | None) -> dict:
+    if not path.exists():
+        raise InputError(f"{path}: input does not exist")
+    if path.is_dir():
+        info = inspect_series(path, series_uid=series_uid, modality="CT")
+        return {"image": str(path), "kind": "dicom", "series_uid": info.series_uid}
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti(path)
+        return {"image": str(path), "kind": "nifti", "series_uid": ""}
+    if path.name.lower().endswith(".json"):
+        raise InputError(f"{path}: a datalist must be the --input itself, not an entry of one")
+    raise InputError(f"{path}: not a DICOM series folder, a NIfTI file (.nii, .nii.gz) or a datalist (.json)")
+
+
+@reported
+def collect_cases(
+    input: str | os.PathLike | None, split: str = "test", series_uid: str | None = None, dicom_seg: bool = False
+) -> list[dict]:
+    """Resolve and check ``--input``; returns ``[{"case", "image", "kind", ...}]``.
+
+    A datalist may be a JSON list (of paths or of ``{"image": path}``) or a ``liver-fcn prepare``
+    datalist, whose ``split`` is used. Paths in a datalist are relative to its folder.
+    """
+    if input is None or str(input) in ("", "None"):
+        raise InputError(
+            "no input: pass --input with a DICOM series folder, a NIfTI file or a datalist JSON "
+            "(or --dataset_dir, a folder holding datalist.json)"
+        )
+    path = Path(input)
+    if path.is_file() and path.name.lower().endswith(".json"):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: datalist is not valid JSON ({e})") from None
+        if isinstance(data, dict):
+            if split not in data:
+                raise InputError(f"{path}: datalist has no {split!r} split; pass --split")
+            data = data[split]
+        if not isinstance(data, list) or not data:
+            raise InputError(f"{path}: datalist holds no cases")
+        entries = []
+        for e in data:
+            e = {"image": e} if isinstance(e, str) else dict(e)
+            if "image" not in e:
+                raise InputError(f"{path}: datalist entry without 'image': {e}")
+            img = Path(e["image"])
+            e["image"] = str(img if img.is_absolute() else path.parent / img)
+            entries.append(e)
+    else:
+        entries = [{"image": str(path)}]
+    cases, seen = [], {}
+    for e in entries:
+        case = _check_one(Path(e["image"]), series_uid)
+        name = _case_name(Path(e["image"])) if "patient" not in e else str(e["patient"])
+        if name in seen:
+            raise InputError(f"{e['image']}: case name {name!r} is also that of {seen[name]}; outputs would collide")
+        seen[name] = e["image"]
+        if dicom_seg and case["kind"] != "dicom":
+            raise InputError(f"{e['image']}: a DICOM Segmentation needs a DICOM series input, not {case['kind']}")
+        cases.append({"case": name, **case})
+    return cases
+
+
+@reported
+def check_output_dir(path: str | os.PathLike) -> bool:
+    """Refuse, before any work, an output folder that cannot be written: a file in its place or on its
+    path, or no write permission where it would be created. Creates nothing."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{path}: output folder cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: output folder is not writable ({probe}: permission denied)")
+    return True
+
+
+def shard(cases: list[dict], rank: int | None = None, world_size: int | None = None) -> list[dict]:
+    """This process's share of ``cases`` under ``torchrun`` (every ``world_size``-th case from
+    ``rank``; ``RANK`` and ``WORLD_SIZE`` from the environment by default). All of them without it."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
+    return list(cases[rank::world_size])

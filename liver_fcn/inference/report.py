@@ -1,0 +1,124 @@
+"""What a case's mask says: volumes, liver extent, slice range, spacing, and the quality flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["case_report", "quality_flags", "summary_line"]
+
+
+def case_report(seg: np.ndarray, affine: np.ndarray, class_names: Sequence[str], case: str = "") -> dict:
+    """Volumes of each class (mL) and the liver's extent and slice range, from a mask and its affine.
+
+    Extent is measured along the patient axes in mm (width: right-left, depth: anterior-posterior,
+    height: head-feet) between the outer faces of the outermost liver voxels; the slice range is in
+    the input's own slice order (third voxel axis).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+    report: dict = {
+        "case": case,
+        "shape": [int(s) for s in seg.shape],
+        "spacing_mm": [round(float(s), 4) for s in spacing],
+        "volumes_ml": {},
+        "voxels": {},
+    }
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        n = int(np.count_nonzero(seg == c))
+        report["voxels"][name] = n
+        report["volumes_ml"][name] = n * voxel_ml
+    liver = np.argwhere(seg == 1)
+    if liver.size:
+        # the corners of the voxels at both ends of each voxel axis, in world (RAS) mm
+        lo, hi = liver.min(axis=0), liver.max(axis=0)
+        corners = np.array(
+            [
+                [a, b, c, 1.0]
+                for a in (lo[0] - 0.5, hi[0] + 0.5)
+                for b in (lo[1] - 0.5, hi[1] + 0.5)
+                for c in (lo[2] - 0.5, hi[2] + 0.5)
+            ]
+        )
+        world = corners @ affine.T
+        ext = world[:, :3].max(axis=0) - world[:, :3].min(axis=0)
+        report["liver_extent_mm"] = {
+            "width": round(float(ext[0]), 1),
+            "depth": round(float(ext[1]), 1),
+            "height": round(float(ext[2]), 1),
+        }
+        report["liver_slices"] = [int(lo[2]), int(hi[2])]
+    else:
+        report["liver_extent_mm"] = None
+        report["liver_slices"] = None
+    return report
+
+
+def quality_flags(
+    seg: np.ndarray,
+    affine: np.ndarray,
+    class_names: Sequence[str],
+    volumes_ml: Mapping[str, float],
+    entropy: Mapping | None = None,
+    components: Mapping | None = None,
+    liver_range_ml: Sequence[float] = (800.0, 3000.0),
+    max_entropy: float = 0.35,
+) -> dict:
+    """Quality-control flags of one case's mask, for a human to look at before using it.
+
+    - the liver volume outside ``liver_range_ml`` (an adult liver is 1.2-2.1 L in the 16
+      3D-IRCADb-01 livers measured; the default flags only the implausible);
+    - the liver in several components of at least the counter's size before post-processing
+      (``components``, from :class:`~liver_fcn.transforms.CountComponentsd`);
+    - the liver or a kidney touching the first or last slice along the head-feet axis: the scan may
+      cut the organ off, and its volume is then too small;
+    - a mean normalised entropy of the class probabilities above ``max_entropy`` inside a segmented
+      organ (``entropy``, from :class:`~liver_fcn.transforms.ResampleToInputd`): the network was unsure.
+    """
+    flags: list[str] = []
+    liver_ml = float(volumes_ml.get("liver", 0.0))
+    lo, hi = (float(v) for v in liver_range_ml)
+    if not lo <= liver_ml <= hi:
+        flags.append(f"liver volume {liver_ml:.0f} mL outside {lo:.0f}-{hi:.0f} mL")
+    pieces = list((components or {}).get("1", []))
+    if len(pieces) > 1:
+        flags.append(
+            f"liver in {len(pieces)} large pieces before post-processing ({', '.join(f'{v:.0f}' for v in pieces)} mL)"
+        )
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    axis = int(np.argmax(np.abs(a[2]) / np.maximum(np.sqrt((a**2).sum(axis=0)), 1e-12)))  # the head-feet voxel axis
+    ends = np.concatenate(
+        [np.take(seg, [0], axis=axis).ravel(), np.take(seg, [seg.shape[axis] - 1], axis=axis).ravel()]
+    )
+    for c, name in enumerate(class_names):
+        if name in ("liver", "kidney") and np.any(ends == c):
+            flags.append(f"{name} touches the first or last slice: the scan may cut it off")
+    mean_entropy = {
+        class_names[int(c)]: round(float(h), 4) for c, h in (entropy or {}).items() if int(c) < len(class_names)
+    }
+    for name, h in mean_entropy.items():
+        if name in ("liver", "kidney") and h > max_entropy:
+            flags.append(f"low confidence in the {name} (mean entropy {h:.2f} > {max_entropy:.2f})")
+    return {"flags": flags, "mean_entropy": mean_entropy, "liver_components_ml": [round(v, 1) for v in pieces]}
+
+
+def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
+    vols = report["volumes_ml"]
+    parts = [f"{report['case']}:"]
+    if report.get("liver_extent_mm"):
+        e, s = report["liver_extent_mm"], report["liver_slices"]
+        parts.append(
+            f"liver {vols.get('liver', 0):.0f} mL ({e['width']:.0f} x {e['depth']:.0f} x {e['height']:.0f} mm, "
+            f"slices {s[0]}-{s[1]})"
+        )
+    else:
+        parts.append("no liver found")
+    parts += [f"{k} {v:.0f} mL" for k, v in vols.items() if k != "liver"]
+    flags = (report.get("qc") or {}).get("flags") or []
+    qc = f" [QC: {'; '.join(flags)}]" if flags else ""
+    return " ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if len(parts) > 2 else "") + qc + f" -> {mask_path}"

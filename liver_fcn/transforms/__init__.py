@@ -1,0 +1,59 @@
+"""MONAI transforms the bundle needs and MONAI does not have, one module per concern.
+
+* :mod:`~liver_fcn.transforms.io` - :class:`LoadCTd` (``LoadImaged`` restricted to the one reader
+  that fits the input, through :func:`liver_fcn.data.ct.load_ct`, so that a bad series is reported
+  instead of being read by a fallback reader) and :class:`LoadOrganMasksd` (a patient's organ mask
+  series merged into one class map on the CT's grid, recording which classes are annotated).
+* :mod:`~liver_fcn.transforms.labels` - :class:`EncodePartialLabeld`: "this background pixel may also
+  be any class that is not annotated for this patient", packed into the label for
+  :class:`~liver_fcn.losses.PartialLabelCrossEntropyLoss`; class-map helpers.
+* :mod:`~liver_fcn.transforms.geometry` - :func:`grid_size` (pixels across a field of view in mm),
+  :func:`body_mask` (the body's largest air-separated region, ``CropForegroundd``'s ``select_fn``),
+  :class:`InPlaneResampled` (in-plane resampling to a pixel spacing in mm with 2D anti-aliasing when
+  downsampling, slices untouched) and :class:`AdjacentSlicesd` (2.5D neighbours at fixed distances
+  in mm as channels).
+* :mod:`~liver_fcn.transforms.inversion` - :func:`class_map_on_input_grid` / :class:`ResampleToInputd`:
+  network logits back onto the input's own grid as a uint8 class map, chunk by chunk, from the two
+  affines (what ``Invertd`` would do with full-resolution float probabilities, without holding them).
+* :mod:`~liver_fcn.transforms.postprocessing` - :class:`KeepLargestComponentsd` (on each label's
+  bounding box), :class:`FillHolesSlicewised` (holes of each axial slice: vessels open in 3D are
+  enclosed in a slice), :class:`CountComponentsd`.
+* :mod:`~liver_fcn.transforms.simulation` - :class:`SimulateScannerd` (thicker slabs, coarser pixels,
+  more noise, a HU offset) and :class:`SimulateContrastPhased` (enhancement scaled toward unenhanced
+  densities), for the scanner-shift and contrast-phase evaluations.
+
+Everything is importable from ``liver_fcn.transforms`` as the bundle configs name it.
+"""
+
+from liver_fcn.data.ct import load_ct
+from liver_fcn.transforms.geometry import AdjacentSlicesd, InPlaneResampled, body_mask, grid_size
+from liver_fcn.transforms.inversion import ResampleToInputd, class_map_on_input_grid
+from liver_fcn.transforms.io import LoadCTd, LoadOrganMasksd
+from liver_fcn.transforms.labels import EncodePartialLabeld, class_map_array
+from liver_fcn.transforms.postprocessing import CountComponentsd, FillHolesSlicewised, KeepLargestComponentsd
+from liver_fcn.transforms.simulation import UNENHANCED_HU, SimulateContrastPhased, SimulateScannerd, scale_enhancement
+from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
+
+__all__ = [
+    "UNENHANCED_HU",
+    "AdjacentSlicesd",
+    "CountComponentsd",
+    "EncodePartialLabeld",
+    "FillHolesSlicewised",
+    "InPlaneResampled",
+    "KeepLargestComponentsd",
+    "LoadCTd",
+    "LoadOrganMasksd",
+    "ResampleToInputd",
+    "SimulateContrastPhased",
+    "SimulateScannerd",
+    "as_numpy",
+    "body_mask",
+    "class_map_array",
+    "class_map_on_input_grid",
+    "grid_size",
+    "like",
+    "load_ct",
+    "scale_enhancement",
+    "voxel_spacing",
+]

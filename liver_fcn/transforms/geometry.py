@@ -1,0 +1,174 @@
+"""The network's grid: field of view in pixels, the body's region, in-plane resampling, 2.5D context."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
+
+__all__ = ["AdjacentSlicesd", "InPlaneResampled", "body_mask", "grid_size"]
+
+
+def grid_size(field_of_view: float, pixel_spacing: float, multiple: int = 32) -> int:
+    """Pixels across a field of view of ``field_of_view`` mm at ``pixel_spacing`` mm, rounded up to a
+    ``multiple`` (the network's stride): 409.6 mm at 1.6 mm is 256, at 0.8 mm 512."""
+    if field_of_view <= 0 or pixel_spacing <= 0:
+        raise ValueError(f"field of view and pixel spacing must be positive, got {field_of_view}, {pixel_spacing}")
+    n = field_of_view / pixel_spacing
+    return int(math.ceil(round(n, 6) / multiple) * multiple)
+
+
+def body_mask(image, threshold: float = -500.0) -> torch.Tensor:
+    """The body: the largest connected region above ``threshold`` HU (air-separated table, clothes and
+    noise left out), as a boolean tensor of the image's shape. All False for an image of air only.
+
+    Meant as ``CropForegroundd(select_fn=body_mask)`` on a CT in HU.
+    """
+    arr = as_numpy(image)
+    above = (arr > threshold).any(axis=0)  # over channels
+    labels, n = ndimage.label(above)
+    if n == 0:
+        return torch.zeros(arr.shape, dtype=torch.bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    body = labels == int(np.argmax(sizes))
+    return torch.as_tensor(np.broadcast_to(body, arr.shape).copy())
+
+
+class InPlaneResampled(MapTransform):
+    """Resample the axial plane to ``pixel_spacing`` mm, the slices untouched.
+
+    The first two spatial axes (in-plane after RAS orientation) are resampled slice by slice with
+    PyTorch's 2D interpolation: anti-aliased bilinear when downsampling (a triangle filter as wide as
+    the output pixel, so nothing aliases and nothing is spent on 3D), plain bilinear when upsampling,
+    ``nearest-exact`` for the keys whose mode is ``"nearest"`` (class maps). The output pixel ``j``
+    is centred on input pixel ``(j + 0.5) * pixel_spacing / spacing - 0.5``; the affine is updated to
+    match, so :class:`ResampleToInputd` can bring predictions back from the affines alone. Slices
+    are processed ``chunk`` at a time on the image's own device, so the float copy never exceeds a
+    chunk. An axis already within 0.1 % of the target spacing is left as it is.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        pixel_spacing: float,
+        mode: Sequence[str] | str = "bilinear",
+        chunk: int = 32,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.pixel_spacing = float(pixel_spacing)
+        modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(modes) != len(self.keys) or any(m not in ("bilinear", "nearest") for m in modes):
+            raise ValueError(f"mode must be 'bilinear' or 'nearest' per key, got {mode!r}")
+        self.modes = dict(zip(self.keys, modes))
+        self.chunk = int(chunk)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resample(d[key], self.modes[key])
+        return d
+
+    def resample(self, img: torch.Tensor, mode: str) -> torch.Tensor:
+        if img.ndim != 4:
+            raise ValueError(
+                f"InPlaneResampled expects a channel-first 3D image (C, X, Y, Z), got shape {tuple(img.shape)}"
+            )
+        spacing = voxel_spacing(img)[:2]
+        # output pixels per input pixel, a hair above the exact ratio so that a whole number of output
+        # pixels (60 x 0.6 / 1.5 = 24) is not lost to rounding (PyTorch floors n * scale in double)
+        scale = [float(s) / self.pixel_spacing * (1.0 + 1e-9) for s in spacing]
+        if all(abs(f - 1.0) < 1e-3 for f in scale):
+            return img
+        c, nx, ny, nz = img.shape
+        size = [int(math.floor(n * f)) for n, f in zip((nx, ny), scale)]
+        data = torch.as_tensor(img)
+        out = torch.empty((c, size[0], size[1], nz), dtype=data.dtype, device=data.device)
+        downsampling = min(scale) < 1.0
+        for z0 in range(0, nz, self.chunk):
+            part = data[..., z0 : z0 + self.chunk].permute(3, 0, 1, 2).float()  # (z, C, X, Y)
+            if mode == "nearest":
+                res = F.interpolate(part, scale_factor=scale, mode="nearest-exact", recompute_scale_factor=False)
+            else:
+                res = F.interpolate(
+                    part,
+                    scale_factor=scale,
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=downsampling,
+                    recompute_scale_factor=False,
+                )
+            out[..., z0 : z0 + self.chunk] = res.permute(1, 2, 3, 0).to(out.dtype)
+        # output voxel j sits at input voxel (j + 0.5) / f - 0.5 along each in-plane axis
+        to_input = torch.eye(4, dtype=torch.float64)
+        for a, f in enumerate(scale):
+            to_input[a, a] = 1.0 / f
+            to_input[a, 3] = 0.5 / f - 0.5
+        if not isinstance(img, MetaTensor):
+            return out
+        affine = img.affine.to(torch.float64) @ to_input
+        meta = {k: v for k, v in img.meta.items() if k != "affine"}
+        meta["spatial_shape"] = np.asarray(out.shape[1:])
+        return MetaTensor(out, affine=affine, meta=meta, applied_operations=list(img.applied_operations))
+
+
+class AdjacentSlicesd(MapTransform):
+    """Give each axial slice its neighbours at fixed distances in mm as channels (2.5D input).
+
+    A channel-first 3D image ``(1, X, Y, Z)`` becomes ``(channels, X, Y, Z)``: channel ``i`` holds, for
+    every slice, the image ``(i - channels // 2) * distance`` mm away along ``axis``, linearly
+    interpolated between the native slices (the slice spacing is read from the affine), the ends
+    repeated. So a 1.25 mm and a 5 mm series give the network the same anatomy in its side channels.
+    ``distance=None`` takes the direct neighbours whatever their spacing. ``channels=1`` returns the
+    data unchanged.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "image", channels: int = 1, distance: float | None = None, axis: int = -1
+    ) -> None:
+        super().__init__(keys)
+        if channels < 1 or channels % 2 == 0:
+            raise ValueError(f"adjacent-slice input needs an odd number of channels (1, 3, 5 ...), got {channels}")
+        if distance is not None and distance <= 0:
+            raise ValueError(f"adjacent-slice distance must be positive (mm), got {distance}")
+        self.context, self.distance, self.axis = channels // 2, distance, axis
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if self.context == 0:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != 1:
+                raise ValueError(f"{key}: AdjacentSlicesd expects one channel, got {img.shape[0]}")
+            axis = self.axis % (img.ndim - 1)  # spatial axis
+            n = img.shape[axis + 1]
+            step = 1.0 if self.distance is None else self.distance / float(voxel_spacing(img)[axis])
+            vol = torch.as_tensor(img[0])
+            chans = []
+            for off in range(-self.context, self.context + 1):
+                pos = torch.clamp(torch.arange(n, dtype=torch.float64) + off * step, 0, n - 1)
+                lo = torch.floor(pos).long()
+                hi = torch.clamp(lo + 1, max=n - 1)
+                w = (pos - lo).to(vol.dtype if vol.is_floating_point() else torch.float32)
+                a = torch.index_select(vol, axis, lo.to(vol.device))
+                if torch.all(w == 0):
+                    chans.append(a)
+                    continue
+                b = torch.index_select(vol, axis, hi.to(vol.device))
+                shape = [1] * vol.ndim
+                shape[axis] = n
+                w = w.view(shape).to(vol.device)
+                chans.append(a * (1 - w) + b * w)
+            d[key] = like(img, torch.stack(chans))  # keeps the metadata and the record of applied transforms
+        return d

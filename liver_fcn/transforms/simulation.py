@@ -1,0 +1,181 @@
+"""The same patient as another scanner or another contrast phase would show it, for evaluation."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+from liver_fcn import CLASS_NAMES
+from liver_fcn.transforms.utils import voxel_spacing
+
+__all__ = ["SimulateContrastPhased", "SimulateScannerd", "UNENHANCED_HU", "scale_enhancement"]
+
+
+class SimulateScannerd(MapTransform):
+    """Re-image a loaded CT and its class map as another scanner would: the scanner-shift evaluation.
+
+    Applied to the items whose ``condition_key`` equals ``apply_to`` (others pass unchanged), on
+    the volume as loaded (voxel axes 0 and 1 in-plane, axis 2 across slices, as for a DICOM series):
+
+    * slices averaged into slabs of ``slab_mm`` and pixels into ``pixel_mm`` squares (box averaging,
+      what a thicker reconstruction and a coarser matrix do); an axis already as coarse is kept;
+    * Gaussian noise of ``noise_hu`` HU (a lower dose), seeded by the patient for repeatable scores;
+    * ``offset_hu`` added (another calibration or contrast timing).
+
+    The class map (``keys[1]``) goes to the same grid by majority over each new voxel, so the scan is
+    scored on its own grid. The affine is updated so that the new voxels cover the same body.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        slab_mm: float = 3.0,
+        pixel_mm: float = 1.5,
+        noise_hu: float = 20.0,
+        offset_hu: float = 40.0,
+        condition_key: str = "condition",
+        apply_to: str = "shifted",
+        num_classes: int | None = None,
+        seed: int = 0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.slab_mm, self.pixel_mm = float(slab_mm), float(pixel_mm)
+        self.noise_hu, self.offset_hu = float(noise_hu), float(offset_hu)
+        self.condition_key, self.apply_to = condition_key, apply_to
+        self.num_classes, self.seed = num_classes, int(seed)
+
+    def __str__(self) -> str:
+        slabs, pixels = f"{self.slab_mm:g} mm slabs", f"{self.pixel_mm:g} mm pixels"
+        return f"{slabs}, {pixels}, noise {self.noise_hu:g} HU, {self.offset_hu:+g} HU"
+
+    def new_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, int, int]:
+        target = (self.pixel_mm, self.pixel_mm, self.slab_mm)
+        return tuple(
+            max(1, int(round(n * float(s) / t))) if t > float(s) else int(n) for n, s, t in zip(shape, spacing, target)
+        )
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if d.get(self.condition_key) != self.apply_to:
+            return d
+        keys = [k for k in self.key_iterator(d)]
+        image_key, label_keys = keys[0], keys[1:]
+        img = d[image_key]
+        spacing = voxel_spacing(img)
+        shape = tuple(int(n) for n in img.shape[1:])
+        new = self.new_shape(shape, spacing)
+        factors = np.array(shape, dtype=np.float64) / np.array(new, dtype=np.float64)
+        affine = np.asarray(img.affine.detach().cpu(), dtype=np.float64)
+        scale = np.diag([*factors, 1.0])
+        scale[:3, 3] = (factors - 1.0) / 2.0  # new voxel centres at the centres of the boxes they average
+        new_affine = torch.as_tensor(affine @ scale)
+
+        vol = torch.as_tensor(np.asarray(img.detach().cpu(), dtype=np.float32))
+        out = torch.nn.functional.interpolate(vol[None], size=new, mode="area")[0]
+        patient = str(d.get("patient", ""))
+        rng = np.random.default_rng([self.seed, zlib.crc32(patient.encode())])
+        if self.noise_hu > 0:
+            out = out + torch.as_tensor(rng.normal(0.0, self.noise_hu, size=out.shape), dtype=out.dtype)
+        out = out + self.offset_hu
+        meta = {k: v for k, v in dict(img.meta).items() if k != "affine"}
+        meta["spatial_shape"] = np.asarray(new)
+        d[image_key] = MetaTensor(out, affine=new_affine, meta=meta)
+        for key in label_keys:
+            lab = d[key]
+            classes = torch.as_tensor(np.asarray(lab.detach().cpu())[0]).long()
+            n_cls = self.num_classes or int(classes.max()) + 1
+            onehot = torch.nn.functional.one_hot(classes, n_cls).permute(3, 0, 1, 2).float()
+            share = torch.nn.functional.interpolate(onehot[None], size=new, mode="area")[0]
+            merged = share.argmax(0, keepdim=True).to(torch.uint8)
+            lmeta = {k: v for k, v in (dict(lab.meta) if isinstance(lab, MetaTensor) else {}).items() if k != "affine"}
+            lmeta["spatial_shape"] = np.asarray(new)
+            d[key] = MetaTensor(merged, affine=new_affine.clone(), meta=lmeta)
+        return d
+
+
+#: unenhanced density (HU) of the organs whose enhancement the contrast-phase shift scales
+UNENHANCED_HU = {"liver": 55.0, "kidney": 32.0, "spleen": 45.0}
+
+
+def scale_enhancement(
+    hu: np.ndarray,
+    classes: np.ndarray,
+    class_names: Sequence[str],
+    keep: float,
+    spacing: Sequence[float],
+    unenhanced: Mapping[str, float] = UNENHANCED_HU,
+    edge_mm: float = 2.0,
+) -> np.ndarray:
+    """``hu`` with each organ's enhancement above its unenhanced density scaled by ``keep``.
+
+    Inside an organ of ``class_names`` found in :data:`UNENHANCED_HU`, every voxel moves by
+    ``(keep - 1) * (median - unenhanced)``: texture and noise stay, the organ's mean density moves
+    toward an unenhanced scan (``keep`` 0: unenhanced, 1: unchanged). The move fades over ``edge_mm``
+    at the organ's border so no artificial edge is drawn. Organs already below their unenhanced
+    density are left as they are.
+    """
+    out = np.asarray(hu, dtype=np.float32).copy()
+    sp = [float(s) for s in spacing]
+    margin = [int(math.ceil(edge_mm / max(s, 1e-3))) + 1 for s in sp]
+    for c, name in enumerate(class_names):
+        if name not in unenhanced:
+            continue
+        mask = classes == c
+        if not mask.any():
+            continue
+        excess = float(np.median(out[mask])) - float(unenhanced[name])
+        if excess <= 0:
+            continue
+        idx = np.argwhere(mask)
+        box = tuple(slice(max(0, lo - m), hi + m + 1) for lo, hi, m in zip(idx.min(0), idx.max(0), margin))
+        distance = ndimage.distance_transform_edt(~mask[box], sampling=sp)  # mm outside the organ, 0 inside
+        out[box] += (keep - 1.0) * excess * np.clip(1.0 - distance / edge_mm, 0.0, 1.0)
+    return out
+
+
+class SimulateContrastPhased(MapTransform):
+    """Re-image a loaded CT in another contrast phase: the contrast-phase evaluation.
+
+    Applied to the items whose ``condition_key`` equals ``apply_to`` (others pass unchanged): the
+    liver's and kidneys' enhancement is scaled by ``keep`` toward their unenhanced densities
+    (:func:`scale_enhancement`, located by the reference class map ``keys[1]``, which is not
+    changed). What it measures is a model's dependence on one contrast phase; vessels, spleen
+    without masks and the rest of the scan keep their contrast.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        class_names: Sequence[str] = CLASS_NAMES,
+        keep: float = 0.3,
+        condition_key: str = "condition",
+        apply_to: str = "phase",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.class_names, self.keep = list(class_names), float(keep)
+        self.condition_key, self.apply_to = condition_key, apply_to
+
+    def __str__(self) -> str:
+        return f"liver and kidney enhancement x {self.keep:g}"
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if d.get(self.condition_key) != self.apply_to:
+            return d
+        image_key, label_key = list(self.key_iterator(d))[:2]
+        img, lab = d[image_key], d[label_key]
+        hu = np.asarray(img.detach().cpu(), dtype=np.float32)[0]
+        classes = np.asarray(lab.detach().cpu())[0]
+        new = scale_enhancement(hu, classes, self.class_names, self.keep, voxel_spacing(img))
+        d[image_key] = MetaTensor(torch.as_tensor(new)[None], affine=img.affine.clone(), meta=dict(img.meta))
+        return d
