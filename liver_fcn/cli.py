@@ -2,6 +2,9 @@
 
 Training, evaluation and inference are MONAI bundle commands (``python -m monai.bundle run ...``);
 this tool covers what comes before and after them.
+
+Each subcommand imports what it needs inside its function: ``liver-fcn --help`` and the light
+subcommands start without torch, MONAI or MLflow.
 """
 
 from __future__ import annotations
