@@ -34,6 +34,20 @@ def running_workflow() -> ConfigWorkflow | None:
     return None
 
 
+def running_parser() -> ConfigParser | None:
+    """The ``ConfigParser`` evaluating the expression that called this (a workflow's or a bare one)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in frame.f_locals.values():
+            if isinstance(value, ConfigParser):
+                return value
+            parser = getattr(value, "parser", None)
+            if isinstance(parser, ConfigParser):
+                return parser
+        frame = frame.f_back
+    return None
+
+
 def bundle_root() -> str:
     """The bundle folder of the config being run: the parent of the ``configs/`` folder that holds it.
 

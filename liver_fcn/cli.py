@@ -368,16 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and of its subcommands."""
+    found = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action.choices, dict):
+            for sub in action.choices.values():
+                if isinstance(sub, argparse.ArgumentParser):
+                    found |= option_strings(sub)
+    return found
+
+
 def snake_case_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """``argv`` with the options of the kebab spelling (``--tracking_uri``, accepted until the next
+    """``argv`` with the options of the kebab spelling (``--tracking-uri``, accepted until the next
     release) in the one spelling of the CLI and the bundle (``--tracking_uri``), each said once on
     stderr. Arguments after ``--`` (bundle overrides) are left alone."""
-    known = set()
-    for action in parser._actions:
-        known.update(action.option_strings)
-        for sub in getattr(action, "choices", None) or {}:
-            if isinstance(action.choices[sub], argparse.ArgumentParser):
-                known.update(o for a in action.choices[sub]._actions for o in a.option_strings)
+    known = option_strings(parser)
     out = list(argv)
     for i, arg in enumerate(out):
         if arg == "--":

@@ -79,9 +79,10 @@ def with_conditions(files: Sequence[dict], scanner_shift: bool = True, phase_shi
     return out
 
 
-def condition_param(simulation, enabled) -> str:
-    """The MLflow parameter of a simulated condition: what the simulation does, or ``off``."""
-    return str(simulation) if flag(enabled, "shift") else "off"
+def condition_param(simulation, enabled, name: str) -> str:
+    """The MLflow parameter of a simulated condition: what the simulation does, or ``off`` where the
+    option ``name`` turns it off."""
+    return str(simulation) if flag(enabled, name) else "off"
 
 
 def slice_iou(pred: np.ndarray, truth: np.ndarray, axis: int = -1) -> float:

@@ -88,9 +88,7 @@ def log_model(
     )
     configs_dir = Path(configs_dir) if configs_dir is not None else SOURCE_BUNDLE / "configs"
     artifacts = {"checkpoint": str(checkpoint)}
-    artifacts.update(
-        {Path(f).stem: str(Path(configs_dir) / f) for f in BUNDLE_FILES if (Path(configs_dir) / f).is_file()}
-    )
+    artifacts.update({Path(f).stem: str(configs_dir / f) for f in BUNDLE_FILES if (configs_dir / f).is_file()})
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"liver-fcn=={liver_fcn.__version__}"]
     with fluent_tracking(tracking_uri), mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(

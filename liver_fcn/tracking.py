@@ -13,7 +13,6 @@ config as run (all files merged, command-line overrides applied), like MONAI's `
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
 
-from liver_fcn.bundle import Pipeline
+from liver_fcn.bundle import Pipeline, running_parser
 from liver_fcn.distributed import is_rank0
 from liver_fcn.errors import root_cause
 from liver_fcn.outputs import atomic_path
@@ -473,20 +472,9 @@ def _system_monitor(run_id: str, tracking_uri: str):
     return monitor
 
 
-def _find_bundle_parser() -> ConfigParser | None:
-    for frame_info in inspect.stack()[1:]:
-        for value in frame_info.frame.f_locals.values():
-            if isinstance(value, ConfigParser):
-                return value
-            parser = getattr(value, "parser", None)
-            if isinstance(parser, ConfigParser):
-                return parser
-    return None
-
-
 def config_values(ids: Mapping[str, str]) -> dict:
     """``{name: value of config id}`` from the config being run (``python -m monai.bundle``)."""
-    parser = _find_bundle_parser()
+    parser = running_parser()
     if parser is None:
         raise RuntimeError("config_params need a config evaluated by monai.bundle")
     values = {}
@@ -518,7 +506,7 @@ def export_bundle_config(path: str | os.PathLike) -> str:
     """
     if not is_rank0():  # one copy, from the first process of a distributed run
         return str(path)
-    parser = _find_bundle_parser()
+    parser = running_parser()
     if parser is None:
         raise RuntimeError("export_bundle_config must be called from a config evaluated by monai.bundle")
     content = dict(parser.get())

@@ -35,13 +35,11 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
 from liver_fcn.checkpoint import load_model_state
-from liver_fcn.distributed import is_rank0
 from liver_fcn.errors import InputError, reported
 
 __all__ = [
     "check_schedule",
     "describe_augmentation",
-    "is_rank0",
     "AtomicCheckpointSaver",
     "FinalModelSaver",
     "augmentation_summary",

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-
-from liver_fcn.cli import build_parser, snake_case_options
-
-
-def all_options(parser: argparse.ArgumentParser) -> set[str]:
-    found = set()
-    for action in parser._actions:
-        found.update(action.option_strings)
-        for sub in (action.choices or {}).values() if isinstance(action.choices, dict) else ():
-            found |= all_options(sub)
-    return found
+from liver_fcn.cli import build_parser, option_strings, snake_case_options
 
 
 def test_every_option_is_snake_case():
-    options = {o for o in all_options(build_parser()) if o.startswith("--")}
+    options = {o for o in option_strings(build_parser()) if o.startswith("--")}
     assert "--tracking_uri" in options and "--dataset_dir" in options and "--no_scanner_shift" in options
     assert [o for o in options if "-" in o[2:]] == []
 
