@@ -170,6 +170,41 @@ def test_contrast_phase_shift_scales_each_organs_enhancement_toward_unenhanced()
     assert clean["image"] is item["image"]
 
 
+def test_contrast_phase_augmentation_moves_each_organ_by_its_own_factor():
+    """The training augmentation on a 2.5D slice: liver and kidney each scaled by their own drawn
+    factor (all channels alike), bone and the class map untouched, nothing when not drawn."""
+    from liver_fcn.transforms import RandContrastPhased
+
+    rng = np.random.default_rng(1)
+    classes = np.zeros((80, 80), dtype=np.int64)
+    classes[5:35, 5:35], classes[50:70, 50:70], classes[5:25, 50:70] = 1, 3, 2
+    base = rng.normal(0, 10, size=(80, 80)).astype(np.float32) - 100
+    base += np.select([classes == 1, classes == 3, classes == 2], [220.0, 300.0, 500.0])
+    item = {"image": torch.as_tensor(np.stack([base, base + 5, base - 5])), "label": torch.as_tensor(classes)[None]}
+    aug = RandContrastPhased(
+        prob=1.0, keep_range=(0.0, 1.3), spacing=1.6, class_names=["background", "liver", "bone", "kidney"]
+    )
+    factors = set()
+    for seed in range(6):
+        aug.set_random_state(seed)
+        out = aug(item)
+        img = np.asarray(out["image"])
+        keep = aug.keep
+        assert set(keep) == {"liver", "kidney"} and all(0.0 <= k <= 1.3 for k in keep.values())
+        for c, name, unenhanced in ((1, "liver", 55.0), (3, "kidney", 32.0)):
+            for channel, src in zip(img, np.asarray(item["image"])):
+                expected = unenhanced + keep[name] * (np.median(src[classes == c]) - unenhanced)
+                assert np.median(channel[classes == c]) == pytest.approx(expected, abs=0.05)
+        assert np.array_equal(img[:, classes == 2], np.asarray(item["image"])[:, classes == 2])
+        assert out["label"] is item["label"]
+        factors.add(round(keep["liver"] - keep["kidney"], 3))
+    assert len(factors) > 1  # the organs move independently
+    never = RandContrastPhased(prob=0.0)(item)
+    assert never["image"] is item["image"]
+    with pytest.raises(ValueError, match="keep_range"):
+        RandContrastPhased(keep_range=(1.2, 0.5))
+
+
 def test_bundle_evaluation_values_equal_metrics_computed_directly(tmp_path):
     """A network of known output (it marks the 100 HU block as liver) scored through the real
     ``run evaluating`` against a reference that is the block minus its top two slices and minus a

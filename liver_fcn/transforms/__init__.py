@@ -20,7 +20,8 @@
   enclosed in a slice), :class:`CountComponentsd`.
 * :mod:`~liver_fcn.transforms.simulation` - :class:`SimulateScannerd` (thicker slabs, coarser pixels,
   more noise, a HU offset) and :class:`SimulateContrastPhased` (enhancement scaled toward unenhanced
-  densities), for the scanner-shift and contrast-phase evaluations.
+  densities), for the scanner-shift and contrast-phase evaluations; :class:`RandContrastPhased`, each
+  organ's enhancement scaled by its own random factor, as a training augmentation.
 
 Everything is importable from ``liver_fcn.transforms`` as the bundle configs name it.
 """
@@ -31,7 +32,13 @@ from liver_fcn.transforms.inversion import ResampleToInputd, class_map_on_input_
 from liver_fcn.transforms.io import LoadCTd, LoadOrganMasksd
 from liver_fcn.transforms.labels import EncodePartialLabeld, class_map_array
 from liver_fcn.transforms.postprocessing import CountComponentsd, FillHolesSlicewised, KeepLargestComponentsd
-from liver_fcn.transforms.simulation import UNENHANCED_HU, SimulateContrastPhased, SimulateScannerd, scale_enhancement
+from liver_fcn.transforms.simulation import (
+    UNENHANCED_HU,
+    RandContrastPhased,
+    SimulateContrastPhased,
+    SimulateScannerd,
+    scale_enhancement,
+)
 from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "KeepLargestComponentsd",
     "LoadCTd",
     "LoadOrganMasksd",
+    "RandContrastPhased",
     "ResampleToInputd",
     "SimulateContrastPhased",
     "SimulateScannerd",

@@ -1,4 +1,5 @@
-"""The same patient as another scanner or another contrast phase would show it, for evaluation."""
+"""The same patient as another scanner or another contrast phase would show it: for evaluation, and
+(contrast phase) as a training augmentation."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, RandomizableTransform
 from scipy import ndimage
 
 from liver_fcn import CLASS_NAMES
-from liver_fcn.transforms.utils import voxel_spacing
+from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
 
-__all__ = ["SimulateContrastPhased", "SimulateScannerd", "UNENHANCED_HU", "scale_enhancement"]
+__all__ = ["RandContrastPhased", "SimulateContrastPhased", "SimulateScannerd", "UNENHANCED_HU", "scale_enhancement"]
 
 
 class SimulateScannerd(MapTransform):
@@ -110,7 +111,7 @@ def scale_enhancement(
     hu: np.ndarray,
     classes: np.ndarray,
     class_names: Sequence[str],
-    keep: float,
+    keep: float | Mapping[str, float],
     spacing: Sequence[float],
     unenhanced: Mapping[str, float] = UNENHANCED_HU,
     edge_mm: float = 2.0,
@@ -119,15 +120,18 @@ def scale_enhancement(
 
     Inside an organ of ``class_names`` found in :data:`UNENHANCED_HU`, every voxel moves by
     ``(keep - 1) * (median - unenhanced)``: texture and noise stay, the organ's mean density moves
-    toward an unenhanced scan (``keep`` 0: unenhanced, 1: unchanged). The move fades over ``edge_mm``
-    at the organ's border so no artificial edge is drawn. Organs already below their unenhanced
-    density are left as they are.
+    toward an unenhanced scan (``keep`` 0: unenhanced, 1: unchanged, above 1: more enhanced).
+    ``keep`` is one factor for all organs or one per organ name (organs not named are unchanged).
+    The move fades over ``edge_mm`` at the organ's border so no artificial edge is drawn. Organs
+    already below their unenhanced density are left as they are. ``hu`` and ``classes`` have the
+    same shape, 2D or 3D, with ``spacing`` (mm) per axis.
     """
     out = np.asarray(hu, dtype=np.float32).copy()
     sp = [float(s) for s in spacing]
     margin = [int(math.ceil(edge_mm / max(s, 1e-3))) + 1 for s in sp]
     for c, name in enumerate(class_names):
-        if name not in unenhanced:
+        factor = keep.get(name, 1.0) if isinstance(keep, Mapping) else keep
+        if name not in unenhanced or factor == 1.0:
             continue
         mask = classes == c
         if not mask.any():
@@ -138,7 +142,7 @@ def scale_enhancement(
         idx = np.argwhere(mask)
         box = tuple(slice(max(0, lo - m), hi + m + 1) for lo, hi, m in zip(idx.min(0), idx.max(0), margin))
         distance = ndimage.distance_transform_edt(~mask[box], sampling=sp)  # mm outside the organ, 0 inside
-        out[box] += (keep - 1.0) * excess * np.clip(1.0 - distance / edge_mm, 0.0, 1.0)
+        out[box] += (factor - 1.0) * excess * np.clip(1.0 - distance / edge_mm, 0.0, 1.0)
     return out
 
 
@@ -178,4 +182,61 @@ class SimulateContrastPhased(MapTransform):
         classes = np.asarray(lab.detach().cpu())[0]
         new = scale_enhancement(hu, classes, self.class_names, self.keep, voxel_spacing(img))
         d[image_key] = MetaTensor(torch.as_tensor(new)[None], affine=img.affine.clone(), meta=dict(img.meta))
+        return d
+
+
+class RandContrastPhased(RandomizableTransform, MapTransform):
+    """Training augmentation: the slice as another contrast phase would show it.
+
+    With probability ``prob``, each organ with an unenhanced density in :data:`UNENHANCED_HU`
+    (liver, kidney) gets its own factor drawn from ``keep_range`` and its enhancement is scaled by it
+    (:func:`scale_enhancement`, located by the class map ``keys[1]``): below 1 toward an unenhanced
+    scan, above 1 toward a stronger (arterial or late) enhancement. The organs move independently,
+    as they do between phases, so a model cannot learn an organ from its one-phase density. Every
+    channel of ``keys[0]`` (adjacent slices) moves with the one class map; it runs on HU, before any
+    windowing. Pixels whose class is not annotated are background in the class map and unchanged.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        prob: float = 0.3,
+        keep_range: Sequence[float] = (0.2, 1.3),
+        spacing: float | Sequence[float] = 1.0,
+        class_names: Sequence[str] = CLASS_NAMES,
+        unenhanced: Mapping[str, float] = UNENHANCED_HU,
+        edge_mm: float = 2.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        low, high = (float(v) for v in keep_range)
+        if not 0.0 <= low <= high:
+            raise ValueError(f"keep_range must be two factors 0 <= low <= high, got {list(keep_range)}")
+        self.keep_range = (low, high)
+        self.spacing = spacing
+        self.class_names, self.unenhanced, self.edge_mm = list(class_names), dict(unenhanced), float(edge_mm)
+        self.keep: dict[str, float] = {}
+
+    def randomize(self, data: object = None) -> None:
+        super().randomize(None)
+        organs = [name for name in self.class_names if name in self.unenhanced]
+        self.keep = {name: float(self.R.uniform(*self.keep_range)) for name in organs}
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        image_key, label_key = list(self.key_iterator(d))[:2]
+        img, lab = d[image_key], d[label_key]
+        hu, classes = as_numpy(img, np.float32), as_numpy(lab)[0]
+        spacing = [float(s) for s in np.broadcast_to(np.asarray(self.spacing, dtype=float), (classes.ndim,))]
+        new = np.stack(
+            [
+                scale_enhancement(channel, classes, self.class_names, self.keep, spacing, self.unenhanced, self.edge_mm)
+                for channel in hu
+            ]
+        )
+        d[image_key] = like(img, torch.as_tensor(new, device=img.device)) if isinstance(img, torch.Tensor) else new
         return d
