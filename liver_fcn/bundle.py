@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from monai.bundle import ConfigParser, ConfigWorkflow
@@ -63,21 +64,37 @@ def bundle_root() -> str:
     return os.fspath(SOURCE_BUNDLE)
 
 
+#: the model settings (``train.json``'s ``model_settings``, a checkpoint's settings) the chains read
+MODEL_KEYS = (
+    "class_names",
+    "pixel_spacing",
+    "image_size",
+    "in_channels",
+    "slice_distance",
+    "hu_window",
+    "intensity_mean",
+)
+
+
 class Pipeline:
     """The transform chains of a bundle's ``pipeline.json``, built with the host config's settings.
 
-    ``Pipeline(path, pixel_spacing=1.6, ...)["resample"]`` is the list of transforms under the id
-    ``resample``; ``chain("load", "geometry")`` joins several. The settings fill the ids the chains
-    refer to (``@pixel_spacing``, ...); chains are built once, on first use, and shared.
+    ``Pipeline(path, model=settings, body_only=False)["resample"]`` is the list of transforms under the
+    id ``resample``; ``chain("load", "geometry")`` joins several. ``model`` is the one object that
+    describes a trained network's input (``train.json``'s ``model_settings``; for evaluation and
+    inference the settings stored in the checkpoint): its :data:`MODEL_KEYS` fill the ids the chains
+    refer to (``@pixel_spacing``, ...). Further keyword settings (``series_uid``, ``body_only``...)
+    override. Chains are built once, on first use, and shared.
     """
 
-    def __init__(self, path: str | os.PathLike, **settings) -> None:
+    def __init__(self, path: str | os.PathLike, model: Mapping | None = None, **settings) -> None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: the bundle's pipeline definition is missing")
         self.path = os.fspath(path)
         globals_ = {"liver_fcn": "liver_fcn", "monai": "monai", "torch": "torch", "np": "numpy"}
         self.parser = ConfigParser(globals=globals_)
         self.parser.read_config(self.path)
+        self.parser.update({key: model[key] for key in MODEL_KEYS if key in (model or {})})
         self.parser.update(settings)
 
     def __getitem__(self, name: str) -> list:

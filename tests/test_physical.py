@@ -325,6 +325,13 @@ def test_one_preprocessing_file_serves_training_evaluation_and_inference():
         assert parser["pipeline"]["_target_"] == "liver_fcn.bundle.Pipeline", files
         path = Path(parser.get_parsed_content("pipeline#path"))
         assert path.resolve() == (CONFIGS / "pipeline.json").resolve(), files
+        # the model settings come as one object: train.json's own, for evaluation and inference the checkpoint's
+        model = parser["pipeline"]["model"]
+        model = parser["model_settings"] if model == "@model_settings" else model
+        if files == ["train.json"]:
+            assert model["pixel_spacing"] == "@pixel_spacing" and model["variant"].endswith("variant")
+        else:
+            assert model == "@settings" and "checkpoint_settings(@model_file)" in parser["settings"], files
     settings = dict(
         class_names=["background", "liver", "bone", "kidney"],
         pixel_spacing=1.6,
@@ -334,7 +341,7 @@ def test_one_preprocessing_file_serves_training_evaluation_and_inference():
         hu_window=[-250, 450],
         intensity_mean=0.19,
     )
-    pipeline = Pipeline(CONFIGS / "pipeline.json", **settings)
+    pipeline = Pipeline(CONFIGS / "pipeline.json", model={**settings, "variant": "8s", "width": 0.125})
     names = lambda chain: [type(t).__name__ for t in chain]  # noqa: E731
     assert names(pipeline["geometry"]) == names(pipeline.chain("resample", "field_of_view", "context"))
     assert names(pipeline["inference"]) == [
@@ -354,7 +361,10 @@ def test_one_preprocessing_file_serves_training_evaluation_and_inference():
         "EnsureTyped",
     ]
     assert pipeline["window"][0].scaler.a_min == -250 and pipeline["context"][0].context == 1
-    field_of_view = Pipeline(CONFIGS / "pipeline.json", **settings, body_only="false", postprocess=False)
+    field_of_view = Pipeline(CONFIGS / "pipeline.json", model=settings, body_only="false", postprocess=False)
+    assert field_of_view["window"][0].scaler.a_min == -250
+    narrow = Pipeline(CONFIGS / "pipeline.json", model=settings, hu_window=[-100, 200])  # a setting overrides
+    assert narrow["window"][0].scaler.a_min == -100
     assert "ResizeWithPadOrCropd" in names(field_of_view["network_input"]) and field_of_view["cleanup"] == []
     with pytest.raises(KeyError, match="defines no chain 'augment'"):
         pipeline["augment"]

@@ -16,7 +16,7 @@ import ast
 import torch
 from monai.bundle import ConfigParser
 
-from liver_fcn.checkpoint import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, load_model_state
+from liver_fcn.checkpoint import load_model_state
 from liver_fcn.visualize import overlay_montage
 
 
@@ -40,9 +40,9 @@ def main() -> None:
     parser["dataset_dir"] = args.dataset_dir
     parser["device"] = "$torch.device('cpu')"
     state, settings = load_model_state(args.checkpoint)
-    for key in (*REQUIRED_SETTINGS, *OPTIONAL_SETTINGS):  # each is a top-level id of train.json
-        if key in settings:
-            parser[key] = settings[key]
+    # the checkpoint's settings are the model settings, as evaluate.json sets them
+    parser["model_settings"], parser["class_names"] = settings, settings["class_names"]
+    parser["network_def"] = "$liver_fcn.checkpoint.network_from_settings(@model_settings)"
     item = parser.get_parsed_content("validate#dataset")[args.case]
     parser.get_parsed_content("network_def").load_state_dict(state)
     net = parser.get_parsed_content("network")  # the weights above, in the checkpoint's precision
