@@ -33,7 +33,6 @@ __all__ = [
     "EPOCH_CKPT",
     "OPTIONAL_SETTINGS",
     "REQUIRED_SETTINGS",
-    "BestModelTracking",
     "ModelSettings",
     "RunIdentity",
     "checkpoint_settings",
@@ -95,26 +94,6 @@ class RunIdentity:
 
     def load_state_dict(self, state: dict) -> None:
         self.run_name, self.experiment_name = state["run_name"], state["experiment_name"]
-
-
-class BestModelTracking:
-    """Saves and restores which score the best-model CheckpointSaver has kept so far.
-
-    MONAI's CheckpointSaver can reload that list (``load_state_dict``) but does not expose it for
-    saving; without it a resumed run would overwrite the best checkpoint with its next, possibly
-    worse, validation.
-    """
-
-    def __init__(self, saver) -> None:
-        self.saver = saver
-
-    def state_dict(self) -> dict:
-        inner = getattr(self.saver, "_key_metric_checkpoint", None)
-        return inner.state_dict() if inner is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.saver.load_state_dict(state)
 
 
 def local_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str | None = None) -> Path:

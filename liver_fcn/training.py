@@ -1,19 +1,16 @@
-"""Training helpers the bundle calls: staged initialisation, resuming, and clean termination.
+"""Training helpers the bundle calls: staged initialisation, the schedule and its checks.
 
 * :func:`prepare_network` initialises a network from another checkpoint before training - the
   staged FCN training (FCN-32s -> 16s -> 8s -> 4s): every tensor the two variants share is loaded,
   the new skip scores keep their zero initialisation and the new upsamplers their bilinear kernels.
-* :class:`AtomicCheckpointSaver` makes each checkpoint write atomic, so a process killed while
-  saving never leaves a truncated checkpoint behind (what a checkpoint holds, and how a killed
-  training finds the one to resume from: :mod:`liver_fcn.checkpoint`).
-* :func:`terminate_on_signal` turns SIGTERM into an exception inside the training loop, so that a
-  killed training ends its MLflow run as FAILED (Ctrl-C already does) instead of leaving it RUNNING;
-  :func:`finish_epoch_before_terminating` lets an epoch that has finished its iterations also finish
-  its validation, logging and checkpoint first, so an epoch is either fully recorded or not at all.
 * :func:`warmup_decay_schedule` is the learning-rate schedule of an iteration budget (linear
   warm-up, then cosine or polynomial decay), stepped by MONAI's ``LrScheduleHandler`` every
-  iteration; :class:`FinalModelSaver` writes ``model.pt`` at the end of a run that has no
-  validation patient to choose a best checkpoint (cross-validation folds).
+  iteration; :func:`check_schedule` and :func:`check_world_size` refuse budgets and process counts
+  that cannot work, before any run starts.
+* :func:`describe_augmentation` reads the augmentation summary logged to MLflow from the transforms.
+
+The handlers the trainer attaches (atomic checkpoints, the final model, clean termination on
+SIGTERM, MLflow) are :mod:`liver_fcn.handlers`.
 
 The trainer's "epoch" is a period of ``epoch_length`` iterations; validation runs every ``val_interval``
 periods (1 by default) and the periodic checkpoint every ``checkpoint_interval``, so
@@ -26,13 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-from contextlib import contextmanager
 
 import torch
-from ignite.engine import Events
-from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointSaver
 
 from liver_fcn.checkpoint import load_model_state
 from liver_fcn.errors import InputError, reported
@@ -40,16 +32,10 @@ from liver_fcn.errors import InputError, reported
 __all__ = [
     "check_schedule",
     "describe_augmentation",
-    "AtomicCheckpointSaver",
-    "FinalModelSaver",
     "augmentation_summary",
     "warmup_decay_schedule",
     "check_world_size",
-    "finish_epoch_before_terminating",
-    "TrainingTerminated",
     "prepare_network",
-    "terminate_on_signal",
-    "termination_held",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,107 +68,6 @@ def prepare_network(network: torch.nn.Module, device, init_checkpoint: str | os.
     return network.to(device)
 
 
-class TrainingTerminated(Exception):
-    """Raised in the training loop when the process receives SIGTERM."""
-
-
-# a SIGTERM that arrives while termination is held is remembered and raised when the hold ends
-_termination: dict = {"held": False, "pending": None}
-
-
-def terminate_on_signal(signals=(signal.SIGTERM,)) -> None:
-    """Make SIGTERM raise :class:`TrainingTerminated` (main thread only; other threads ignore it).
-
-    While termination is held (:func:`termination_held`), the signal takes effect when the hold ends.
-    """
-    _termination.update(held=False, pending=None)
-
-    def handler(signum, frame):
-        reason = f"terminated by signal {signal.Signals(signum).name}"
-        if _termination["held"]:
-            _termination["pending"] = reason
-            return
-        raise TrainingTerminated(reason)
-
-    try:
-        for s in signals:
-            signal.signal(s, handler)
-    except ValueError:  # not the main thread
-        pass
-
-
-def _release_termination() -> None:
-    _termination["held"] = False
-    reason, _termination["pending"] = _termination["pending"], None
-    if reason:
-        raise TrainingTerminated(reason)
-
-
-@contextmanager
-def termination_held():
-    """Hold SIGTERM (see :func:`terminate_on_signal`) over a block that must not be cut short."""
-    if _termination["held"]:  # nested in a longer hold, which releases it
-        yield
-        return
-    _termination["held"] = True
-    try:
-        yield
-    except BaseException:
-        _termination["held"] = False
-        raise
-    _release_termination()
-
-
-def finish_epoch_before_terminating(trainer) -> None:
-    """Hold SIGTERM from the last iteration of each epoch until every epoch-end handler has run.
-
-    Attach after the handlers of the epoch's end (validation, MLflow, the per-epoch checkpoint): a
-    SIGTERM during the iterations stops at once and the epoch is redone on resume; one during the
-    epoch's end waits until its metrics are logged and its checkpoint written. Either way no epoch
-    is lost or logged twice. (A SIGKILL cannot be held; the checkpoint is still never truncated.)
-    """
-
-    def hold(engine) -> None:
-        _termination["held"] = True
-
-    def release(engine) -> None:
-        _release_termination()
-
-    last_iteration = Events.ITERATION_COMPLETED(event_filter=lambda e, it: it % e.state.epoch_length == 0)
-    trainer.add_event_handler(last_iteration, hold)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, release)
-
-
-class _AtomicDiskSaver(DiskSaver):
-    """ignite's DiskSaver in its atomic mode (a temporary file renamed into place, readable by the
-    group as MONAI's saver is), with MONAI's optional fixed file name, holding SIGTERM while it writes."""
-
-    def __init__(self, dirname: str, filename: str | None = None) -> None:
-        super().__init__(dirname=dirname, require_empty=False, atomic=True)
-        self.filename = filename
-
-    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
-        with termination_held():
-            super().__call__(checkpoint, self.filename or filename, metadata)
-
-    def remove(self, filename: str) -> None:
-        super().remove(self.filename or filename)
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's CheckpointSaver whose files are written atomically.
-
-    MONAI's saver writes straight into the final file name; a process killed during that write
-    leaves a truncated ``*.pt`` that ``--resume`` would pick as the newest checkpoint.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if ckpt is not None:
-                ckpt.save_handler = _AtomicDiskSaver(self.save_dir, getattr(ckpt.save_handler, "filename", None))
-
-
 @reported
 def check_world_size(validation_files: list) -> int:
     """Distributed validation splits the patients over the processes: each needs at least one
@@ -196,17 +81,6 @@ def check_world_size(validation_files: list) -> int:
             "give it at least one per process (liver-fcn prepare --val_fraction / --val_patients)"
         )
     return world
-
-
-class FinalModelSaver(AtomicCheckpointSaver):
-    """Writes the final weights (``save_final=True``) when the run completes, and only then.
-
-    MONAI's CheckpointSaver also writes its final checkpoint when the run raises; a crashed run must
-    not leave a ``model.pt`` that looks like a finished model.
-    """
-
-    def exception_raised(self, engine, e: Exception) -> None:
-        raise e
 
 
 SCHEDULES = ("cosine", "poly", "constant")

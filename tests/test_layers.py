@@ -83,6 +83,7 @@ LAYERS = [
     ["liver_fcn.inference"],
     ["liver_fcn.registry"],
     ["liver_fcn.tracking", "liver_fcn.reporting"],
+    ["liver_fcn.handlers"],
     ["liver_fcn.crossval", "liver_fcn.cli"],
 ]
 

@@ -166,7 +166,7 @@ def _terminated_engine(ckpt_dir, signal_at_iteration: int | None = None, signal_
 
     from ignite.engine import Events
 
-    from liver_fcn.training import AtomicCheckpointSaver, finish_epoch_before_terminating, terminate_on_signal
+    from liver_fcn.handlers import AtomicCheckpointSaver, finish_epoch_before_terminating, terminate_on_signal
 
     terminate_on_signal()
     engine = Engine(lambda e, b: None)
@@ -198,7 +198,7 @@ def _terminated_engine(ckpt_dir, signal_at_iteration: int | None = None, signal_
 def test_sigterm_at_an_epoch_end_waits_for_its_checkpoint(tmp_path):
     import signal
 
-    from liver_fcn.training import TrainingTerminated
+    from liver_fcn.handlers import TrainingTerminated
 
     engine, logged = _terminated_engine(tmp_path, signal_in_epoch_end=True)
     try:
@@ -214,7 +214,7 @@ def test_sigterm_at_an_epoch_end_waits_for_its_checkpoint(tmp_path):
 def test_sigterm_during_iterations_stops_at_once(tmp_path):
     import signal
 
-    from liver_fcn.training import TrainingTerminated
+    from liver_fcn.handlers import TrainingTerminated
 
     engine, logged = _terminated_engine(tmp_path, signal_at_iteration=6)  # in epoch 2
     try:
@@ -227,7 +227,7 @@ def test_sigterm_during_iterations_stops_at_once(tmp_path):
 
 
 def test_a_failed_checkpoint_write_leaves_no_file(tmp_path):
-    from liver_fcn.training import _AtomicDiskSaver
+    from liver_fcn.handlers.checkpoint_saver import _AtomicDiskSaver
 
     saver = _AtomicDiskSaver(str(tmp_path))
     with pytest.raises((AttributeError, pickle.PicklingError)):  # a local lambda cannot be pickled

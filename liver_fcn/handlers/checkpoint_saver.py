@@ -1,0 +1,53 @@
+"""Checkpoint savers whose files are never torn: MONAI's CheckpointSaver writing through a temporary
+file and a rename, and the final model written only when a run completes.
+"""
+
+from __future__ import annotations
+
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointSaver
+
+from liver_fcn.handlers.termination import termination_held
+
+__all__ = ["AtomicCheckpointSaver", "FinalModelSaver"]
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite's DiskSaver in its atomic mode (a temporary file renamed into place, readable by the
+    group as MONAI's saver is), with MONAI's optional fixed file name, holding SIGTERM while it writes."""
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        with termination_held():
+            super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def remove(self, filename: str) -> None:
+        super().remove(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's CheckpointSaver whose files are written atomically.
+
+    MONAI's saver writes straight into the final file name; a process killed during that write
+    leaves a truncated ``*.pt`` that ``--resume`` would pick as the newest checkpoint.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler = _AtomicDiskSaver(self.save_dir, getattr(ckpt.save_handler, "filename", None))
+
+
+class FinalModelSaver(AtomicCheckpointSaver):
+    """Writes the final weights (``save_final=True``) when the run completes, and only then.
+
+    MONAI's CheckpointSaver also writes its final checkpoint when the run raises; a crashed run must
+    not leave a ``model.pt`` that looks like a finished model.
+    """
+
+    def exception_raised(self, engine, e: Exception) -> None:
+        raise e
