@@ -213,6 +213,21 @@ def test_keep_largest_components_matches_monai_on_the_bounding_box():
         assert torch.equal(torch.as_tensor(ours), torch.as_tensor(theirs))
 
 
+def test_clean_up_functions_work_on_plain_arrays_of_any_dimension():
+    """The array functions under the dictionary transforms: a 2D class map, no channel, no metadata."""
+    from liver_fcn.transforms import component_sizes_ml, fill_holes_slicewise, keep_largest_components
+
+    slice_ = np.zeros((20, 20), np.uint8)
+    slice_[2:10, 2:10], slice_[14:16, 14:16], slice_[12:18, 2:4] = 1, 1, 3
+    slice_[5, 5] = 0  # a hole
+    kept = keep_largest_components(slice_, [1])
+    assert kept[14:16, 14:16].sum() == 0 and kept[2:10, 2:10].sum() == 63 and (kept == 3).sum() == 12
+    assert slice_[14, 14] == 1  # the input is not changed
+    assert component_sizes_ml(slice_, 1, (10.0, 10.0)) == pytest.approx([6.3, 0.4])  # 100 mm^2 pixels: 0.1 mL each
+    filled = fill_holes_slicewise(slice_[..., None], [1], axis=-1)[..., 0]
+    assert filled[5, 5] == 1 and slice_[5, 5] == 0
+
+
 def test_adjacent_slices_at_a_distance_in_mm_whatever_the_slice_spacing():
     def volume(spacing):
         z = torch.arange(12, dtype=torch.float32) * spacing  # each slice holds its height in mm

@@ -23,20 +23,34 @@
   densities), for the scanner-shift and contrast-phase evaluations; :class:`RandContrastPhased`, each
   organ's enhancement scaled by its own random factor, as a training augmentation.
 
-Everything is importable from ``liver_fcn.transforms`` as the bundle configs name it.
+Each dictionary transform is a thin wrapper over a function on arrays (:func:`adjacent_slices`,
+:func:`keep_largest_components`, :func:`fill_holes_slicewise`, :func:`component_sizes_ml`,
+:func:`coarser_grid`, :func:`reimage`, :func:`class_map_by_majority`, :func:`scale_enhancement`,
+:func:`class_map_on_input_grid`), usable without MONAI's dictionaries. Everything is importable from
+``liver_fcn.transforms`` as the bundle configs name it.
 """
 
 from liver_fcn.data.ct import load_ct
-from liver_fcn.transforms.geometry import AdjacentSlicesd, InPlaneResampled, body_mask, grid_size
+from liver_fcn.transforms.geometry import AdjacentSlicesd, InPlaneResampled, adjacent_slices, body_mask, grid_size
 from liver_fcn.transforms.inversion import ResampleToInputd, class_map_on_input_grid
 from liver_fcn.transforms.io import LoadCTd, LoadOrganMasksd
 from liver_fcn.transforms.labels import EncodePartialLabeld, class_map_array
-from liver_fcn.transforms.postprocessing import CountComponentsd, FillHolesSlicewised, KeepLargestComponentsd
+from liver_fcn.transforms.postprocessing import (
+    CountComponentsd,
+    FillHolesSlicewised,
+    KeepLargestComponentsd,
+    component_sizes_ml,
+    fill_holes_slicewise,
+    keep_largest_components,
+)
 from liver_fcn.transforms.simulation import (
     UNENHANCED_HU,
     RandContrastPhased,
     SimulateContrastPhased,
     SimulateScannerd,
+    class_map_by_majority,
+    coarser_grid,
+    reimage,
     scale_enhancement,
 )
 from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
@@ -56,6 +70,13 @@ __all__ = [
     "SimulateContrastPhased",
     "SimulateScannerd",
     "as_numpy",
+    "adjacent_slices",
+    "component_sizes_ml",
+    "fill_holes_slicewise",
+    "keep_largest_components",
+    "class_map_by_majority",
+    "coarser_grid",
+    "reimage",
     "body_mask",
     "class_map_array",
     "class_map_on_input_grid",

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
 
-__all__ = ["AdjacentSlicesd", "InPlaneResampled", "body_mask", "grid_size"]
+__all__ = ["AdjacentSlicesd", "InPlaneResampled", "adjacent_slices", "body_mask", "grid_size"]
 
 
 def grid_size(field_of_view: float, pixel_spacing: float, multiple: int = 32) -> int:
@@ -122,6 +122,29 @@ class InPlaneResampled(MapTransform):
         return MetaTensor(out, affine=affine, meta=meta, applied_operations=list(img.applied_operations))
 
 
+def adjacent_slices(vol: torch.Tensor, context: int, step: float = 1.0, axis: int = -1) -> torch.Tensor:
+    """``(2 * context + 1, *vol.shape)``: channel ``i`` holds, for every slice of ``vol`` along ``axis``,
+    the volume ``(i - context) * step`` slices away, linearly interpolated, the ends repeated."""
+    axis = axis % vol.ndim
+    n = vol.shape[axis]
+    chans = []
+    for off in range(-context, context + 1):
+        pos = torch.clamp(torch.arange(n, dtype=torch.float64) + off * step, 0, n - 1)
+        lo = torch.floor(pos).long()
+        hi = torch.clamp(lo + 1, max=n - 1)
+        w = (pos - lo).to(vol.dtype if vol.is_floating_point() else torch.float32)
+        a = torch.index_select(vol, axis, lo.to(vol.device))
+        if torch.all(w == 0):
+            chans.append(a)
+            continue
+        b = torch.index_select(vol, axis, hi.to(vol.device))
+        shape = [1] * vol.ndim
+        shape[axis] = n
+        w = w.view(shape).to(vol.device)
+        chans.append(a * (1 - w) + b * w)
+    return torch.stack(chans)
+
+
 class AdjacentSlicesd(MapTransform):
     """Give each axial slice its neighbours at fixed distances in mm as channels (2.5D input).
 
@@ -152,23 +175,6 @@ class AdjacentSlicesd(MapTransform):
             if img.shape[0] != 1:
                 raise ValueError(f"{key}: AdjacentSlicesd expects one channel, got {img.shape[0]}")
             axis = self.axis % (img.ndim - 1)  # spatial axis
-            n = img.shape[axis + 1]
             step = 1.0 if self.distance is None else self.distance / float(voxel_spacing(img)[axis])
-            vol = torch.as_tensor(img[0])
-            chans = []
-            for off in range(-self.context, self.context + 1):
-                pos = torch.clamp(torch.arange(n, dtype=torch.float64) + off * step, 0, n - 1)
-                lo = torch.floor(pos).long()
-                hi = torch.clamp(lo + 1, max=n - 1)
-                w = (pos - lo).to(vol.dtype if vol.is_floating_point() else torch.float32)
-                a = torch.index_select(vol, axis, lo.to(vol.device))
-                if torch.all(w == 0):
-                    chans.append(a)
-                    continue
-                b = torch.index_select(vol, axis, hi.to(vol.device))
-                shape = [1] * vol.ndim
-                shape[axis] = n
-                w = w.view(shape).to(vol.device)
-                chans.append(a * (1 - w) + b * w)
-            d[key] = like(img, torch.stack(chans))  # keeps the metadata and the record of applied transforms
+            d[key] = like(img, adjacent_slices(torch.as_tensor(img[0]), self.context, step, axis))
         return d

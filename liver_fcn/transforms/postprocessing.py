@@ -1,4 +1,7 @@
-"""Clean-up of the class map: largest components, slice-wise hole filling, component counts."""
+"""Clean-up of the class map: largest components, slice-wise hole filling, component counts.
+
+Each is a function on a class map array (:func:`keep_largest_components`, :func:`fill_holes_slicewise`,
+:func:`component_sizes_ml`) under a thin dictionary transform for the bundle's chains."""
 
 from __future__ import annotations
 
@@ -12,7 +15,14 @@ from scipy import ndimage
 from liver_fcn.transforms.labels import _like_class_map, class_map_array
 from liver_fcn.transforms.utils import voxel_spacing
 
-__all__ = ["CountComponentsd", "FillHolesSlicewised", "KeepLargestComponentsd"]
+__all__ = [
+    "CountComponentsd",
+    "FillHolesSlicewised",
+    "KeepLargestComponentsd",
+    "component_sizes_ml",
+    "fill_holes_slicewise",
+    "keep_largest_components",
+]
 
 
 def _bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
@@ -24,6 +34,53 @@ def _bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None
             return None
         box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
     return tuple(box)
+
+
+def keep_largest_components(classes: np.ndarray, labels: Sequence[int] = (1,), num_components: int = 1) -> np.ndarray:
+    """A copy of the class map ``classes`` (any dimensions) keeping only the ``num_components``
+    largest connected components (full connectivity) of each of ``labels``; the voxels of smaller
+    ones become background. Computed on each label's bounding box."""
+    from monai.transforms.utils import get_largest_connected_component_mask
+
+    out = np.array(classes)  # a copy, changed in place
+    for label in labels:
+        mask = out == label
+        box = _bounding_box(mask)
+        if box is None:
+            continue
+        sub = mask[box]
+        keep = np.asarray(get_largest_connected_component_mask(sub, num_components=num_components))
+        region = out[box]
+        region[sub & ~keep] = 0
+    return out
+
+
+def component_sizes_ml(classes: np.ndarray, label: int, spacing: Sequence[float], min_ml: float = 0.0) -> list[float]:
+    """Sizes (mL) of the 3D connected components (26-connectivity) of ``label`` in the class map
+    ``classes`` (X, Y, Z) of voxel ``spacing`` (mm), those of at least ``min_ml``, largest first."""
+    mask = classes == label
+    box = _bounding_box(mask)
+    if box is None:
+        return []
+    components, _ = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, bool))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    counts = np.bincount(components.ravel())[1:] * voxel_ml
+    return sorted((float(c) for c in counts if c >= min_ml), reverse=True)
+
+
+def fill_holes_slicewise(classes: np.ndarray, labels: Sequence[int] = (1,), axis: int = -1) -> np.ndarray:
+    """A copy of the class map ``classes`` whose background voxels enclosed by one of ``labels``
+    within a slice along ``axis`` take that label; voxels of other classes never change."""
+    out = np.array(classes, copy=True)
+    moved, result = np.moveaxis(classes, axis, 0), np.moveaxis(out, axis, 0)
+    for label in labels:
+        present = (moved == label).reshape(moved.shape[0], -1).any(axis=1)
+        for k in np.flatnonzero(present):
+            box = _bounding_box(moved[k] == label, margin=1)  # a hole lies inside its label's box
+            sl, res = moved[k][box], result[k][box]
+            filled = ndimage.binary_fill_holes(sl == label)
+            res[filled & (sl == 0)] = label
+    return out
 
 
 class KeepLargestComponentsd(MapTransform):
@@ -47,22 +104,10 @@ class KeepLargestComponentsd(MapTransform):
         self.num_components = int(num_components)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from monai.transforms.utils import get_largest_connected_component_mask
-
         d = dict(data)
         for key in self.key_iterator(d):
-            img = d[key]
-            arr = np.array(class_map_array(img, key, "KeepLargestComponentsd"))  # a copy, changed in place
-            for label in self.applied_labels:
-                mask = arr == label
-                box = _bounding_box(mask)
-                if box is None:
-                    continue
-                sub = mask[box]
-                keep = np.asarray(get_largest_connected_component_mask(sub, num_components=self.num_components))
-                region = arr[box]
-                region[sub & ~keep] = 0
-            d[key] = _like_class_map(img, arr)
+            arr = class_map_array(d[key], key, "KeepLargestComponentsd")
+            d[key] = _like_class_map(d[key], keep_largest_components(arr, self.applied_labels, self.num_components))
         return d
 
 
@@ -81,15 +126,8 @@ class CountComponentsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = d[key]
-            mask = class_map_array(img, key, "CountComponentsd") == self.label
-            sizes: list[float] = []
-            box = _bounding_box(mask)
-            if box is not None:
-                labels, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
-                voxel_ml = float(np.prod(voxel_spacing(img))) / 1000.0
-                counts = np.bincount(labels.ravel())[1:] * voxel_ml
-                sizes = sorted((float(c) for c in counts if c >= self.min_ml), reverse=True)
+            arr = class_map_array(d[key], key, "CountComponentsd")
+            sizes = component_sizes_ml(arr, self.label, voxel_spacing(d[key]), self.min_ml)
             d[self.out_key] = {**dict(d.get(self.out_key) or {}), str(self.label): sizes}
         return d
 
@@ -118,17 +156,7 @@ class FillHolesSlicewised(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = d[key]
-            arr = class_map_array(img, key, "FillHolesSlicewised")
-            out = np.array(arr, copy=True)
-            axis = self.axis % arr.ndim if self.axis < 0 else self.axis - 1
-            moved, result = np.moveaxis(arr, axis, 0), np.moveaxis(out, axis, 0)
-            for label in self.applied_labels:
-                present = (moved == label).reshape(moved.shape[0], -1).any(axis=1)
-                for k in np.flatnonzero(present):
-                    box = _bounding_box(moved[k] == label, margin=1)  # a hole lies inside its label's box
-                    sl, res = moved[k][box], result[k][box]
-                    filled = ndimage.binary_fill_holes(sl == label)
-                    res[filled & (sl == 0)] = label
-            d[key] = _like_class_map(img, out)
+            arr = class_map_array(d[key], key, "FillHolesSlicewised")
+            axis = self.axis % arr.ndim if self.axis < 0 else self.axis - 1  # the channel is not in arr
+            d[key] = _like_class_map(d[key], fill_holes_slicewise(arr, self.applied_labels, axis))
         return d

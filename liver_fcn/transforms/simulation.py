@@ -17,7 +17,16 @@ from scipy import ndimage
 from liver_fcn import CLASS_NAMES
 from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
 
-__all__ = ["RandContrastPhased", "SimulateContrastPhased", "SimulateScannerd", "UNENHANCED_HU", "scale_enhancement"]
+__all__ = [
+    "RandContrastPhased",
+    "SimulateContrastPhased",
+    "SimulateScannerd",
+    "UNENHANCED_HU",
+    "class_map_by_majority",
+    "coarser_grid",
+    "reimage",
+    "scale_enhancement",
+]
 
 
 class SimulateScannerd(MapTransform):
@@ -58,12 +67,6 @@ class SimulateScannerd(MapTransform):
         slabs, pixels = f"{self.slab_mm:g} mm slabs", f"{self.pixel_mm:g} mm pixels"
         return f"{slabs}, {pixels}, noise {self.noise_hu:g} HU, {self.offset_hu:+g} HU"
 
-    def new_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, int, int]:
-        target = (self.pixel_mm, self.pixel_mm, self.slab_mm)
-        return tuple(
-            max(1, int(round(n * float(s) / t))) if t > float(s) else int(n) for n, s, t in zip(shape, spacing, target)
-        )
-
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         if d.get(self.condition_key) != self.apply_to:
@@ -71,36 +74,56 @@ class SimulateScannerd(MapTransform):
         keys = [k for k in self.key_iterator(d)]
         image_key, label_keys = keys[0], keys[1:]
         img = d[image_key]
-        spacing = voxel_spacing(img)
-        shape = tuple(int(n) for n in img.shape[1:])
-        new = self.new_shape(shape, spacing)
-        factors = np.array(shape, dtype=np.float64) / np.array(new, dtype=np.float64)
-        affine = np.asarray(img.affine.detach().cpu(), dtype=np.float64)
-        scale = np.diag([*factors, 1.0])
-        scale[:3, 3] = (factors - 1.0) / 2.0  # new voxel centres at the centres of the boxes they average
-        new_affine = torch.as_tensor(affine @ scale)
-
-        vol = torch.as_tensor(np.asarray(img.detach().cpu(), dtype=np.float32))
-        out = torch.nn.functional.interpolate(vol[None], size=new, mode="area")[0]
-        patient = str(d.get("patient", ""))
-        rng = np.random.default_rng([self.seed, zlib.crc32(patient.encode())])
-        if self.noise_hu > 0:
-            out = out + torch.as_tensor(rng.normal(0.0, self.noise_hu, size=out.shape), dtype=out.dtype)
-        out = out + self.offset_hu
-        meta = {k: v for k, v in dict(img.meta).items() if k != "affine"}
-        meta["spatial_shape"] = np.asarray(new)
-        d[image_key] = MetaTensor(out, affine=new_affine, meta=meta)
+        new, new_affine = coarser_grid(img.shape[1:], voxel_spacing(img), img.affine, self.pixel_mm, self.slab_mm)
+        rng = np.random.default_rng([self.seed, zlib.crc32(str(d.get("patient", "")).encode())])
+        out = reimage(as_numpy(img[0], np.float32), new, self.noise_hu, self.offset_hu, rng)
+        d[image_key] = MetaTensor(out[None], affine=new_affine, meta=_grid_meta(img, new))
         for key in label_keys:
-            lab = d[key]
-            classes = torch.as_tensor(np.asarray(lab.detach().cpu())[0]).long()
-            n_cls = self.num_classes or int(classes.max()) + 1
-            onehot = torch.nn.functional.one_hot(classes, n_cls).permute(3, 0, 1, 2).float()
-            share = torch.nn.functional.interpolate(onehot[None], size=new, mode="area")[0]
-            merged = share.argmax(0, keepdim=True).to(torch.uint8)
-            lmeta = {k: v for k, v in (dict(lab.meta) if isinstance(lab, MetaTensor) else {}).items() if k != "affine"}
-            lmeta["spatial_shape"] = np.asarray(new)
-            d[key] = MetaTensor(merged, affine=new_affine.clone(), meta=lmeta)
+            merged = class_map_by_majority(as_numpy(d[key])[0], new, self.num_classes)
+            d[key] = MetaTensor(merged[None], affine=new_affine.clone(), meta=_grid_meta(d[key], new))
         return d
+
+
+def coarser_grid(
+    shape: Sequence[int], spacing: Sequence[float], affine, pixel_mm: float, slab_mm: float
+) -> tuple[tuple[int, ...], torch.Tensor]:
+    """The shape and affine of a volume of ``shape`` and ``spacing`` (mm; axes 0 and 1 in-plane,
+    axis 2 across slices) re-imaged with ``pixel_mm`` pixels and ``slab_mm`` slabs: an axis already
+    as coarse is kept; the new voxels cover the same body, their centres at the centres of the boxes
+    they average."""
+    target = (pixel_mm, pixel_mm, slab_mm)
+    new = tuple(
+        max(1, int(round(int(n) * float(s) / t))) if t > float(s) else int(n) for n, s, t in zip(shape, spacing, target)
+    )
+    factors = np.array([int(n) for n in shape], dtype=np.float64) / np.array(new, dtype=np.float64)
+    scale = np.diag([*factors, 1.0])
+    scale[:3, 3] = (factors - 1.0) / 2.0
+    return new, torch.as_tensor(as_numpy(affine, np.float64) @ scale)
+
+
+def reimage(hu: np.ndarray, shape: Sequence[int], noise_hu: float, offset_hu: float, rng: np.random.Generator):
+    """``hu`` (X, Y, Z) box-averaged onto ``shape`` (thicker slabs, coarser pixels), with Gaussian
+    noise of ``noise_hu`` HU drawn from ``rng`` and ``offset_hu`` added: a float32 tensor."""
+    out = torch.nn.functional.interpolate(torch.as_tensor(hu)[None, None], size=tuple(shape), mode="area")[0, 0]
+    if noise_hu > 0:
+        out = out + torch.as_tensor(rng.normal(0.0, noise_hu, size=out.shape), dtype=out.dtype)
+    return out + offset_hu
+
+
+def class_map_by_majority(classes: np.ndarray, shape: Sequence[int], num_classes: int | None = None) -> torch.Tensor:
+    """The class map ``classes`` (X, Y, Z) on the coarser grid ``shape``: each new voxel takes the
+    class that covers most of it (uint8 tensor)."""
+    labels = torch.as_tensor(np.asarray(classes)).long()
+    onehot = torch.nn.functional.one_hot(labels, num_classes or int(labels.max()) + 1).permute(3, 0, 1, 2).float()
+    share = torch.nn.functional.interpolate(onehot[None], size=tuple(shape), mode="area")[0]
+    return share.argmax(0).to(torch.uint8)
+
+
+def _grid_meta(img, shape: Sequence[int]) -> dict:
+    """``img``'s metadata (if any) for the same image on a grid of ``shape`` (the affine set apart)."""
+    meta = {k: v for k, v in (dict(img.meta) if isinstance(img, MetaTensor) else {}).items() if k != "affine"}
+    meta["spatial_shape"] = np.asarray(shape)
+    return meta
 
 
 #: unenhanced density (HU) of the organs whose enhancement the contrast-phase shift scales
