@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from liver_fcn.errors import InputError, reported
+from liver_fcn.networks import FCN
 
 __all__ = [
     "EPOCH_CKPT",
@@ -140,8 +141,6 @@ def download_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
 
 def network_from_settings(settings: Mapping) -> torch.nn.Module:
     """The network a checkpoint's settings describe (untrained: load its weights with :func:`load_model`)."""
-    from liver_fcn.networks import FCN
-
     return FCN(
         settings["variant"],
         int(settings["in_channels"]),

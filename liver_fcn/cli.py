@@ -10,9 +10,13 @@ subcommands start without torch, MONAI or MLflow.
 from __future__ import annotations
 
 import argparse
+import ast
+import csv
+import io
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from liver_fcn.errors import InputError
 from liver_fcn.outputs import write_text_atomic
@@ -111,8 +115,6 @@ def _warp(args: argparse.Namespace) -> int:
 
 
 def _crossval(args: argparse.Namespace) -> int:
-    import ast
-
     from liver_fcn.crossval import crossval
 
     configs = ast.literal_eval(args.config) if args.config.strip().startswith("[") else [args.config]
@@ -136,10 +138,6 @@ def _crossval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    import csv
-    import io
-    from pathlib import Path
-
     from liver_fcn.reporting import best_column, compare_runs, comparison_table, log_comparison, plot_curves
     from liver_fcn.runs import resolve_tracking_uri
 

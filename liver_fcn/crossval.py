@@ -31,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from liver_fcn.data import load_datalist
 from liver_fcn.data.ircadb import patient_ids
 from liver_fcn.errors import InputError
 from liver_fcn.outputs import write_json_atomic, write_text_atomic
+from liver_fcn.runs import resolve_tracking_uri, tag_experiment, ui_link
 
 __all__ = ["SCORES", "compare_crossvals", "crossval", "fold_datalists", "summarise_folds"]
 
@@ -42,8 +44,6 @@ SCORES = ("dice", "iou", "assd", "rvd")
 
 
 def _all_patients(datalist: Path) -> list[dict]:
-    from liver_fcn.data import load_datalist
-
     data = json.loads(datalist.read_text())
     seen, out = set(), []
     for split in ("training", "validation", "test"):
@@ -198,8 +198,6 @@ def crossval(
     """
     import mlflow
 
-    from liver_fcn.runs import resolve_tracking_uri, tag_experiment, ui_link
-
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise InputError(f"{name!r}: a cross-validation name may hold letters, digits, '.', '_' and '-' only")
     for c in configs:
@@ -208,7 +206,6 @@ def crossval(
     out = Path(out_dir) / name
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: already exists; choose another --name or remove it")
-    from liver_fcn.data import load_datalist
 
     if extra_weights and len(extra_weights) != len(extra_training):
         raise InputError(f"{len(extra_weights)} extra weights for {len(extra_training)} extra training sets")

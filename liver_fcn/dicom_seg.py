@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.uid import generate_uid
 
+from liver_fcn import __version__
 from liver_fcn.data.dicom import inspect_series
 from liver_fcn.outputs import atomic_path
 
@@ -55,8 +57,6 @@ def prepare_sources(sources: list) -> list[str]:
     Instance UIDs gets generated ones - one Study and Series UID for all slices, one SOP UID each - so
     the SEG can be built; it then references those generated UIDs, not the archive's images.
     """
-    from pydicom.uid import generate_uid
-
     generated: list[str] = []
     shared: dict[str, str] = {}
     for ds in sources:
@@ -96,8 +96,6 @@ def write_dicom_seg(
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
-
-    from liver_fcn import __version__
 
     info = inspect_series(series_folder, series_uid=series_uid or None, modality="CT")
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in info.files]

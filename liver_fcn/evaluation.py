@@ -12,6 +12,7 @@ the per-patient CSV and the summary is :class:`liver_fcn.handlers.EvaluationRepo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,8 +50,6 @@ METRICS = {
 
 def evaluation_name(settings: dict, split: str) -> str:
     """``eval-<training run name>-<split>-<time>``: the MLflow run name and output folder of an evaluation."""
-    import time
-
     return f"eval-{settings.get('run_name') or 'model'}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 from liver_fcn.distributed import is_rank0
+from liver_fcn.errors import InputError
 from liver_fcn.runs import FOREGROUND, history, latest_run, run_curves, run_metrics, tag_experiment, ui_link
+from liver_fcn.visualize import save_figure
 
 __all__ = [
     "best_column",
@@ -111,8 +113,6 @@ def compare_runs(
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        from liver_fcn.errors import InputError
-
         raise InputError(f"{tracking_uri}: no experiment named {experiment!r}")
     rows, curves = [], {}
     for run in client.search_runs([exp.experiment_id], max_results=5000):
@@ -205,6 +205,5 @@ def plot_curves(curves: dict, out_png: str | os.PathLike, classes=FOREGROUND, ti
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 3), 1, 0.96 if title else 1))
-    from liver_fcn.visualize import save_figure
 
     return save_figure(fig, out_png)

@@ -10,17 +10,26 @@ config as run (all files merged, command-line overrides applied), like MONAI's `
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import json
 import logging
 import os
+import platform
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import monai
 import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
+from monai.handlers import ValidationHandler
 
+import liver_fcn
 from liver_fcn.bundle import Pipeline, running_parser
 from liver_fcn.distributed import is_rank0
 from liver_fcn.outputs import atomic_path
@@ -68,17 +77,6 @@ def provenance_tags(entry_point: str | None = None) -> dict[str, str]:
     """Where a run comes from: the command (MLflow's Source), the user (Created by), the git commit of
     the checkout liver-fcn runs from (when it is one) and the versions of liver-fcn, MONAI, PyTorch
     and Python."""
-    import getpass
-    import platform
-    import re
-    import subprocess
-    import sys
-
-    import monai
-    import torch
-
-    import liver_fcn
-
     argv = sys.argv[1:]
     command = entry_point or "python -m monai.bundle " + " ".join(argv)
     # MLflow's UI shows what follows the last "/" of the source: name it by the entry point and the
@@ -136,8 +134,6 @@ def training_datasets(sets, validation: Sequence[Mapping]) -> list:
 
 def validation_patients(engine: Engine) -> int:
     """The patients the training's validation handler scores (0 without one)."""
-    from monai.handlers import ValidationHandler
-
     for handlers in engine._event_handlers.values():
         for handler, *_ in handlers:
             owner = getattr(handler, "__self__", handler)
@@ -149,8 +145,6 @@ def validation_patients(engine: Engine) -> int:
 def training_params(engine: Engine) -> dict:
     """What a training run is, read from its engine: optimizer and its settings, budget, batch,
     loss, the augmentations of the data loader's transform, the data's size, device and precision."""
-    import monai
-
     optimizer, loader = engine.optimizer, engine.data_loader
     group = optimizer.param_groups[0]
     dataset = loader.dataset
@@ -198,8 +192,6 @@ def dataset_input(name: str, splits: Mapping[str, Sequence[Mapping]]):
     """The data a run saw as an MLflow dataset: patient ids and slice counts per split, and a digest of
     the patient ids, series UIDs, shapes and spacings - the same on every machine, whatever the local
     paths. Nothing from the DICOM headers but the (hashed) series UID."""
-    import hashlib
-
     from mlflow.entities import Dataset
 
     summary, slices, digest = {}, {}, hashlib.sha256()

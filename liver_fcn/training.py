@@ -25,6 +25,7 @@ import math
 import os
 
 import torch
+import torch.distributed as dist
 
 from liver_fcn.checkpoint import load_model_state
 from liver_fcn.errors import InputError, reported
@@ -72,8 +73,6 @@ def prepare_network(network: torch.nn.Module, device, init_checkpoint: str | os.
 def check_world_size(validation_files: list) -> int:
     """Distributed validation splits the patients over the processes: each needs at least one
     (a run without validation patients, such as a cross-validation fold, needs none)."""
-    import torch.distributed as dist
-
     world = dist.get_world_size() if dist.is_initialized() else 1
     if 0 < len(validation_files) < world:
         raise InputError(

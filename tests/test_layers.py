@@ -103,3 +103,27 @@ def test_every_module_imports_only_its_layer_and_those_below():
         if layer_of(target) > layer_of(module)
     ]
     assert upward == []
+
+
+#: what a module may import inside a function: libraries slow to import that only some commands need
+#: (MLflow, matplotlib, SimpleITK, highdicom and pydicom's code dictionaries), so that `liver-fcn
+#: --help`, inference and the bundle's configs start without them; and in cli.py the module of each
+#: subcommand
+LAZY = ("mlflow", "matplotlib", "SimpleITK", "highdicom", "pydicom.sr")
+LAZY_BY_MODULE = {"liver_fcn.cli": ("liver_fcn",)}
+
+
+def test_imports_inside_functions_only_keep_start_up_light():
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        allowed = LAZY + LAZY_BY_MODULE.get(name, ())
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    target = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    if not any(target == a or target.startswith(a + ".") for a in allowed):
+                        found.append(f"{name}:{node.lineno} imports {target}")
+    assert found == []

@@ -14,6 +14,9 @@ A volume may carry a ``sampling_weight`` (e.g. synthetic volumes weighted below 
 
 from __future__ import annotations
 
+from liver_fcn import CLASS_NAMES
+from torch.utils.data import WeightedRandomSampler
+
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -33,8 +36,6 @@ def datalist_classes(path: str | os.PathLike) -> list[str]:
     """The class names a ``liver-fcn prepare`` datalist records (background first), or the shipped
     recipe's (:data:`liver_fcn.CLASS_NAMES`) where there is no datalist yet (``verify_net_in_out``,
     say: a training without one stops at its first read of the data)."""
-    from liver_fcn import CLASS_NAMES
-
     path = Path(path)
     if path.is_file():
         try:
@@ -218,7 +219,6 @@ class SliceDataset(Dataset):
         volumes weigh the same (then the loader simply shuffles)."""
         if len(set(self._volume_weights)) <= 1:
             return None
-        from torch.utils.data import WeightedRandomSampler
 
         return WeightedRandomSampler(self.slice_weights(), num_samples=len(self), replacement=True)
 

@@ -15,6 +15,8 @@ written last, through a temporary file.
 
 from __future__ import annotations
 
+from liver_fcn import __version__
+
 import json
 import os
 import re
@@ -360,7 +362,6 @@ def prepare(
         for entry in entries:
             entry["image"] = rel(entry["image"])
             entry["masks"] = {c: [rel(f) for f in fs] for c, fs in entry["masks"].items()}
-        from liver_fcn import __version__
 
         datalist = {
             "name": "3D-IRCADb-01",

@@ -19,6 +19,8 @@ checked before anything is written; each rendering is written through a staging 
 
 from __future__ import annotations
 
+import torch
+
 import os
 import shutil
 import tempfile
@@ -118,8 +120,6 @@ def find_mask_patients(root: str | os.PathLike) -> list[tuple[str, Path]]:
 
 def _upsample(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Trilinear interpolation of a small array onto ``shape`` (torch: fast and multithreaded)."""
-    import torch
-
     t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
     return torch.nn.functional.interpolate(t, size=tuple(int(n) for n in shape), mode="trilinear", align_corners=True)[
         0, 0

@@ -25,6 +25,8 @@ that patient out for validation or testing leaves its warps out too.
 
 from __future__ import annotations
 
+from liver_fcn.data.datasets import load_datalist
+
 import os
 import shutil
 import tempfile
@@ -280,8 +282,6 @@ def _overlay_png(path: Path, ct: np.ndarray, masks: dict[str, np.ndarray], spaci
 
 
 def _source_patients(dataset_dir: Path, wanted: Sequence[str]) -> list[dict]:
-    from liver_fcn.data.datasets import load_datalist
-
     datalist = dataset_dir / "datalist.json"
     entries, seen = [], set()
     for split in ("training", "validation", "test"):

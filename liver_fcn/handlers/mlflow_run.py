@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from monai.handlers import MLFlowHandler
 
 from liver_fcn.errors import root_cause
 from liver_fcn.registry import log_model
+from liver_fcn.reporting import plot_curves  # matplotlib: loaded when a run completes
 from liver_fcn.runs import (
     run_curves,
     sqlite_dir,
@@ -204,10 +207,6 @@ class MLflowRunHandler(MLFlowHandler):
 
     def _log_curves(self) -> None:
         """The run's validation curves as ``plots/learning_curves.png`` (when it validated at all)."""
-        import tempfile
-
-        from liver_fcn.reporting import plot_curves  # matplotlib: loaded when a run completes
-
         run_id = self.cur_run.info.run_id
         curves = run_curves(self.client, run_id)
         if not any(curves.values()):
@@ -254,7 +253,6 @@ def _system_monitor(run_id: str, tracking_uri: str):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     except ImportError:
         return None
-    import importlib.util
 
     if importlib.util.find_spec("psutil") is None:  # what the monitor reads the machine with
         return None

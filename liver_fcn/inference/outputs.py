@@ -14,10 +14,12 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 
+from liver_fcn.dicom_seg import write_dicom_seg
 from liver_fcn.inference.report import case_report, quality_flags, summary_line
 from liver_fcn.options import flag
 from liver_fcn.outputs import atomic_path, write_json_atomic
 from liver_fcn.transforms import as_numpy, class_map_array
+from liver_fcn.visualize import overlay_montage
 
 logger = logging.getLogger("liver_fcn.inference")
 
@@ -167,8 +169,6 @@ class WriteOverlayd(CaseOutput):
         self.class_names, self.ct_key, self.window = list(class_names), ct_key, tuple(window)
 
     def write(self, d, seg, affine, path) -> None:
-        from liver_fcn.visualize import overlay_montage
-
         ct = np.asarray(d[self.ct_key].detach().cpu())[0] if self.ct_key in d else np.zeros(seg.shape)
         transform = nib.orientations.ornt_transform(
             nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -194,8 +194,6 @@ class WriteDicomSegd(CaseOutput):
         self.class_names = list(class_names)
 
     def write(self, d, seg, affine, path) -> None:
-        from liver_fcn.dicom_seg import write_dicom_seg
-
         generated: list[str] = []
         write_dicom_seg(d["source_path"], seg, self.class_names, path, d.get("series_uid"), generated_uids=generated)
         if generated and "report" in d:

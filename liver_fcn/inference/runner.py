@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from monai.data import Dataset
+import torch.distributed as dist
+from monai.data import Dataset, decollate_batch
+from monai.transforms import apply_transform
 
 from liver_fcn.errors import InputError, root_cause
 from liver_fcn.inference.outputs import STAGE_SUFFIX, CommitCased
@@ -61,9 +63,6 @@ class CaseRunner:
         self.failed: list[dict] = []
 
     def __call__(self, engine, batch: dict):
-        from monai.data import decollate_batch
-        from monai.transforms import apply_transform
-
         cases = [str(c) for c in batch.get("case", ["?"])]
         sources = [str(c) for c in batch.get("source_path", [""] * len(cases))]
         if "error" in batch:
@@ -99,8 +98,6 @@ def finish(
     """End of an inference run: one summary for all processes (gathered under torchrun), written by
     the first as ``summary.json`` and printed; exit status 1 when a case failed. Returns the number
     of cases written by all processes."""
-    import torch.distributed as dist
-
     mine = {
         "written": [
             {"case": r["case"], "input": r.get("input", ""), "files": r.get("files", {})} for r in writer.written
@@ -161,8 +158,6 @@ def init_distributed() -> bool:
     """Join the process group when started by ``torchrun`` with more than one process (gloo: the
     processes only exchange their summaries; each rank runs its network on its own device).
     Returns whether this run is distributed."""
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or not dist.is_available():
         return False
     if not dist.is_initialized():

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from liver_fcn.networks.vgg import load_vgg16_weights
+
 __all__ = ["FCN", "VARIANTS", "VGG16_CONFIG", "bilinear_kernel", "coordinate_map", "crop_offsets"]
 
 #: VGG16 (configuration "D"): output channels of each 3x3 conv, "M" for a 2x2 max pool.
@@ -260,8 +262,6 @@ class FCN(nn.Module):
         if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null", "false"):
             pretrained = None  # as a command line gives it
         if pretrained:
-            from liver_fcn.networks.vgg import load_vgg16_weights
-
             auto = pretrained is True or str(pretrained).strip().lower() == "true"
             load_vgg16_weights(self, None if auto else pretrained)
 

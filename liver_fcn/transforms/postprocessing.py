@@ -10,6 +10,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from monai.transforms.utils import get_largest_connected_component_mask
 from scipy import ndimage
 
 from liver_fcn.transforms.labels import _like_class_map, class_map_array
@@ -40,8 +41,6 @@ def keep_largest_components(classes: np.ndarray, labels: Sequence[int] = (1,), n
     """A copy of the class map ``classes`` (any dimensions) keeping only the ``num_components``
     largest connected components (full connectivity) of each of ``labels``; the voxels of smaller
     ones become background. Computed on each label's bounding box."""
-    from monai.transforms.utils import get_largest_connected_component_mask
-
     out = np.array(classes)  # a copy, changed in place
     for label in labels:
         mask = out == label
