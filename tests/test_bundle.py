@@ -104,9 +104,10 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
     assert float(p["lr"]) == 3e-4 and p["betas"] == "[0.9, 0.99]" and p["batch_size"] == "8"
     assert p["hu_window"] == "[-250, 450]" and p["iterations"] == "4" and p["seed"] == "0"
     assert p["lr_schedule"] == "cosine" and p["epoch_length"] == "2" and p["val_interval"] == "1"
-    for name in ("phase", "rotate", "zoom", "translate", "hu_offset", "contrast", "noise", "blur", "lowres", "gamma"):
+    for name in ("rotate", "zoom", "translate", "hu_offset", "contrast", "noise", "blur", "lowres", "gamma"):
         assert f"{name} p=" in p["augmentation"], name
     assert "flip" not in p["augmentation"]  # no left-right flip by default: the liver is on one side
+    assert "phase" not in p["augmentation"]  # the contrast-phase augmentation is off by default
     assert "soft Dice" in p["loss"] and p["dataset"].endswith("datalist.json")
     assert p["train_patients"] == "3" and p["val_patients"] == "1" and int(p["train_slices"]) == 36
     assert run.data.tags["variant"] == "4s"
