@@ -14,7 +14,7 @@ from monai.transforms.utils import get_largest_connected_component_mask
 from scipy import ndimage
 
 from liver_fcn.transforms.labels import _like_class_map, class_map_array
-from liver_fcn.transforms.utils import voxel_spacing
+from liver_fcn.transforms.utils import bounding_box, voxel_spacing
 
 __all__ = [
     "CountComponentsd",
@@ -26,17 +26,6 @@ __all__ = [
 ]
 
 
-def _bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
-    """Slices of the smallest box holding every True voxel of ``mask`` (grown by ``margin``), or None."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
-
-
 def keep_largest_components(classes: np.ndarray, labels: Sequence[int] = (1,), num_components: int = 1) -> np.ndarray:
     """A copy of the class map ``classes`` (any dimensions) keeping only the ``num_components``
     largest connected components (full connectivity) of each of ``labels``; the voxels of smaller
@@ -44,7 +33,7 @@ def keep_largest_components(classes: np.ndarray, labels: Sequence[int] = (1,), n
     out = np.array(classes)  # a copy, changed in place
     for label in labels:
         mask = out == label
-        box = _bounding_box(mask)
+        box = bounding_box(mask)
         if box is None:
             continue
         sub = mask[box]
@@ -58,7 +47,7 @@ def component_sizes_ml(classes: np.ndarray, label: int, spacing: Sequence[float]
     """Sizes (mL) of the 3D connected components (26-connectivity) of ``label`` in the class map
     ``classes`` (X, Y, Z) of voxel ``spacing`` (mm), those of at least ``min_ml``, largest first."""
     mask = classes == label
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is None:
         return []
     components, _ = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, bool))
@@ -75,7 +64,7 @@ def fill_holes_slicewise(classes: np.ndarray, labels: Sequence[int] = (1,), axis
     for label in labels:
         present = (moved == label).reshape(moved.shape[0], -1).any(axis=1)
         for k in np.flatnonzero(present):
-            box = _bounding_box(moved[k] == label, margin=1)  # a hole lies inside its label's box
+            box = bounding_box(moved[k] == label, margin=1)  # a hole lies inside its label's box
             sl, res = moved[k][box], result[k][box]
             filled = ndimage.binary_fill_holes(sl == label)
             res[filled & (sl == 0)] = label

@@ -15,7 +15,7 @@ from monai.transforms import MapTransform, RandomizableTransform
 from scipy import ndimage
 
 from liver_fcn import CLASS_NAMES
-from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
+from liver_fcn.transforms.utils import as_numpy, bounding_box, like, voxel_spacing
 
 __all__ = [
     "RandContrastPhased",
@@ -146,10 +146,12 @@ def scale_enhancement(
     toward an unenhanced scan (``keep`` 0: unenhanced, 1: unchanged, above 1: more enhanced).
     ``keep`` is one factor for all organs or one per organ name (organs not named are unchanged).
     The move fades over ``edge_mm`` at the organ's border so no artificial edge is drawn. Organs
-    already below their unenhanced density are left as they are. ``hu`` and ``classes`` have the
-    same shape, 2D or 3D, with ``spacing`` (mm) per axis.
+    already below their unenhanced density are left as they are. ``classes`` is 2D or 3D with
+    ``spacing`` (mm) per axis; ``hu`` has its shape, or leading channels before it (adjacent slices,
+    each scaled by its own median, the organ located and its border measured once).
     """
     out = np.asarray(hu, dtype=np.float32).copy()
+    channels = out.shape[: out.ndim - classes.ndim]  # leading axes (adjacent slices) share the class map
     sp = [float(s) for s in spacing]
     margin = [int(math.ceil(edge_mm / max(s, 1e-3))) + 1 for s in sp]
     for c, name in enumerate(class_names):
@@ -157,15 +159,16 @@ def scale_enhancement(
         if name not in unenhanced or factor == 1.0:
             continue
         mask = classes == c
-        if not mask.any():
+        box = bounding_box(mask, margin)
+        if box is None:
             continue
-        excess = float(np.median(out[mask])) - float(unenhanced[name])
-        if excess <= 0:
+        # per channel: the organ's median above its unenhanced density (none where it is below)
+        excess = np.maximum(np.median(out[..., mask], axis=-1) - float(unenhanced[name]), 0.0)
+        if not np.any(excess > 0):
             continue
-        idx = np.argwhere(mask)
-        box = tuple(slice(max(0, lo - m), hi + m + 1) for lo, hi, m in zip(idx.min(0), idx.max(0), margin))
         distance = ndimage.distance_transform_edt(~mask[box], sampling=sp)  # mm outside the organ, 0 inside
-        out[box] += (factor - 1.0) * excess * np.clip(1.0 - distance / edge_mm, 0.0, 1.0)
+        fade = np.clip(1.0 - distance / edge_mm, 0.0, 1.0)
+        out[(..., *box)] += (factor - 1.0) * np.reshape(excess, channels + (1,) * classes.ndim) * fade
     return out
 
 
@@ -239,12 +242,12 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         self.keep_range = (low, high)
         self.spacing = spacing
         self.class_names, self.unenhanced, self.edge_mm = list(class_names), dict(unenhanced), float(edge_mm)
+        self.organs = [name for name in self.class_names if name in self.unenhanced]  # those it moves
         self.keep: dict[str, float] = {}
 
     def randomize(self, data: object = None) -> None:
         super().randomize(None)
-        organs = [name for name in self.class_names if name in self.unenhanced]
-        self.keep = {name: float(self.R.uniform(*self.keep_range)) for name in organs}
+        self.keep = {name: float(self.R.uniform(*self.keep_range)) for name in self.organs}
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -255,11 +258,6 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         img, lab = d[image_key], d[label_key]
         hu, classes = as_numpy(img, np.float32), as_numpy(lab)[0]
         spacing = [float(s) for s in np.broadcast_to(np.asarray(self.spacing, dtype=float), (classes.ndim,))]
-        new = np.stack(
-            [
-                scale_enhancement(channel, classes, self.class_names, self.keep, spacing, self.unenhanced, self.edge_mm)
-                for channel in hu
-            ]
-        )
+        new = scale_enhancement(hu, classes, self.class_names, self.keep, spacing, self.unenhanced, self.edge_mm)
         d[image_key] = like(img, torch.as_tensor(new, device=img.device)) if isinstance(img, torch.Tensor) else new
         return d
