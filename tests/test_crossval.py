@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from liver_fcn.crossval import fold_datalists
 from liver_fcn.data.synth import synthesize
 from liver_fcn.errors import InputError
 
+from .commands import warm_module
 from .conftest import REPO
 from .test_bundle import CONFIGS, TINY
 
@@ -132,32 +132,26 @@ def test_fold_datalists_hold_each_patient_out_of_its_training(prepared, tmp_path
 
 def crossval(prepared: Path, out: Path, uri: str, name: str, *extra: str, overrides=()) -> subprocess.CompletedProcess:
     overrides = [x for k, v in {**TINY, **dict(overrides)}.items() for x in (f"--{k}", v)]
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liver_fcn.cli",
-            "crossval",
-            "--dataset_dir",
-            str(prepared),
-            "--config",
-            str([str(CONFIGS / "train.json")]),
-            "--name",
-            name,
-            "--out",
-            str(out),
-            "--tracking_uri",
-            uri,
-            "--patients",
-            "1",
-            "2",
-            *extra,
-            "--",
-            *overrides,
-        ],
+    return warm_module(
+        "liver_fcn.cli",
+        "crossval",
+        "--dataset_dir",
+        str(prepared),
+        "--config",
+        str([str(CONFIGS / "train.json")]),
+        "--name",
+        name,
+        "--out",
+        str(out),
+        "--tracking_uri",
+        uri,
+        "--patients",
+        "1",
+        "2",
+        *extra,
+        "--",
+        *overrides,
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
 
@@ -218,23 +212,17 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
     )
     assert (tmp_path / "cv" / "synthetic" / "folds" / "3Dircadb1.1" / "models" / "model.pt").is_file()
 
-    c = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liver_fcn.cli",
-            "compare",
-            "--crossval",
-            "plain",
-            "synthetic",
-            "--tracking_uri",
-            uri,
-            "--out",
-            str(tmp_path / "cmp"),
-        ],
+    c = warm_module(
+        "liver_fcn.cli",
+        "compare",
+        "--crossval",
+        "plain",
+        "synthetic",
+        "--tracking_uri",
+        uri,
+        "--out",
+        str(tmp_path / "cmp"),
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert c.returncode == 0, c.stderr[-2000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -17,6 +16,7 @@ from monai.bundle import run as bundle_run
 
 from liver_fcn.checkpoint import checkpoint_settings, load_model, network_from_settings
 
+from .commands import warm_module
 from .conftest import REPO
 from .test_inference import SETTINGS, block_volume
 
@@ -25,14 +25,7 @@ CONFIGS = REPO / "bundle" / "configs"
 
 def monai_bundle(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return warm_module("monai.bundle", *args, cwd=REPO, env=full_env, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from liver_fcn.inference import case_report
 from liver_fcn.networks import FCN
 from liver_fcn.transforms import grid_size
 
+from .commands import new_process, warm_module
 from .conftest import REPO
 
 CONFIG = str(REPO / "bundle" / "configs" / "inference.json")
@@ -558,24 +559,29 @@ def test_there_are_at_least_30_bad_inputs():
     assert len(BAD_INPUTS) >= 30, len(BAD_INPUTS)
 
 
+def bad_input_args(case: tuple, checkpoint: Path, out: Path) -> list[str]:
+    """The command line of one bad input: its path, the output folder, its options."""
+    path, extra, _ = case
+    args = ["--input", str(path), "--output_dir", str(out)]
+    for key, value in {"checkpoint": str(checkpoint), **extra}.items():
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
 @pytest.fixture(scope="module")
 def bad_runs(bad_cases, small_fcn, tmp_path_factory) -> dict:
-    """Every bad input through the command a user types, three processes at a time (most of each run
-    is Python's and MONAI's start-up): ``{what: (completed process, its output folder)}``."""
+    """Every bad input through the command a user types, forked from a warm interpreter, two at a time:
+    ``{what: (completed process, its output folder)}``."""
     from concurrent.futures import ThreadPoolExecutor
 
     root = tmp_path_factory.mktemp("bad_runs")
 
-    def run(item):
-        what, (path, extra, _) = item
+    def run(what):
         out = root / f"out{BAD_INPUTS.index(what)}"
-        args = ["--input", str(path), "--output_dir", str(out)]
-        for key, value in {"checkpoint": str(small_fcn), **extra}.items():
-            args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-        return what, (bundle_cli(*args), out)
+        return what, (bundle_cli(*bad_input_args(bad_cases[what], small_fcn, out)), out)
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(pool.map(run, bad_cases.items()))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, bad_cases))
 
 
 @pytest.mark.parametrize("what", BAD_INPUTS)
@@ -590,6 +596,23 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(what, bad_cases, bad
     assert "Traceback" not in r.stderr, what
     assert lines and lines[-1].startswith("error: ") and re.search(pattern, lines[-1]), (what, lines[-3:])
     assert not out.exists(), what
+
+
+@pytest.mark.parametrize("what", ["missing path", BAD_INPUTS[len(BAD_INPUTS) // 2]])
+def test_a_new_interpreter_gives_what_the_warm_runs_give(what, bad_cases, bad_runs, small_fcn, tmp_path):
+    """The bad inputs above run forked from a warm interpreter; a new one exits and prints the same."""
+    import re
+
+    new = bundle_cli(*bad_input_args(bad_cases[what], small_fcn, tmp_path / "out"), new=True)
+    warm, warm_out = bad_runs[what]
+
+    def lines(text: str, out: Path) -> list[str]:  # without the log's time stamps and the output folder's name
+        return [re.sub(r"^\d{4}-\d\d-\d\d [\d:,]+ - ", "", x) for x in text.replace(str(out), "OUT").splitlines()]
+
+    assert new.returncode == warm.returncode == 2, what
+    assert lines(new.stderr, tmp_path / "out") == lines(warm.stderr, warm_out), what
+    assert lines(new.stdout, tmp_path / "out") == lines(warm.stdout, warm_out), what
+    assert not (tmp_path / "out").exists()
 
 
 def test_no_input_given(threshold_ckpt, tmp_path):
@@ -621,9 +644,11 @@ def small_fcn(tmp_path_factory) -> Path:
     return path
 
 
-def bundle_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG, *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def bundle_cli(*args: str, timeout: int = 300, new: bool = False) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run inference ...`` from the repository root (which holds ``tests.helpers``),
+    forked from the warm interpreter of ``commands.py`` (``new=True``: in a new interpreter)."""
+    command = new_process if new else warm_module
+    return command("monai.bundle", "run", "inference", "--config_file", CONFIG, *args, cwd=REPO, timeout=timeout)
 
 
 def nifti_case(path: Path) -> Path:

@@ -22,6 +22,7 @@ from liver_fcn.data.ircadb import prepare
 from liver_fcn.networks import FCN
 from liver_fcn.training import prepare_network
 
+from .commands import warm_module
 from .conftest import REPO
 from .test_bundle import CONFIGS, TINY, bundle
 
@@ -250,23 +251,17 @@ def test_team_server_two_runs_compared_over_http(mlflow_server, prepared, tmp_pa
     assert sorted(v.run_id for v in versions) == sorted(x.info.run_id for x in runs)
     assert len(list((root / "artifacts").rglob("model.pt"))) == 2
     out = tmp_path / "compare"
-    c = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liver_fcn.cli",
-            "compare",
-            "--experiment",
-            "team",
-            "--tracking_uri",
-            url,
-            "--out",
-            str(out),
-            "--log_run",
-        ],
+    c = warm_module(
+        "liver_fcn.cli",
+        "compare",
+        "--experiment",
+        "team",
+        "--tracking_uri",
+        url,
+        "--out",
+        str(out),
+        "--log_run",
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert c.returncode == 0, c.stderr[-2000:]

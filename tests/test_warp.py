@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +16,7 @@ from liver_fcn.data.phantom import make_phantom
 from liver_fcn.data.warp import RegistrationLabels, dice, warp_image, warp_patient
 from liver_fcn.errors import InputError
 
+from .commands import warm_module
 from .conftest import REPO
 
 sitk = pytest.importorskip("SimpleITK")
@@ -81,30 +80,24 @@ def warped(phantom_root, prepared, tmp_path_factory) -> Path:
     sources = [data["training"][0]["patient"], data["validation"][0]["patient"]]
     out = tmp_path_factory.mktemp("warped") / "warped"
     masks = _masks_only(phantom_root, tmp_path_factory.mktemp("masks_only"))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liver_fcn.cli",
-            "warp",
-            "--dataset_dir",
-            str(prepared),
-            "--masks",
-            str(masks),
-            "--out",
-            str(out),
-            "--sources",
-            *sources,
-            "--weight",
-            "0.3",
-            "--min_liver_dice",
-            "0.5",
-            "--spacing",
-            "6",
-        ],
+    r = warm_module(
+        "liver_fcn.cli",
+        "warp",
+        "--dataset_dir",
+        str(prepared),
+        "--masks",
+        str(masks),
+        "--out",
+        str(out),
+        "--sources",
+        *sources,
+        "--weight",
+        "0.3",
+        "--min_liver_dice",
+        "0.5",
+        "--spacing",
+        "6",
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -185,44 +178,32 @@ def test_warp_refuses_a_target_without_body_outline(prepared, phantom_root, tmp_
         for info in zin.infolist():
             if "/skin/" not in info.filename:
                 zout.writestr(info, zin.read(info))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liver_fcn.cli",
-            "warp",
-            "--dataset_dir",
-            str(prepared),
-            "--masks",
-            str(tmp_path / "in"),
-            "--out",
-            str(tmp_path / "out"),
-            "--sources",
-            "1",
-        ],
+    r = warm_module(
+        "liver_fcn.cli",
+        "warp",
+        "--dataset_dir",
+        str(prepared),
+        "--masks",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "out"),
+        "--sources",
+        "1",
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert r.returncode == 2 and "needs 'skin' and 'liver' masks" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "datalist.json").exists()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liver_fcn.cli",
-            "warp",
-            "--dataset_dir",
-            str(tmp_path / "none"),
-            "--masks",
-            str(phantom_root),
-            "--out",
-            str(tmp_path / "out2"),
-        ],
+    r = warm_module(
+        "liver_fcn.cli",
+        "warp",
+        "--dataset_dir",
+        str(tmp_path / "none"),
+        "--masks",
+        str(phantom_root),
+        "--out",
+        str(tmp_path / "out2"),
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert r.returncode == 2 and "datalist not found" in r.stderr and not (tmp_path / "out2").exists()
