@@ -18,10 +18,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 import liver_fcn.options  # noqa: F401  (pipeline.json's expressions name these modules)
 import liver_fcn.transforms  # noqa: F401
-
-#: the bundle folder of a source checkout (``bundle/`` beside the package), used when no bundle
-#: workflow is running (a config parsed with ``ConfigParser`` directly)
-SOURCE_BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+from liver_fcn import bundle_folder
 
 
 def running_workflow() -> ConfigWorkflow | None:
@@ -52,16 +49,15 @@ def running_parser() -> ConfigParser | None:
 def bundle_root() -> str:
     """The bundle folder of the config being run: the parent of the ``configs/`` folder that holds it.
 
-    Outside a bundle workflow (a config parsed with ``ConfigParser`` directly), the bundle of the
-    source checkout. A config may still set ``bundle_root`` itself (``--bundle_root DIR``).
+    Outside a bundle workflow (a config parsed with ``ConfigParser`` directly), the bundle the
+    package ships (:func:`bundle_folder`). A config may still set ``bundle_root`` itself
+    (``--bundle_root DIR``).
     """
     workflow = running_workflow()
     if workflow is not None:
         configs = Path(workflow.config_root_path)
         return os.fspath(configs.parent if configs.name == "configs" else configs)
-    if not SOURCE_BUNDLE.is_dir():
-        raise FileNotFoundError(f"{SOURCE_BUNDLE}: no bundle folder here; set bundle_root to the bundle's folder")
-    return os.fspath(SOURCE_BUNDLE)
+    return os.fspath(bundle_folder())
 
 
 #: the model settings (``train.json``'s ``model_settings``, a checkpoint's settings) the chains read

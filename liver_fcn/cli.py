@@ -190,9 +190,71 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    from liver_fcn.api import run_inference
+
+    options = {"precision": args.precision, "dicom_seg": args.dicom_seg, "overlay": args.overlay}
+    if args.series_uid:
+        options["series_uid"] = args.series_uid
+    t0 = time.time()
+    summary = run_inference(
+        args.input, args.output_dir, checkpoint=args.checkpoint, device=args.device, quiet=args.quiet, **options
+    )
+    if not args.quiet:
+        n = len(summary["written"])
+        print(f"{n} case{'s' if n != 1 else ''} segmented into {args.output_dir} in {time.time() - t0:.1f} s")
+    return 0
+
+
+class _Version(argparse.Action):
+    """``--version``: the package's and the bundle's versions (read when asked, not at every start)."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the package and bundle versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from liver_fcn import versions
+
+        v = versions()
+        print(f"liver-fcn {v['liver_fcn']} (bundle {v['bundle']})")
+        parser.exit()
+
+
+def _flag(text: str) -> bool:
+    """A command-line boolean: true/false, yes/no, 1/0 (any case)."""
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="liver-fcn", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
+
+    se = sub.add_parser(
+        "segment",
+        help="segment CT scans (DICOM folder, NIfTI file, datalist) with a trained model",
+        description="Segment liver, bone and kidney in CT scans with the bundle's inference (the same code "
+        "as python -m monai.bundle run inference), from any folder. Writes <case>_seg.nii.gz, "
+        "<case>_report.json and, on request, an overlay and a DICOM SEG per case, and summary.json.",
+    )
+    se.add_argument("-i", "--input", required=True, help="a DICOM series folder, a NIfTI file or a datalist.json")
+    se.add_argument("-o", "--output_dir", required=True, help="folder for the masks, reports and summary.json")
+    se.add_argument(
+        "--checkpoint",
+        help="model: a checkpoint file, a TorchScript export or models:/NAME@ALIAS "
+        "(default: the bundle's models/model.pt)",
+    )
+    se.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N or mps")
+    se.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="network precision (auto)")
+    se.add_argument("--series_uid", help="SeriesInstanceUID to take from a folder holding several series")
+    se.add_argument("--dicom_seg", type=_flag, default=False, help="also write a DICOM SEG (DICOM input; false)")
+    se.add_argument("--overlay", type=_flag, default=True, help="also write an overlay PNG per case (true)")
+    se.add_argument("--quiet", action="store_true", help="print warnings and errors only")
+    se.set_defaults(func=_segment)
 
     ph = sub.add_parser("phantom", help="write synthetic abdominal CT patients in the 3D-IRCADb-01 layout")
     ph.add_argument("--out", required=True, help="output folder (3Dircadb1.N folders are created in it)")

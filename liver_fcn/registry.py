@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import liver_fcn
-from liver_fcn.bundle import SOURCE_BUNDLE
+from liver_fcn.bundle import bundle_folder
 from liver_fcn.checkpoint import checkpoint_settings, download_checkpoint, load_model, network_from_settings
 from liver_fcn.errors import InputError, reported
 
@@ -86,7 +86,7 @@ def log_model(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(settings["in_channels"]), -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
     )
-    configs_dir = Path(configs_dir) if configs_dir is not None else SOURCE_BUNDLE / "configs"
+    configs_dir = Path(configs_dir) if configs_dir is not None else bundle_folder() / "configs"
     artifacts = {"checkpoint": str(checkpoint)}
     artifacts.update({Path(f).stem: str(configs_dir / f) for f in BUNDLE_FILES if (configs_dir / f).is_file()})
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"liver-fcn=={liver_fcn.__version__}"]

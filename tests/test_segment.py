@@ -1,0 +1,118 @@
+"""A CT in, organs out: `liver-fcn segment` from any folder, `liver_fcn.segment()`, `--version`, and the
+bundle travelling inside the package's wheel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import liver_fcn
+from liver_fcn.errors import InputError
+
+from .commands import warm_module
+from .conftest import REPO
+from .test_bundle import OUTSIDE
+from .test_inference import bundle_cli, nifti_case, small_fcn  # noqa: F401  (small_fcn is a fixture)
+
+
+def segment_cli(*args: str) -> subprocess.CompletedProcess:
+    """``liver-fcn segment ...`` (as ``python -m liver_fcn.cli``) from a folder outside the repository."""
+    return warm_module("liver_fcn.cli", "segment", *args, cwd=OUTSIDE, timeout=300)
+
+
+def test_segment_from_another_folder_writes_what_the_bundle_command_writes(small_fcn, tmp_path):  # noqa: F811
+    ct = nifti_case(tmp_path / "case.nii.gz")
+    r = segment_cli("-i", str(ct), "-o", str(tmp_path / "seg"), "--checkpoint", str(small_fcn), "--overlay", "no")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1].startswith(f"1 case segmented into {tmp_path / 'seg'} in ")
+    b = bundle_cli("--input", str(ct), "--output_dir", str(tmp_path / "bundle"), "--checkpoint", str(small_fcn))
+    assert b.returncode == 0, b.stderr[-2000:]
+    ours, theirs = nib.load(tmp_path / "seg" / "case_seg.nii.gz"), nib.load(tmp_path / "bundle" / "case_seg.nii.gz")
+    assert np.array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
+    assert np.allclose(ours.affine, nib.load(ct).affine)
+    report = json.loads((tmp_path / "seg" / "case_report.json").read_text())
+    assert set(report["volumes_ml"]) == {"liver", "bone", "kidney"}
+    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == [
+        "case_report.json",
+        "case_seg.nii.gz",
+        "summary.json",
+    ]
+    quiet = segment_cli("-i", str(ct), "-o", str(tmp_path / "q"), "--checkpoint", str(small_fcn), "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "", quiet.stdout[-2000:]
+    assert (tmp_path / "q" / "case_overlay.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-i", "{tmp}/none.nii.gz"], "none.nii.gz: input does not exist"),
+        (["-i", "{ct}", "--device", "gpu"], "--device gpu: not one of auto, cpu, cuda, cuda:N, mps"),
+        (["-i", "{ct}", "--checkpoint", "{tmp}/no.pt"], "no.pt"),
+    ],
+    ids=["missing input", "unknown device", "missing checkpoint"],
+)
+def test_segment_refuses_bad_input_in_one_line_and_writes_nothing(args, message, small_fcn, tmp_path):  # noqa: F811
+    ct = nifti_case(tmp_path / "case.nii.gz")
+    args = [a.format(tmp=tmp_path, ct=ct) for a in args]
+    if "--checkpoint" not in args:
+        args += ["--checkpoint", str(small_fcn)]
+    r = segment_cli(*args, "-o", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("liver-fcn segment: error: ") and message in last, last
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_python_api_takes_a_path_or_a_nibabel_image(small_fcn, tmp_path):  # noqa: F811
+    ct = nifti_case(tmp_path / "case.nii.gz")
+    from_path = liver_fcn.segment(ct, checkpoint=small_fcn, device="cpu")
+    image = nib.load(ct)
+    from_image = liver_fcn.segment(nib.Nifti1Image(np.asarray(image.dataobj), image.affine), checkpoint=small_fcn)
+    for result in (from_path, from_image):
+        assert result.mask.shape == image.shape and np.allclose(result.mask.affine, image.affine)
+        assert result.mask.get_data_dtype() == np.uint8 and result.files == {}
+        assert set(result.report["volumes_ml"]) == {"liver", "bone", "kidney"}
+    assert np.array_equal(np.asarray(from_path.mask.dataobj), np.asarray(from_image.mask.dataobj))
+    kept = liver_fcn.segment(ct, checkpoint=small_fcn, output_dir=tmp_path / "kept")
+    assert Path(kept.files["mask"]).is_file() and Path(kept.files["report"]).is_file()
+    assert (tmp_path / "kept" / "case_overlay.png").is_file()
+    with pytest.raises(InputError, match="input does not exist"):
+        liver_fcn.segment(tmp_path / "none.nii.gz", checkpoint=small_fcn)
+
+
+def test_version_names_the_package_and_the_bundle():
+    r = subprocess.run(
+        [sys.executable, "-m", "liver_fcn.cli", "--version"], capture_output=True, text=True, cwd=OUTSIDE
+    )
+    meta = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())
+    assert r.returncode == 0 and r.stdout.strip() == f"liver-fcn {liver_fcn.__version__} (bundle {meta['version']})"
+
+
+def test_the_wheel_carries_the_bundle_and_an_installed_package_finds_it(tmp_path, monkeypatch):
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("liver_fcn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    data = f"liver_fcn-{liver_fcn.__version__}.data/data/share/liver-fcn/bundle/"
+    shipped = {n.removeprefix(data) for n in names if n.startswith(data)}
+    configs = {f"configs/{p.name}" for p in (REPO / "bundle" / "configs").iterdir()}
+    assert configs | {"LICENSE", "docs/data_license.txt"} <= shipped
+    # outside a source checkout the package runs the installed copy
+    monkeypatch.setattr(liver_fcn, "SOURCE_BUNDLE", tmp_path / "no-checkout" / "bundle")
+    monkeypatch.setattr(liver_fcn, "INSTALLED_BUNDLE", REPO / "bundle")
+    assert liver_fcn.bundle_folder() == REPO / "bundle"
+    monkeypatch.setattr(liver_fcn, "INSTALLED_BUNDLE", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="no bundle"):
+        liver_fcn.bundle_folder()
