@@ -18,7 +18,6 @@ from liver_fcn.data.synth import synthesize
 from liver_fcn.errors import InputError
 
 from .commands import warm_module
-from .conftest import REPO
 from .test_bundle import CONFIGS, TINY
 
 
@@ -151,7 +150,7 @@ def crossval(prepared: Path, out: Path, uri: str, name: str, *extra: str, overri
         *extra,
         "--",
         *overrides,
-        cwd=REPO,
+        cwd=out.parent,  # MLflow puts a new SQLite experiment's artifacts under ./mlruns
         timeout=900,
     )
 
@@ -222,7 +221,7 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
         uri,
         "--out",
         str(tmp_path / "cmp"),
-        cwd=REPO,
+        cwd=tmp_path,
         timeout=300,
     )
     assert c.returncode == 0, c.stderr[-2000:]
