@@ -17,6 +17,7 @@ Inference and evaluation take, as ``--checkpoint``:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from liver_fcn import versions
 from liver_fcn.errors import InputError, reported
 from liver_fcn.networks import FCN
 
@@ -38,6 +40,7 @@ __all__ = [
     "RunIdentity",
     "checkpoint_settings",
     "is_torchscript",
+    "model_identity",
     "latest_checkpoint",
     "load_model",
     "load_model_state",
@@ -216,6 +219,21 @@ def checkpoint_settings(checkpoint: str | os.PathLike, overrides: Mapping | None
             "(written by an older liver-fcn?); train it again with this version"
         )
     return settings
+
+
+def model_identity(checkpoint: str | os.PathLike, model_file: str | os.PathLike, settings: Mapping) -> dict:
+    """Which model made a mask: the checkpoint as the user named it (a path or ``models:/NAME@ALIAS``),
+    the SHA-256 of its local file, the package and bundle versions, and the model settings."""
+    digest = hashlib.sha256()
+    with open(model_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "checkpoint": str(checkpoint),
+        "sha256": digest.hexdigest(),
+        **{f"{name}_version": version for name, version in versions().items()},
+        "settings": {k: settings[k] for k in sorted(settings)},
+    }
 
 
 @reported

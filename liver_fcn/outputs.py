@@ -7,13 +7,15 @@ complete, so an interrupted or failed write never leaves a half-written file und
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "write_csv_atomic", "write_json_atomic", "write_text_atomic"]
 
 
 @contextmanager
@@ -43,3 +45,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv_atomic(path: str | os.PathLike, rows: Sequence[Mapping], fields: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` as CSV with a header to ``path`` atomically; the columns are ``fields`` or every
+    key of the rows in the order they first appear (a missing value is an empty cell)."""
+    fields = list(fields) if fields is not None else list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(path, buf.getvalue())

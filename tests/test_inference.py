@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import random
 import shutil
@@ -17,6 +19,7 @@ import pytest
 import torch
 from monai.bundle import run as bundle_run
 
+import liver_fcn
 from liver_fcn.data.dicom_write import SeriesGeometry, SeriesTags, write_series
 from liver_fcn.errors import InputError
 from liver_fcn.inference import case_report
@@ -113,6 +116,15 @@ def test_nifti_round_trip_keeps_affine_shape_and_position(orientation, pixel_spa
     assert report["liver_extent_mm"]["width"] == pytest.approx(80 * 0.8, abs=1.7 * max(1.0, pixel_spacing))
     assert (tmp_path / "out" / "patient_12_overlay.png").stat().st_size > 10_000
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary files left
+    # the CT inside each organ, and the model that made the mask
+    assert report["hu"]["liver"]["median"] == 100.0 and report["hu"]["bone"] is None
+    assert report["model"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert report["model"]["liver_fcn_version"] == liver_fcn.__version__ and report["model"]["settings"]["width"]
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["case"] == "patient_12" and row["checkpoint_sha256"] == report["model"]["sha256"]
+    assert float(row["liver_ml"]) == pytest.approx(report["volumes_ml"]["liver"], abs=0.01)
+    assert float(row["liver_median_hu"]) == 100.0 and row["bone_mean_hu"] == "" and row["qc_flags"]
 
 
 def dicom_affine(folder: Path) -> np.ndarray:

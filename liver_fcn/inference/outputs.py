@@ -15,7 +15,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 
 from liver_fcn.dicom_seg import write_dicom_seg
-from liver_fcn.inference.report import case_report, quality_flags, summary_line
+from liver_fcn.inference.report import case_report, hu_statistics, quality_flags, summary_line
 from liver_fcn.options import flag
 from liver_fcn.outputs import atomic_path, write_json_atomic
 from liver_fcn.transforms import as_numpy, class_map_array
@@ -115,8 +115,9 @@ class WriteMaskd(CaseOutput):
 
 
 class CaseReportd(MapTransform):
-    """The case report (``d["report"]``: volumes, liver extent, slice range, spacing, QC flags), written
-    as ``<case>_report.json`` by :class:`CommitCased` once every file of the case is there."""
+    """The case report (``d["report"]``: volumes, mean and median HU of each organ in the CT ``ct_key``,
+    liver extent, slice range, spacing, QC flags, and the ``model`` that made the mask), written as
+    ``<case>_report.json`` by :class:`CommitCased` once every file of the case is there."""
 
     def __init__(
         self,
@@ -125,10 +126,13 @@ class CaseReportd(MapTransform):
         class_names: Sequence[str],
         qc_liver_ml: Sequence[float] = (800.0, 3000.0),
         qc_max_entropy: float = 0.35,
+        model: Mapping | None = None,
+        ct_key: str = "ct",
     ) -> None:
         super().__init__(keys)
         self.class_names = list(class_names)
         self.qc_liver_ml, self.qc_max_entropy = tuple(qc_liver_ml), float(qc_max_entropy)
+        self.model, self.ct_key = dict(model or {}), ct_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -136,6 +140,8 @@ class CaseReportd(MapTransform):
             seg, affine = _class_map_and_affine(d[key], key, type(self).__name__)
             report = case_report(seg, affine, self.class_names, str(d.get("case", "case")))
             report["input"] = d.get("source_path", "")
+            if self.ct_key in d:
+                report["hu"] = hu_statistics(np.asarray(d[self.ct_key].detach().cpu())[0], seg, self.class_names)
             report["qc"] = quality_flags(
                 seg,
                 affine,
@@ -146,6 +152,8 @@ class CaseReportd(MapTransform):
                 self.qc_liver_ml,
                 self.qc_max_entropy,
             )
+            if self.model:
+                report["model"] = self.model
             d["report"] = report
         return d
 

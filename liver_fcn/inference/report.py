@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["case_report", "quality_flags", "summary_line"]
+__all__ = ["case_report", "hu_statistics", "quality_flags", "summary_line", "summary_rows"]
 
 
 def case_report(seg: np.ndarray, affine: np.ndarray, class_names: Sequence[str], case: str = "") -> dict:
@@ -57,6 +57,23 @@ def case_report(seg: np.ndarray, affine: np.ndarray, class_names: Sequence[str],
         report["liver_extent_mm"] = None
         report["liver_slices"] = None
     return report
+
+
+def hu_statistics(ct: np.ndarray, seg: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Mean and median HU of the CT inside each class of the mask (``None`` for an empty class)."""
+    if ct.shape != seg.shape:
+        raise ValueError(f"CT of shape {ct.shape} and mask of shape {seg.shape} differ")
+    out = {}
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        values = ct[seg == c]
+        out[name] = (
+            {"mean": round(float(values.mean()), 1), "median": round(float(np.median(values)), 1)}
+            if values.size
+            else None
+        )
+    return out
 
 
 def quality_flags(
@@ -122,3 +139,33 @@ def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
     flags = (report.get("qc") or {}).get("flags") or []
     qc = f" [QC: {'; '.join(flags)}]" if flags else ""
     return " ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if len(parts) > 2 else "") + qc + f" -> {mask_path}"
+
+
+def summary_rows(reports: Sequence[Mapping]) -> list[dict]:
+    """One row per case for ``summary.csv``: volumes (mL) and mean and median HU of each class, the
+    liver's extent and slices, the QC flags (joined by ``; ``) and the model (checkpoint and SHA-256)."""
+    rows = []
+    for r in reports:
+        extent, slices = r.get("liver_extent_mm") or {}, r.get("liver_slices") or [None, None]
+        row = {
+            "case": r.get("case", ""),
+            "input": r.get("input", ""),
+            "liver_width_mm": extent.get("width"),
+            "liver_depth_mm": extent.get("depth"),
+            "liver_height_mm": extent.get("height"),
+            "liver_first_slice": slices[0],
+            "liver_last_slice": slices[1],
+        }
+        for name, ml in r.get("volumes_ml", {}).items():
+            hu = (r.get("hu") or {}).get(name) or {}
+            row[f"{name}_ml"] = round(float(ml), 2)
+            row[f"{name}_mean_hu"], row[f"{name}_median_hu"] = hu.get("mean"), hu.get("median")
+        model = r.get("model") or {}
+        row |= {
+            "qc_flags": "; ".join((r.get("qc") or {}).get("flags") or []),
+            "checkpoint": model.get("checkpoint", ""),
+            "checkpoint_sha256": model.get("sha256", ""),
+            "liver_fcn_version": model.get("liver_fcn_version", ""),
+        }
+        rows.append(row)
+    return rows

@@ -14,8 +14,9 @@ from monai.transforms import apply_transform
 
 from liver_fcn.errors import InputError, root_cause
 from liver_fcn.inference.outputs import STAGE_SUFFIX, CommitCased
+from liver_fcn.inference.report import summary_rows
 from liver_fcn.networks.precision import Precision
-from liver_fcn.outputs import write_json_atomic
+from liver_fcn.outputs import write_csv_atomic, write_json_atomic
 
 __all__ = ["CaseDataset", "CaseRunner", "finish", "init_distributed"]
 
@@ -88,6 +89,10 @@ class CaseRunner:
         self.failed.append({"case": case, "input": source, "error": error})
 
 
+def case_of(row: dict) -> str:
+    return str(row["case"])
+
+
 def finish(
     writer: CommitCased,
     output_dir: str | os.PathLike,
@@ -96,12 +101,14 @@ def finish(
     engine=None,
 ) -> int:
     """End of an inference run: one summary for all processes (gathered under torchrun), written by
-    the first as ``summary.json`` and printed; exit status 1 when a case failed. Returns the number
+    the first as ``summary.json`` and ``summary.csv`` (a row per written case: volumes, HU, extent, QC,
+    model) and printed; exit status 1 when a case failed. Returns the number
     of cases written by all processes."""
     mine = {
         "written": [
             {"case": r["case"], "input": r.get("input", ""), "files": r.get("files", {})} for r in writer.written
         ],
+        "rows": summary_rows(writer.written),
         "failed": list(runner.failed) if runner is not None else [],
         "seconds": float(engine.state.times.get("COMPLETED") or 0.0)
         if engine is not None and getattr(engine.state, "times", None)
@@ -132,6 +139,7 @@ def finish(
         for stage in Path(output_dir).glob(f".*{STAGE_SUFFIX}"):  # what failed cases had staged
             shutil.rmtree(stage, ignore_errors=True)
         write_json_atomic(Path(output_dir) / "summary.json", summary)
+        write_csv_atomic(Path(output_dir) / "summary.csv", sorted((r for p in parts for r in p["rows"]), key=case_of))
         seconds = max(p["seconds"] for p in parts)
         network_seconds = sum(p["network_seconds"] for p in parts)
         timing = f"{seconds:.1f} s, network {network_seconds:.1f} s, {mine['precision']}"
