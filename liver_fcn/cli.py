@@ -275,7 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--val_patients", nargs="*", default=[], help="patients pinned to validation (e.g. 7 or 3Dircadb1.7)"
     )
-    pr.add_argument("--test_patients", nargs="*", default=[], help="patients pinned to test")
+    pr.add_argument(
+        "--test_patients",
+        nargs="*",
+        default=[],
+        help="patients pinned to test; 'all' for a set of new patients to evaluate a trained model on",
+    )
     pr.add_argument("--overwrite", action="store_true", help="replace an earlier preparation in --out")
     pr.set_defaults(func=_prepare)
 

@@ -470,6 +470,39 @@ def test_evaluation_leaves_out_classes_a_patient_has_no_masks_for(trained, prepa
     assert kidney["n"] == len(entries) - len(without)
 
 
+def test_a_trained_model_is_evaluated_on_a_set_of_new_patients(trained, phantom_root, tmp_path):
+    """`liver-fcn prepare --test_patients all` makes a set with no training patient, and `run
+    evaluating` scores the trained checkpoint on every patient of it (its test split, the default)."""
+    from liver_fcn.data.ircadb import prepare
+
+    out, _ = trained
+    prepare(phantom_root, tmp_path / "new", test_patients=["all"], log=lambda s: None)
+    data = json.loads((tmp_path / "new" / "datalist.json").read_text())
+    assert data["training"] == data["validation"] == [] and len(data["test"]) == 5
+    r = bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
+        "--dataset_dir",
+        str(tmp_path / "new"),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--eval_name",
+        "new",
+        "--scanner_shift",
+        "false",
+        "--phase_shift",
+        "false",
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with open(tmp_path / "eval" / "evaluation" / "new" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({row["patient"] for row in rows}) == sorted(e["patient"] for e in data["test"])
+
+
 def test_configs_wire_with_short_expressions_and_literal_handler_lists():
     """Configs name and connect objects; computing is the package's: no expression over 100 characters."""
 

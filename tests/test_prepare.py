@@ -103,6 +103,10 @@ def test_split_is_seeded_stratified_and_pinnable():
     assert [e["patient"] for e in pinned["training"]] == ["3Dircadb1.1"]
     with pytest.raises(InputError, match="no such patient"):
         split_patients(entries, val_patients=["42"])
+    every = split_patients(list(reversed(entries)), test_patients=["all"])  # new patients, for evaluation only
+    assert names(every) == {"training": [], "validation": [], "test": [e["patient"] for e in entries]}
+    with pytest.raises(InputError, match="all leaves no patient for --val_patients"):
+        split_patients(entries, test_patients=["all"], val_patients=["2"])
 
 
 def assert_nothing_written(out: Path):

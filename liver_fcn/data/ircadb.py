@@ -225,9 +225,15 @@ def split_patients(
     """Seeded patient-wise split, stratified by which classes are annotated.
 
     Patients named in ``val_patients`` / ``test_patients`` (``3Dircadb1.7`` or ``7``) are pinned;
-    the others are split by the fractions. With two patients or more the validation split is never
+    the others are split by the fractions. ``test_patients=["all"]`` puts every patient in the test
+    split (new patients to evaluate a trained model on). With two patients or more the validation split is never
     empty, with three or more neither is the test split (when its fraction is above zero).
     """
+    if [str(p).lower() for p in test_patients] == ["all"]:  # a set to evaluate a trained model on
+        if val_patients:
+            raise InputError("--test_patients all leaves no patient for --val_patients")
+        tests = sorted(entries, key=lambda e: _patient_number(Path(e["patient"])))
+        return {"training": [], "validation": [], "test": tests}
     names = {e["patient"]: e for e in entries}
     pinned_val = patient_ids(val_patients, names, "for the validation split")
     pinned_test = patient_ids(test_patients, names, "for the test split")
