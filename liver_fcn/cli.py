@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from liver_fcn.errors import InputError
+from liver_fcn.options import flag
 from liver_fcn.outputs import write_text_atomic
 
 
@@ -194,6 +195,8 @@ def _segment(args: argparse.Namespace) -> int:
     from liver_fcn.api import run_inference
 
     options = {"precision": args.precision, "dicom_seg": args.dicom_seg, "overlay": args.overlay}
+    if args.quiet:
+        options["progress"] = False
     if args.series_uid:
         options["series_uid"] = args.series_uid
     t0 = time.time()
@@ -220,15 +223,6 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def _flag(text: str) -> bool:
-    """A command-line boolean: true/false, yes/no, 1/0 (any case)."""
-    if text.lower() in ("true", "yes", "1"):
-        return True
-    if text.lower() in ("false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="liver-fcn", description=__doc__.splitlines()[0])
     p.add_argument("--version", action=_Version)
@@ -251,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N or mps")
     se.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="network precision (auto)")
     se.add_argument("--series_uid", help="SeriesInstanceUID to take from a folder holding several series")
-    se.add_argument("--dicom_seg", type=_flag, default=False, help="also write a DICOM SEG (DICOM input; false)")
-    se.add_argument("--overlay", type=_flag, default=True, help="also write an overlay PNG per case (true)")
-    se.add_argument("--quiet", action="store_true", help="print warnings and errors only")
+    se.add_argument("--dicom_seg", type=flag, default=False, help="also write a DICOM SEG (DICOM input; false)")
+    se.add_argument("--overlay", type=flag, default=True, help="also write an overlay PNG per case (true)")
+    se.add_argument(
+        "--quiet", action="store_true", help="print warnings and errors only (no progress bar, no log lines)"
+    )
     se.set_defaults(func=_segment)
 
     ph = sub.add_parser("phantom", help="write synthetic abdominal CT patients in the 3D-IRCADb-01 layout")

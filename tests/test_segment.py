@@ -39,13 +39,11 @@ def test_segment_from_another_folder_writes_what_the_bundle_command_writes(small
     assert np.allclose(ours.affine, nib.load(ct).affine)
     report = json.loads((tmp_path / "seg" / "case_report.json").read_text())
     assert set(report["volumes_ml"]) == {"liver", "bone", "kidney"}
-    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == [
-        "case_report.json",
-        "case_seg.nii.gz",
-        "summary.json",
-    ]
+    written = sorted(p.name for p in (tmp_path / "seg").iterdir())
+    assert written == ["case_report.json", "case_seg.nii.gz", "summary.csv", "summary.json"]  # --overlay no
     quiet = segment_cli("-i", str(ct), "-o", str(tmp_path / "q"), "--checkpoint", str(small_fcn), "--quiet")
     assert quiet.returncode == 0 and quiet.stdout.strip() == "", quiet.stdout[-2000:]
+    assert "cases" not in quiet.stderr  # no progress bar either
     assert (tmp_path / "q" / "case_overlay.png").is_file()
 
 
@@ -85,6 +83,18 @@ def test_python_api_takes_a_path_or_a_nibabel_image(small_fcn, tmp_path):  # noq
     assert (tmp_path / "kept" / "case_overlay.png").is_file()
     with pytest.raises(InputError, match="input does not exist"):
         liver_fcn.segment(tmp_path / "none.nii.gz", checkpoint=small_fcn)
+
+
+def test_progress_bar_over_the_cases_on_request_and_none_in_a_log(small_fcn, tmp_path):  # noqa: F811
+    """A terminal gets a bar over the cases (``progress`` auto); forced here, since a test's stderr is not one."""
+    cases = [nifti_case(tmp_path / f"{name}.nii.gz").name for name in ("a", "b")]
+    (tmp_path / "list.json").write_text(json.dumps(cases))
+    args = ["--input", str(tmp_path / "list.json"), "--checkpoint", str(small_fcn), "--overlay", "false"]
+    shown = bundle_cli(*args, "--output_dir", str(tmp_path / "shown"), "--progress", "true")
+    assert shown.returncode == 0 and "cases: [2/2] 100%" in shown.stderr, shown.stderr[-1500:]
+    logged = bundle_cli(*args, "--output_dir", str(tmp_path / "logged"))
+    assert logged.returncode == 0 and "cases:" not in logged.stderr
+    assert "a: " in logged.stdout and "b: " in logged.stdout  # the per-case log lines tell the progress
 
 
 def test_version_names_the_package_and_the_bundle():

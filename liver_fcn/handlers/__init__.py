@@ -13,6 +13,8 @@
   :class:`TrainingTerminated` in the loop, held over an epoch's end and a checkpoint write.
 * :mod:`~liver_fcn.handlers.validation_overlay` - :class:`ValidationOverlay`: the best checkpoint's
   prediction on a validation patient, drawn when training ends.
+* :mod:`~liver_fcn.handlers.progress` - :class:`TerminalProgress`: a progress bar over the cases
+  of an inference run, on a terminal only.
 * :mod:`~liver_fcn.handlers.evaluation_report` - :class:`EvaluationReport`: the evaluation's
   per-patient CSV and summary, and the summary means as engine metrics for MLflow.
 """
@@ -21,6 +23,7 @@ from liver_fcn.handlers.best_model import BestModelTracking
 from liver_fcn.handlers.checkpoint_saver import AtomicCheckpointSaver, FinalModelSaver
 from liver_fcn.handlers.evaluation_report import EvaluationReport
 from liver_fcn.handlers.mlflow_run import MLflowRunHandler
+from liver_fcn.handlers.progress import TerminalProgress
 from liver_fcn.handlers.termination import (
     TrainingTerminated,
     finish_epoch_before_terminating,
@@ -35,6 +38,7 @@ __all__ = [
     "EvaluationReport",
     "FinalModelSaver",
     "MLflowRunHandler",
+    "TerminalProgress",
     "TrainingTerminated",
     "ValidationOverlay",
     "finish_epoch_before_terminating",
