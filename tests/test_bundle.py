@@ -299,6 +299,7 @@ def test_inference_with_the_trained_checkpoint(trained, prepared, tmp_path):
         f"{name}_report.json",
         f"{name}_seg.dcm",
         f"{name}_seg.nii.gz",
+        "summary.csv",
         "summary.json",
     ]
     report = json.loads((tmp_path / "pred" / f"{name}_report.json").read_text())

@@ -354,6 +354,7 @@ def test_datalist_input_runs_every_case(threshold_ckpt, tmp_path):
         "a_seg.nii.gz",
         "b_report.json",
         "b_seg.nii.gz",
+        "summary.csv",
         "summary.json",
     ]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -149,6 +149,8 @@ def test_torchrun_shards_an_archive_and_writes_one_summary(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [w["case"] for w in summary["written"]] == names and summary["failed"] == []
     assert sorted(p["cases"] for p in summary["processes"]) == [2, 3]  # cases 0, 2, 4 and 1, 3
+    table = (out / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in table[1:]] == names  # one table of both processes' cases
     assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == [f"{n}_seg.nii.gz" for n in names]
     assert r.stdout.count("5 cases written to") == 1  # one summary line, from the first process
 
