@@ -4,6 +4,7 @@ bundle travelling inside the package's wheel."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -106,8 +107,13 @@ def test_version_names_the_package_and_the_bundle():
 
 
 def test_the_wheel_carries_the_bundle_and_an_installed_package_finds_it(tmp_path, monkeypatch):
+    source = tmp_path / "source"  # the tracked files: the build leaves its build/ folder there, not in the repository
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
