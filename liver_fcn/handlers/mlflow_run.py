@@ -13,7 +13,6 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
 from liver_fcn.errors import root_cause
-from liver_fcn.registry import log_model
 from liver_fcn.reporting import plot_curves  # matplotlib: loaded when a run completes
 from liver_fcn.runs import (
     run_curves,
@@ -194,6 +193,10 @@ class MLflowRunHandler(MLFlowHandler):
             self.client.set_tag(run.info.run_id, "mlflow.note.content", self.description(self.client, run))
         super().complete()
         if self.cur_run is not None and self.model_checkpoint and Path(self.model_checkpoint).is_file():
+            # here: the registry defines MLflow's pyfunc class, whose definition makes MLflow warn, and the
+            # package's handlers are imported by inference too (its progress bar), which registers nothing
+            from liver_fcn.registry import log_model
+
             info = log_model(
                 self.uri or self.client.tracking_uri,
                 self.cur_run.info.run_id,
