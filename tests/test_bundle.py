@@ -65,6 +65,24 @@ def train(
     )
 
 
+def evaluate(dataset_dir: Path, output_dir: Path, ckpt_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`run evaluating` of the checkpoint in ``ckpt_dir`` on a prepared data set."""
+    configs = str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    return bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        configs,
+        "--dataset_dir",
+        str(dataset_dir),
+        "--output_dir",
+        str(output_dir),
+        "--ckpt_dir",
+        str(ckpt_dir),
+        *extra,
+    )
+
+
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle_run")
@@ -384,17 +402,10 @@ def test_demo_overlay_of_the_trained_checkpoint(trained, prepared, tmp_path):
 @pytest.mark.slow
 def test_evaluation_writes_metrics_and_an_mlflow_run(trained, prepared):
     out, _ = trained
-    r = bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
-        "--dataset_dir",
-        str(prepared),
-        "--output_dir",
-        str(out / "eval"),
-        "--ckpt_dir",
-        str(out / "models"),
+    r = evaluate(
+        prepared,
+        out / "eval",
+        out / "models",
         "--eval_split",
         "validation",
     )
@@ -438,17 +449,10 @@ def test_evaluation_leaves_out_classes_a_patient_has_no_masks_for(trained, prepa
     entries = json.loads((prepared / "datalist.json").read_text())["training"]
     without = [e["patient"] for e in entries if not e["annotated"][3]]
     assert without, "the phantom set should hold a patient without kidney masks"
-    r = bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
-        "--dataset_dir",
-        str(prepared),
-        "--output_dir",
-        str(tmp_path / "eval"),
-        "--ckpt_dir",
-        str(out / "models"),
+    r = evaluate(
+        prepared,
+        tmp_path / "eval",
+        out / "models",
         "--eval_split",
         "training",
         "--eval_name",
@@ -480,17 +484,10 @@ def test_a_trained_model_is_evaluated_on_a_set_of_new_patients(trained, phantom_
     prepare(phantom_root, tmp_path / "new", test_patients=["all"], log=lambda s: None)
     data = json.loads((tmp_path / "new" / "datalist.json").read_text())
     assert data["training"] == data["validation"] == [] and len(data["test"]) == 5
-    r = bundle(
-        "run",
-        "evaluating",
-        "--config_file",
-        str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]),
-        "--dataset_dir",
-        str(tmp_path / "new"),
-        "--output_dir",
-        str(tmp_path / "eval"),
-        "--ckpt_dir",
-        str(out / "models"),
+    r = evaluate(
+        tmp_path / "new",
+        tmp_path / "eval",
+        out / "models",
         "--eval_name",
         "new",
         "--scanner_shift",

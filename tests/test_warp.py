@@ -74,15 +74,18 @@ def _masks_only(phantom_root: Path, root: Path, numbers=(4, 5)) -> Path:
     return root
 
 
+def warp_cli(*args: str, timeout: int = 300):
+    """``liver-fcn warp ...`` (as ``python -m liver_fcn.cli``)."""
+    return warm_module("liver_fcn.cli", "warp", *args, cwd=REPO, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def warped(phantom_root, prepared, tmp_path_factory) -> Path:
     data = json.loads((prepared / "datalist.json").read_text())
     sources = [data["training"][0]["patient"], data["validation"][0]["patient"]]
     out = tmp_path_factory.mktemp("warped") / "warped"
     masks = _masks_only(phantom_root, tmp_path_factory.mktemp("masks_only"))
-    r = warm_module(
-        "liver_fcn.cli",
-        "warp",
+    r = warp_cli(
         "--dataset_dir",
         str(prepared),
         "--masks",
@@ -97,7 +100,6 @@ def warped(phantom_root, prepared, tmp_path_factory) -> Path:
         "0.5",
         "--spacing",
         "6",
-        cwd=REPO,
         timeout=600,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -178,9 +180,7 @@ def test_warp_refuses_a_target_without_body_outline(prepared, phantom_root, tmp_
         for info in zin.infolist():
             if "/skin/" not in info.filename:
                 zout.writestr(info, zin.read(info))
-    r = warm_module(
-        "liver_fcn.cli",
-        "warp",
+    r = warp_cli(
         "--dataset_dir",
         str(prepared),
         "--masks",
@@ -189,21 +189,15 @@ def test_warp_refuses_a_target_without_body_outline(prepared, phantom_root, tmp_
         str(tmp_path / "out"),
         "--sources",
         "1",
-        cwd=REPO,
-        timeout=300,
     )
     assert r.returncode == 2 and "needs 'skin' and 'liver' masks" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "datalist.json").exists()
-    r = warm_module(
-        "liver_fcn.cli",
-        "warp",
+    r = warp_cli(
         "--dataset_dir",
         str(tmp_path / "none"),
         "--masks",
         str(phantom_root),
         "--out",
         str(tmp_path / "out2"),
-        cwd=REPO,
-        timeout=300,
     )
     assert r.returncode == 2 and "datalist not found" in r.stderr and not (tmp_path / "out2").exists()
