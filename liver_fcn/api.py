@@ -63,11 +63,12 @@ def run_inference(
     quiet: bool = False,
     **options,
 ) -> dict:
-    """The bundle's inference of ``input`` (a DICOM folder, a NIfTI file, a datalist) into ``output_dir``;
-    returns its ``summary.json``. ``checkpoint`` is a file, a TorchScript export or ``models:/NAME@ALIAS``
-    (default: the bundle's ``models/model.pt``); further ``options`` are inference.json's settings
-    (``precision``, ``dicom_seg``, ``overlay``, ``series_uid``...). Bad input raises :class:`InputError`
-    before anything is written; a case that fails later ends in ``SystemExit(1)``, as the command does."""
+    """The bundle's inference of ``input`` (a DICOM folder or zip, a NIfTI file or folder, a datalist)
+    into ``output_dir``; returns its ``summary.json``. ``checkpoint`` is a file, a TorchScript export or
+    ``models:/NAME@ALIAS`` (default: the bundle's ``models/model.pt``); further ``options`` are
+    inference.json's settings (``precision``, ``dicom_seg``, ``overlay``, ``series_uid``...). Bad input
+    raises :class:`InputError` before anything is written; a case that fails later ends in
+    ``SystemExit(1)``, as the command does."""
     configs = bundle_folder() / "configs"
     overrides = {"input": os.fspath(input), "output_dir": os.fspath(output_dir), **options}
     if checkpoint is not None:
@@ -124,7 +125,7 @@ def segment(
     quiet: bool = True,
     **options,
 ) -> Segmentation:
-    """Segment one CT: a DICOM series folder, a NIfTI file or a ``nibabel`` image (HU, any orientation).
+    """Segment one CT: a DICOM folder or zip, a NIfTI file or a ``nibabel`` image (HU, any orientation).
 
     Returns the mask on the CT's grid and the case report. With ``output_dir`` the bundle's files stay
     there (``<case>_seg.nii.gz``, ``<case>_report.json``, the overlay); without it they are written to

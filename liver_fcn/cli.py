@@ -209,6 +209,20 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _series(args: argparse.Namespace) -> int:
+    from liver_fcn.data.dicom import AUTO_RULE, list_series
+
+    entries, auto = list_series(args.input)
+    for e in entries:
+        print(("* " if e is auto else "  ") + e.line())
+    n = len(entries)
+    if auto is None:
+        print(f"{n} series; none is an axial CT image series, so --series auto would refuse this input")
+    else:
+        print(f"{n} series; * marks what --series auto takes ({AUTO_RULE})")
+    return 0
+
+
 class _Version(argparse.Action):
     """``--version``: the package's and the bundle's versions (read when asked, not at every start)."""
 
@@ -235,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         "as python -m monai.bundle run inference), from any folder. Writes <case>_seg.nii.gz, "
         "<case>_report.json and, on request, an overlay and a DICOM SEG per case, and summary.json.",
     )
-    se.add_argument("-i", "--input", required=True, help="a DICOM series folder, a NIfTI file or a datalist.json")
+    se.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        help="a DICOM folder (sub-folders included) or zip, a NIfTI file, a folder of NIfTI files or a datalist.json",
+    )
     se.add_argument("-o", "--output_dir", required=True, help="folder for the masks, reports and summary.json")
     se.add_argument(
         "--checkpoint",
@@ -244,13 +263,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     se.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N or mps")
     se.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="network precision (auto)")
-    se.add_argument("--series_uid", help="SeriesInstanceUID to take from a folder holding several series")
+    se.add_argument(
+        "--series",
+        "--series_uid",
+        dest="series_uid",
+        help="the series to take from a DICOM input holding several: its SeriesInstanceUID, or auto (the axial "
+        "CT series with the most slices, then the thinnest spacing); list them with liver-fcn series INPUT",
+    )
     se.add_argument("--dicom_seg", type=flag, default=False, help="also write a DICOM SEG (DICOM input; false)")
     se.add_argument("--overlay", type=flag, default=True, help="also write an overlay PNG per case (true)")
     se.add_argument(
         "--quiet", action="store_true", help="print warnings and errors only (no progress bar, no log lines)"
     )
     se.set_defaults(func=_segment)
+
+    ls = sub.add_parser(
+        "series",
+        help="list the DICOM series of a folder or zip, one line each",
+        description="List the series of a DICOM folder (sub-folders included) or zip from their headers: UID, "
+        "modality, orientation, files, size, slice spacing, description; mark the one --series auto takes.",
+    )
+    ls.add_argument("input", help="a DICOM folder or zip")
+    ls.set_defaults(func=_series)
 
     ph = sub.add_parser("phantom", help="write synthetic abdominal CT patients in the 3D-IRCADb-01 layout")
     ph.add_argument("--out", required=True, help="output folder (3Dircadb1.N folders are created in it)")

@@ -17,7 +17,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from liver_fcn import __version__
-from liver_fcn.data.dicom import inspect_series
+from liver_fcn.data.dicom import dicom_folder, inspect_series
 from liver_fcn.outputs import atomic_path
 
 __all__ = ["prepare_sources", "write_dicom_seg"]
@@ -88,7 +88,9 @@ def write_dicom_seg(
     series_uid: str | None = None,
     generated_uids: list | None = None,
 ) -> Path:
-    """Write a DICOM SEG for ``seg`` (the class map on the series' grid, MONAI axis order (col, row, slice)).
+    """Write a DICOM SEG for ``seg`` (the class map on the series' grid, MONAI axis order (col, row, slice))
+    on the series ``series_uid`` (a UID, ``"auto"`` or None for a folder's only series) of ``series_folder``
+    (a folder or a zip).
 
     The slices are matched to the CT by position (the order CTSeriesReader stacks them in).
     ``generated_uids`` receives the keywords of the source UIDs that had to be generated
@@ -97,8 +99,9 @@ def write_dicom_seg(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    info = inspect_series(series_folder, series_uid=series_uid or None, modality="CT")
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in info.files]
+    with dicom_folder(series_folder) as folder:
+        info = inspect_series(folder, series_uid=series_uid or None, modality="CT")
+        sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in info.files]
     generated = prepare_sources(sources)
     frames = np.ascontiguousarray(np.transpose(seg, (2, 1, 0)))  # (slice, row, column)
     if frames.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):

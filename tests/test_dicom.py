@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import zipfile
 
 import numpy as np
 import pydicom
 import pytest
 
 from liver_fcn.data.ct import load_ct
-from liver_fcn.data.dicom import inspect_series
+from liver_fcn.data.dicom import dicom_folder, inspect_series, list_series
 from liver_fcn.data.dicom_write import SeriesGeometry, SeriesTags, write_series
 from liver_fcn.errors import InputError
 
@@ -65,8 +66,8 @@ def expect_error(folder, match, **kw):
     with pytest.raises(InputError, match=match) as e:
         load(folder, **kw)
     assert "\n" not in str(e.value)
-    with pytest.raises(InputError, match=match):
-        inspect_series(folder, **kw)
+    with pytest.raises(InputError, match=match), dicom_folder(folder) as f:
+        inspect_series(f, **kw)
 
 
 def test_missing_slice(series):
@@ -91,6 +92,67 @@ def test_two_series_are_listed(series, tmp_path):
     expect_error(folder, r"holds 2 series: .*abdomen, 6 files.*bone kernel, 3 files")
     uid = pydicom.dcmread(folder / "image_0").SeriesInstanceUID
     assert load(folder, series_uid=uid).shape == (48, 40, 6)
+
+
+def pacs_export(root, vol, geo):
+    """A PACS-like export: nested folders, a DICOMDIR, the abdomen CT, a thinner CT of fewer slices,
+    a coronal reformat, a one-slice scout and an MR series."""
+    write_series(root / "STUDY1" / "SER1", vol, geo, SeriesTags(series_description="abdomen 2.5"))
+    thin = SeriesGeometry(pixel_spacing=geo.pixel_spacing, slice_spacing=1.0, origin=geo.origin)
+    write_series(root / "STUDY1" / "SER2", vol[:4], thin, SeriesTags(series_description="thin, 4 slices"))
+    coronal = SeriesGeometry(row_cosine=(1.0, 0.0, 0.0), col_cosine=(0.0, 0.0, -1.0))
+    write_series(root / "STUDY1" / "SER3" / "deeper", vol[:8], coronal, SeriesTags(series_description="coronal"))
+    write_series(root / "STUDY1" / "SER4", vol[:1], geo, SeriesTags(series_description="scout"))
+    write_series(root / "STUDY2" / "SER1", vol, geo, SeriesTags(series_description="mr", modality="MR"))
+    (root / "DICOMDIR").write_bytes(b"an index of the media, not an image")
+    return root
+
+
+def test_nested_folders_list_their_series_and_auto_takes_the_axial_ct_with_most_slices(series, tmp_path):
+    _, vol, geo = series
+    root = pacs_export(tmp_path / "export", vol, geo)
+    entries, auto = list_series(root)
+    assert sorted(e.description for e in entries) == ["abdomen 2.5", "coronal", "mr", "scout", "thin, 4 slices"]
+    assert auto.description == "abdomen 2.5" and auto.files == 6 and auto.slice_spacing == pytest.approx(2.5)
+    assert {e.description: e.orientation for e in entries}["coronal"] == "coronal"
+    expect_error(root, r"export: folder holds 5 series: .*abdomen 2.5, 6 files, CT axial, 2.50 mm.*--series auto")
+    info = inspect_series(root, series_uid="auto")
+    assert info.description == "abdomen 2.5" and info.selection.startswith("auto: ") and "5 series" in info.selection
+    assert all("SER1" in str(f) for f in info.files)
+    np.testing.assert_array_equal(load(root, series_uid="auto").numpy(), load(series[0]).numpy())
+    # among equally long axial CT series the thinner spacing wins
+    shutil.rmtree(root / "STUDY1" / "SER1")
+    write_series(root / "STUDY1" / "SER5", vol[:4], geo, SeriesTags(series_description="thick, 4 slices"))
+    assert inspect_series(root, series_uid="auto").description == "thin, 4 slices"
+    # a nested folder holding only a non-CT series: auto has nothing to take
+    expect_error(
+        root / "STUDY2",
+        r"STUDY2: no axial CT image series to pick among 1: .*\(mr, 6 files, MR axial",
+        series_uid="auto",
+    )
+
+
+def zipped(folder, path, prefix=""):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(folder.rglob("*")):
+            zf.write(f, prefix + str(f.relative_to(folder)))
+    return path
+
+
+def test_a_zip_reads_as_its_folder_and_errors_name_its_members(series, tmp_path):
+    folder, vol, geo = series
+    archive = zipped(folder, tmp_path / "ct.zip", prefix="CT/")
+    np.testing.assert_array_equal(load(archive).numpy(), load(folder).numpy())
+    with dicom_folder(archive) as extracted:
+        assert inspect_series(extracted).shape == (40, 48, 6)
+    assert not extracted.exists()  # the extraction is gone with the context
+    (folder / "image_3").unlink()
+    expect_error(zipped(folder, tmp_path / "gap.zip"), r"gap.zip/image_4: missing slice")
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as zf:
+        zf.writestr("nothing/", "")
+    expect_error(tmp_path / "empty.zip", r"empty.zip: zip archive holds no files")
+    (tmp_path / "fake.zip").write_bytes(b"PK not really")
+    expect_error(tmp_path / "fake.zip", r"fake.zip: unreadable zip archive \(BadZipFile")
 
 
 def test_mr_scan_is_refused(tmp_path):

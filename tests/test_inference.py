@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -361,6 +362,41 @@ def test_datalist_input_runs_every_case(threshold_ckpt, tmp_path):
     assert [w["case"] for w in summary["written"]] == ["a", "b"] and summary["failed"] == []
 
 
+def test_inputs_as_they_arrive_a_folder_of_nifti_a_zip_and_a_pacs_export_with_series_auto(threshold_ckpt, tmp_path):
+    ct, block = block_volume(shape=(6, 40, 48))
+    niftis = tmp_path / "niftis"
+    (niftis / "more").mkdir(parents=True)
+    for path in (niftis / "a.nii.gz", niftis / "more" / "b.nii"):
+        nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)).astype(np.float32), np.eye(4)), str(path))
+    infer(threshold_ckpt, niftis, tmp_path / "out1", overlay=False)
+    summary = json.loads((tmp_path / "out1" / "summary.json").read_text())
+    assert [w["case"] for w in summary["written"]] == ["a", "b"] and summary["failed"] == []
+
+    export = tmp_path / "export"
+    main = write_series(
+        export / "S1" / "abdomen", ct, SeriesGeometry(slice_spacing=2.0), SeriesTags(series_description="abdomen")
+    )
+    write_series(export / "S2", ct[:2], SeriesGeometry(), SeriesTags(series_description="scout"))
+    archive = zip_folder(export, tmp_path / "pacs.zip")
+    infer(threshold_ckpt, archive, tmp_path / "out2", overlay=False, series_uid="auto", dicom_seg=True)
+    report = json.loads((tmp_path / "out2" / "pacs_report.json").read_text())
+    uid = pydicom.dcmread(main / "image_0").SeriesInstanceUID
+    assert report["input"] == str(archive)
+    assert report["series"]["series_uid"] == uid and report["series"]["slices"] == 6
+    assert report["series"]["selection"].startswith("auto: the axial CT series with the most slices")
+    seg = pydicom.dcmread(tmp_path / "out2" / "pacs_seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    mask = np.asarray(nib.load(str(tmp_path / "out2" / "pacs_seg.nii.gz")).dataobj)
+    assert dice(np.transpose(mask, (2, 1, 0)) == 1, block) > 0.95
+    with open(tmp_path / "out2" / "summary.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["series_uid"] == uid
+    # the same export as a folder, the series named by its UID: the same mask
+    infer(threshold_ckpt, export, tmp_path / "out3", overlay=False, series_uid=uid)
+    again = np.asarray(nib.load(str(tmp_path / "out3" / "export_seg.nii.gz")).dataobj)
+    np.testing.assert_array_equal(again, mask)
+
+
 def test_report_volume_is_voxel_count_times_voxel_volume():
     seg = np.zeros((10, 12, 7), np.uint8)
     seg[2:5, 3:9, 1:4] = 1  # 3 x 6 x 3 = 54 voxels
@@ -430,7 +466,7 @@ def bad_inputs(tmp: Path) -> dict:
     cases["corrupt NIfTI"] = (bad_nii, {}, r"broken.nii.gz: not a readable NIfTI file")
     png = tmp / "slice.png"
     png.write_bytes(b"\x89PNG")
-    cases["unsupported file"] = (png, {}, r"slice.png: not a DICOM series folder, a NIfTI file")
+    cases["unsupported file"] = (png, {}, r"slice.png: not a DICOM series folder or zip, a NIfTI file")
     (tmp / "bad.json").write_text("{not json")
     cases["invalid datalist"] = (tmp / "bad.json", {}, r"bad.json: datalist is not valid JSON")
     (tmp / "nosplit.json").write_text(json.dumps({"training": []}))
@@ -547,7 +583,36 @@ def bad_inputs(tmp: Path) -> dict:
     raw[at + 8 : at + 12] = (1 << 20).to_bytes(4, "little")
     (s / "image_4").write_bytes(bytes(raw))
     cases["corrupt RLE pixel data"] = (s, {}, r"image_4: cannot decode pixel data \(RuntimeError: .*RLE segment")
+    cases["zip with two series"] = (
+        zip_folder(two_series(tmp / "zip2"), tmp / "two.zip"),
+        {},
+        r"two.zip: folder holds 2 series: .*soft tissue, 4 files, CT axial.*lung kernel.*--series auto",
+    )
+    nested = tmp / "nested"
+    good_series(nested, "CT")
+    good_series(nested / "more", "MR", modality="MR", series_description="t2")
+    cases["nested folder with an MR series"] = (nested, {}, r"nested: folder holds 2 series: .*t2, 6 files, MR axial")
+    cases["nested MR series, auto"] = (
+        nested / "more",
+        {"series_uid": "auto"},
+        r"more: no axial CT image series to pick among 1: .*\(t2, 6 files, MR axial",
+    )
+    with zipfile.ZipFile(tmp / "empty.zip", "w") as zf:
+        zf.writestr("DICOM/", "")
+    cases["empty zip"] = (tmp / "empty.zip", {}, r"empty.zip: zip archive holds no files")
+    s = tmp / "niftis"
+    s.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 4), np.float32), np.eye(4)), str(s / "a.nii.gz"))
+    (s / "notes.txt").write_text("not an image")
+    cases["folder of NIfTI and another file"] = (s, {}, r"notes.txt: not a NIfTI file, in a folder of 1 NIfTI files")
     return cases
+
+
+def zip_folder(folder: Path, path: Path) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(folder.rglob("*")):
+            zf.write(f, "export/" + str(f.relative_to(folder)))
+    return path
 
 
 def input_error(exc: BaseException) -> InputError | None:

@@ -134,3 +134,27 @@ def test_the_wheel_carries_the_bundle_and_an_installed_package_finds_it(tmp_path
     monkeypatch.setattr(liver_fcn, "INSTALLED_BUNDLE", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="no bundle"):
         liver_fcn.bundle_folder()
+
+
+def test_series_lists_a_pacs_export_and_segment_takes_the_one_auto_marks(small_fcn, tmp_path, capsys):  # noqa: F811
+    from liver_fcn.cli import main
+    from liver_fcn.data.dicom_write import SeriesGeometry
+
+    from .test_dicom import pacs_export, volume
+
+    export = pacs_export(tmp_path / "export", volume(rows=64, cols=64), SeriesGeometry(slice_spacing=2.5))
+    assert main(["series", str(export)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and lines[-1].startswith("5 series; * marks what --series auto takes")
+    (marked,) = [line for line in lines if line.startswith("* ")]
+    assert marked.endswith("abdomen 2.5") and " CT    axial " in marked and "2.50 mm" in marked
+    refused = segment_cli("-i", str(export), "-o", str(tmp_path / "no"), "--checkpoint", str(small_fcn))
+    assert refused.returncode == 2 and "folder holds 5 series" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "no").exists()
+    r = segment_cli(
+        "-i", str(export), "-o", str(tmp_path / "seg"), "--checkpoint", str(small_fcn), "--series", "auto", "--quiet"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "seg" / "export_report.json").read_text())
+    uid = marked.split()[1]
+    assert report["series"]["series_uid"] == uid and report["series"]["selection"].startswith("auto: ")

@@ -1,4 +1,4 @@
-"""Reading a CT: a DICOM series folder or a NIfTI file, with exactly one reader."""
+"""Reading a CT: a DICOM series folder (or zip) or a NIfTI file, with exactly one reader."""
 
 from __future__ import annotations
 import math
@@ -13,7 +13,7 @@ from monai.data import MetaTensor, NibabelReader
 from monai.transforms import LoadImage, MapTransform
 from scipy import ndimage
 from liver_fcn import CLASS_NAMES
-from liver_fcn.data.dicom import CTSeriesReader
+from liver_fcn.data.dicom import CTSeriesReader, is_zip
 from liver_fcn.errors import InputError
 
 __all__ = ["NIFTI_SUFFIXES", "ct_loader", "load_ct"]
@@ -25,7 +25,7 @@ def ct_loader() -> LoadImage:
     return LoadImage(image_only=True, ensure_channel_first=True)
 
 def load_ct(path, loader: LoadImage | None = None, series_uid: str | None = None, modality: str | None = "CT"):
-    """Load a CT (DICOM series folder or NIfTI file) with exactly one reader; channel-first MetaTensor.
+    """Load a CT (DICOM folder or zip, or NIfTI file) with exactly one reader; channel-first MetaTensor.
 
     MONAI's LoadImage falls back to its other readers when the chosen one fails, which would read a
     folder of two series or with a missing slice after all. Passing the reader at call time
@@ -35,14 +35,14 @@ def load_ct(path, loader: LoadImage | None = None, series_uid: str | None = None
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: input does not exist")
-    if p.is_dir():
+    if p.is_dir() or is_zip(p):
         reader = CTSeriesReader(series_uid=series_uid, modality=modality)
     elif p.name.lower().endswith(NIFTI_SUFFIXES):
         reader = NibabelReader()
     elif p.suffix.lower() == ".dcm":
         raise InputError(f"{p}: a single DICOM file; pass the folder holding the whole series")
     else:
-        raise InputError(f"{p}: not a DICOM series folder or a NIfTI file (.nii, .nii.gz)")
+        raise InputError(f"{p}: not a DICOM series folder or zip, or a NIfTI file (.nii, .nii.gz)")
     try:
         img = loader(p, reader=reader)
     except InputError:

@@ -1,4 +1,4 @@
-"""Strict reading of one CT DICOM series from a folder.
+"""Strict reading of one CT DICOM series from a folder (nested sub-folders included) or a zip of one.
 
 MONAI's :class:`~monai.data.PydicomReader` stacks the files of a folder by InstanceNumber, warns
 and skips files it cannot read or that lack InstanceNumber, and stacks several series together if
@@ -11,6 +11,13 @@ slices to PydicomReader's own pixel, rescale and affine code (LPS -> RAS as in M
 :func:`inspect_series` runs the same checks from the headers alone (pixel data is not decoded),
 which is what ``liver-fcn prepare`` uses to vet a whole database quickly.
 
+A folder holding several series (a PACS export, say) is refused with a listing of its series unless
+one is asked for: by its SeriesInstanceUID, or ``"auto"``: of the axial CT image series (single-frame
+slices with pixel data), the one with the most slices, then the thinnest slice spacing, then the
+lowest UID (:data:`AUTO_RULE`). :func:`list_series` lists a folder's series, one line each.
+A zip is read through :func:`dicom_folder`, which extracts it to a temporary folder for the time of
+the read and names its files as ``archive.zip/member`` in every message.
+
 Every problem raises :class:`~liver_fcn.errors.InputError` with one line naming the file or folder.
 """
 
@@ -18,7 +25,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+import zipfile
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +41,20 @@ from monai.utils import MetaKeys
 
 from liver_fcn.errors import InputError
 
-__all__ = ["CTSeriesReader", "SeriesInfo", "inspect_series", "series_files"]
+__all__ = [
+    "AUTO_RULE",
+    "CTSeriesReader",
+    "SeriesEntry",
+    "SeriesInfo",
+    "dicom_folder",
+    "inspect_series",
+    "is_zip",
+    "list_series",
+    "series_files",
+]
+
+#: how ``series_uid="auto"`` picks one series of a folder
+AUTO_RULE = "the axial CT series with the most slices, then the thinnest slice spacing"
 
 #: relative tolerance on the spacing between consecutive slices
 SPACING_TOLERANCE = 0.05
@@ -62,23 +87,100 @@ class SeriesInfo:
     orientation: tuple[float, ...]
     positions: np.ndarray  # (slices, 3) ImagePositionPatient in file order above
     description: str = ""
+    selection: str = "the only series"  # how this series was chosen among those of its folder
     extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """What a case report says of the series it read."""
+        return {
+            "series_uid": self.series_uid,
+            "description": self.description,
+            "slices": self.shape[2],
+            "rows_columns": [self.shape[0], self.shape[1]],
+            "pixel_spacing_mm": [round(v, 4) for v in self.pixel_spacing],
+            "slice_spacing_mm": round(self.slice_spacing, 4),
+            "selection": self.selection,
+        }
+
+
+@dataclass
+class SeriesEntry:
+    """One series of a folder as a listing shows it (from the headers of its files)."""
+
+    key: str  # SeriesInstanceUID, or a description of the geometry of a series without one
+    description: str
+    modality: str
+    files: int
+    orientation: str  # axial, coronal, sagittal, oblique or "-" (no ImageOrientationPatient)
+    slice_spacing: float | None  # mm between consecutive positions along the normal, None where unknown
+    rows_columns: tuple[int, int] | None
+    images: bool  # every file a single-frame image with pixel data
+
+    def brief(self) -> str:
+        spacing = "-" if self.slice_spacing is None else f"{self.slice_spacing:.2f} mm"
+        kind = self.modality or "no modality"
+        what = f"{kind} {self.orientation}" if self.images else f"{kind}, not image slices"
+        return f"{self.description or 'no description'}, {self.files} files, {what}, {spacing}"
+
+    def line(self) -> str:
+        size = "-" if self.rows_columns is None else f"{self.rows_columns[0]}x{self.rows_columns[1]}"
+        spacing = "-" if self.slice_spacing is None else f"{self.slice_spacing:.2f} mm"
+        kind = self.modality or "-"
+        return (
+            f"{self.key}  {kind:<5} {self.orientation:<8} {self.files:>5} file{'s' if self.files != 1 else ' '}  "
+            f"{size:>9}  slice spacing {spacing:>8}  {'images' if self.images else 'no image slices'}  "
+            f"{self.description or '(no description)'}"
+        )
+
+
+def is_zip(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".zip"
+
+
+@contextmanager
+def dicom_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """The folder of a DICOM input: the folder itself, or a zip's content extracted into a temporary
+    folder that is removed on exit. Errors raised inside name the zip's files as ``archive.zip/member``."""
+    path = Path(path)
+    if not is_zip(path):
+        yield path
+        return
+    if not path.is_file():
+        raise InputError(f"{path}: zip archive does not exist")
+    tmp = tempfile.mkdtemp(prefix="liver-fcn-zip-")
+    try:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                if not any(not m.is_dir() for m in zf.infolist()):
+                    raise InputError(f"{path}: zip archive holds no files, expected the files of a DICOM series")
+                zf.extractall(tmp)
+        except InputError:
+            raise
+        except Exception as e:  # not a zip, a bad CRC, an encrypted member, no room to extract ...
+            raise InputError(f"{path}: unreadable zip archive ({type(e).__name__}: {e})") from None
+        try:
+            yield Path(tmp)
+        except InputError as e:
+            raise InputError(str(e).replace(tmp, str(path))) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def series_files(folder: str | os.PathLike) -> list[Path]:
-    """The files of a series folder; hidden files (``.DS_Store`` ...) are the only ones left out."""
+    """The files of a DICOM folder and its sub-folders, in path order. Left out: hidden files and
+    folders (``.DS_Store`` ...) and ``DICOMDIR`` index files (media directories, not images)."""
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"{folder}: DICOM folder does not exist")
     if not folder.is_dir():
-        raise InputError(f"{folder}: expected a folder holding one DICOM series, found a file")
-    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    subdirs = [p for p in files if p.is_dir()]
-    if subdirs:
-        raise InputError(f"{subdirs[0]}: a series folder must hold only slice files, found a sub-folder")
+        raise InputError(f"{folder}: expected a folder holding a DICOM series, found a file")
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root) / n for n in names if not n.startswith(".") and n.upper() != "DICOMDIR"]
     if not files:
-        raise InputError(f"{folder}: folder is empty, expected the files of one DICOM series")
-    return files
+        raise InputError(f"{folder}: folder is empty, expected the files of a DICOM series")
+    return sorted(files)
 
 
 def _read(path: Path, pixels: bool) -> pydicom.Dataset:
@@ -143,8 +245,95 @@ def _series_key(ds: pydicom.Dataset, f: Path) -> str:
     )
 
 
+def _orientation(ds: pydicom.Dataset) -> str:
+    try:
+        o = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        normal = np.cross(o[:3], o[3:])
+        normal = normal / np.linalg.norm(normal)
+    except Exception:  # noqa: BLE001 - absent or malformed: shown as unknown
+        return "-"
+    axis = int(np.argmax(np.abs(normal)))
+    if abs(normal[axis]) < 0.9:  # more than about 25 degrees off every patient axis
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _is_image(ds: pydicom.Dataset) -> bool:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return "PixelData" in ds and frames == 1 and str(ds.get("SOPClassUID", "")) not in _MULTIFRAME_CLASSES
+
+
+def _entry(key: str, datasets: list[pydicom.Dataset]) -> SeriesEntry:
+    ref = datasets[0]
+    spacing = None
+    try:
+        o = np.asarray(ref.ImageOrientationPatient, dtype=float)
+        normal = np.cross(o[:3], o[3:])
+        dist = np.sort([float(np.asarray(ds.ImagePositionPatient, dtype=float) @ normal) for ds in datasets])
+        gaps = np.diff(dist)
+        spacing = float(np.median(gaps)) if gaps.size else None
+    except Exception:  # noqa: BLE001 - positions or orientation absent: spacing unknown
+        pass
+    rows = (int(ref.Rows), int(ref.Columns)) if "Rows" in ref and "Columns" in ref else None
+    return SeriesEntry(
+        key=key,
+        description=str(ref.get("SeriesDescription", "") or ""),
+        modality=str(ref.get("Modality", "") or ""),
+        files=len(datasets),
+        orientation=_orientation(ref),
+        slice_spacing=spacing,
+        rows_columns=rows,
+        images=all(_is_image(ds) for ds in datasets),
+    )
+
+
+def _auto_choice(entries: list[SeriesEntry]) -> SeriesEntry | None:
+    """The series ``"auto"`` takes (:data:`AUTO_RULE`), None when no series qualifies."""
+    fit = [
+        e
+        for e in entries
+        if e.images and e.modality.upper() == "CT" and e.orientation == "axial" and e.files >= 2 and e.slice_spacing
+    ]
+    return min(fit, key=lambda e: (-e.files, e.slice_spacing, e.key), default=None)
+
+
+def _group(datasets: list[pydicom.Dataset], files: list[Path]) -> dict[str, list[int]]:
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for i, ds in enumerate(datasets):
+        by_key[_series_key(ds, f=files[i])].append(i)
+    return by_key
+
+
+def _select(datasets, files, folder: Path, series_uid: str | None) -> tuple[list, list, str]:
+    """The datasets and files of the series asked for, and how it was chosen."""
+    by_key = _group(datasets, files)
+    if series_uid == "auto":
+        entries = [_entry(k, [datasets[i] for i in idx]) for k, idx in by_key.items()]
+        pick = _auto_choice(entries)
+        if pick is None:
+            listing = "; ".join(f"{e.key} ({e.brief()})" for e in entries)
+            raise InputError(f"{folder}: no axial CT image series to pick among {len(entries)}: {listing}")
+        keep, how = by_key[pick.key], f"auto: {AUTO_RULE} ({len(entries)} series in the input)"
+    elif series_uid is not None:
+        if series_uid not in by_key:
+            raise InputError(f"{folder}: no series with SeriesInstanceUID {series_uid} (found {', '.join(by_key)})")
+        keep, how = by_key[series_uid], f"asked for by SeriesInstanceUID ({len(by_key)} series in the input)"
+    elif len(by_key) > 1:
+        parts = [f"{k} ({_entry(k, [datasets[i] for i in idx]).brief()})" for k, idx in by_key.items()]
+        advice = (
+            "pick one with --series UID, or --series auto for " + AUTO_RULE
+            if all(not k.startswith("(") for k in by_key)
+            else "series without a UID cannot be picked by one: put each series in its own folder"
+        )
+        raise InputError(f"{folder}: folder holds {len(by_key)} series: {'; '.join(parts)}; {advice}")
+    else:
+        keep, how = next(iter(by_key.values())), "the only series"
+    return [datasets[i] for i in keep], [files[i] for i in keep], how
+
+
 def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, series_uid: str | None, modality):
-    """Check one series and return (datasets, files, info) ordered along the slice normal."""
+    """Pick and check one series and return (datasets, files, info) ordered along the slice normal."""
+    datasets, files, how = _select(datasets, files, folder, series_uid)
     for ds, f in zip(datasets, files):
         if "PixelData" not in ds:
             raise InputError(f"{f}: DICOM file has no pixel data (truncated, or not an image slice)")
@@ -154,25 +343,6 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
                 f"{f}: an Enhanced (multi-frame) CT image of {frames} frames; export the series as single-frame "
                 "CT images (one file per slice)"
             )
-    by_uid: dict[str, list[int]] = defaultdict(list)
-    for i, ds in enumerate(datasets):
-        by_uid[_series_key(ds, f=files[i])].append(i)
-    if series_uid is not None:
-        if series_uid not in by_uid:
-            raise InputError(f"{folder}: no series with SeriesInstanceUID {series_uid} (found {', '.join(by_uid)})")
-        keep = by_uid[series_uid]
-        datasets, files = [datasets[i] for i in keep], [files[i] for i in keep]
-    elif len(by_uid) > 1:
-        parts = []
-        for uid, idx in by_uid.items():
-            desc = str(datasets[idx[0]].get("SeriesDescription", "")) or "no description"
-            parts.append(f"{uid} ({desc}, {len(idx)} files)")
-        advice = (
-            "pick one by its UID"
-            if all(not k.startswith("(") for k in by_uid)
-            else "series without a UID cannot be picked by one: put each series in its own folder"
-        )
-        raise InputError(f"{folder}: folder holds {len(by_uid)} series: {'; '.join(parts)}; {advice}")
     uid = str(datasets[0].get("SeriesInstanceUID", "") or "").strip()  # "" for a de-identified series
 
     for ds, f in zip(datasets, files):
@@ -242,14 +412,27 @@ def _order(datasets: list[pydicom.Dataset], files: list[Path], folder: Path, ser
         orientation=tuple(float(v) for v in orient),
         positions=pos,
         description=str(ref.get("SeriesDescription", "")),
+        selection=how,
     )
     return datasets, files, info
+
+
+def list_series(folder: str | os.PathLike) -> tuple[list[SeriesEntry], SeriesEntry | None]:
+    """The series of a DICOM folder (or zip) from their headers, and the one ``"auto"`` would take."""
+    with dicom_folder(folder) as root:
+        files = series_files(root)
+        datasets = [_read(f, pixels=False) for f in files]
+        entries = [_entry(k, [datasets[i] for i in idx]) for k, idx in _group(datasets, files).items()]
+    return entries, _auto_choice(entries)
 
 
 def inspect_series(folder: str | os.PathLike, series_uid: str | None = None, modality: str | None = "CT") -> SeriesInfo:
     """Check a series folder from its headers. Uncompressed pixel data is located and its length
     checked; compressed pixel data (JPEG, JPEG-LS, JPEG 2000, RLE) is decoded, so that a corrupt
-    slice is found here, before any output, and not halfway through a run."""
+    slice is found here, before any output, and not halfway through a run.
+
+    ``folder`` is a folder on disk (sub-folders included); for a zip, call it inside
+    :func:`dicom_folder` (the files of the returned info exist only there)."""
     folder = Path(folder)
     files = series_files(folder)
     datasets = [_read(f, pixels=False) for f in files]
@@ -304,19 +487,23 @@ class CTSeriesReader(PydicomReader):
 
     def verify_suffix(self, filename) -> bool:
         names = filename if isinstance(filename, (list, tuple)) else [filename]
-        return all(Path(f).is_dir() or str(f).lower().endswith(".dcm") for f in names)
+        return all(Path(f).is_dir() or str(f).lower().endswith((".dcm", ".zip")) for f in names)
 
     def read(self, data, **kwargs):
         names = data if isinstance(data, (list, tuple)) else [data]
-        if len(names) != 1 or not Path(names[0]).is_dir():
+        if len(names) != 1 or not (Path(names[0]).is_dir() or is_zip(names[0])):
             if not all(Path(n).exists() for n in names):
                 missing = next(n for n in names if not Path(n).exists())
                 raise InputError(f"{missing}: DICOM input does not exist")
             return super().read(data, **kwargs)
-        folder = Path(names[0])
-        files = series_files(folder)
-        datasets = [_read(f, pixels=True) for f in files]
-        datasets, files, info = _order(datasets, files, folder, self.series_uid, self.modality)
+        source = Path(names[0])
+        with dicom_folder(source) as folder:  # a zip's files are read whole before its folder goes
+            files = series_files(folder)
+            datasets = [_read(f, pixels=True) for f in files]
+            datasets, files, info = _order(datasets, files, folder, self.series_uid, self.modality)
+        if folder != source:  # name the files as the user knows them
+            files = [Path(str(source) + str(f)[len(str(folder)) :]) for f in files]
+            info.folder, info.files = source, files
         self.series_info = info
         self.filenames = [list(map(str, files))]
         self.has_series = True

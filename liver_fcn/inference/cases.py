@@ -1,4 +1,9 @@
-"""The cases of an inference run: ``--input`` resolved and every case checked before anything is written."""
+"""The cases of an inference run: ``--input`` resolved and every case checked before anything is written.
+
+An input is a DICOM folder (sub-folders included), a zip of DICOM files, a NIfTI file, a folder of
+NIfTI files (a case each) or a datalist of any of these. A DICOM input holding several series needs
+``series_uid``: a SeriesInstanceUID or ``"auto"`` (:data:`~liver_fcn.data.dicom.AUTO_RULE`); the case
+report names the series taken and why."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liver_fcn.data.dicom import inspect_series
+from liver_fcn.data.dicom import dicom_folder, inspect_series, is_zip
 from liver_fcn.errors import InputError, reported
 
 __all__ = ["check_nifti_affine", "check_output_dir", "collect_cases", "shard"]
@@ -22,7 +27,7 @@ def _case_name(path: Path) -> str:
         if name.upper() in ("PATIENT_DICOM", "DICOM", "CT", "IMAGES", "SERIES") and path.parent.name:
             name = path.parent.name
     else:
-        name = re.sub(r"\.nii(\.gz)?$", "", path.name, flags=re.IGNORECASE)
+        name = re.sub(r"\.(nii(\.gz)?|zip)$", "", path.name, flags=re.IGNORECASE)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "case"
 
 
@@ -80,32 +85,69 @@ def _check_nifti(path: Path) -> tuple:
     return shape
 
 
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def nifti_folder(path: Path) -> list[Path] | None:
+    """The NIfTI files of a folder (sub-folders included, hidden files left out) when it holds any,
+    else None (a DICOM folder). A folder mixing NIfTI with other files is refused, naming one."""
+    files = sorted(
+        Path(root) / n
+        for root, dirs, names in os.walk(path)
+        if not any(part.startswith(".") for part in Path(root).relative_to(path).parts)
+        for n in names
+        if not n.startswith(".")
+    )
+    nifti = [f for f in files if _is_nifti(f)]
+    if not nifti:
+        return None
+    other = next((f for f in files if not _is_nifti(f)), None)
+    if other is not None:
+        raise InputError(
+            f"{other}: not a NIfTI file, in a folder of {len(nifti)} NIfTI files; "
+            "a folder holds either NIfTI files (a case each) or one DICOM series"
+        )
+    return nifti
+
+
 def _check_one(path: Path, series_uid: str | None) -> dict:
     if not path.exists():
         raise InputError(f"{path}: input does not exist")
-    if path.is_dir():
-        info = inspect_series(path, series_uid=series_uid, modality="CT")
-        return {"image": str(path), "kind": "dicom", "series_uid": info.series_uid}
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    if path.is_dir() or is_zip(path):
+        with dicom_folder(path) as folder:
+            info = inspect_series(folder, series_uid=series_uid, modality="CT")
+        return {
+            "image": str(path),
+            "kind": "dicom",
+            # what the reader takes again: the UID, or the rule for a picked series without one
+            "series_uid": info.series_uid or series_uid or "",
+            "series_info": json.dumps(info.summary()),
+        }
+    if _is_nifti(path):
         _check_nifti(path)
         return {"image": str(path), "kind": "nifti", "series_uid": ""}
     if path.name.lower().endswith(".json"):
         raise InputError(f"{path}: a datalist must be the --input itself, not an entry of one")
-    raise InputError(f"{path}: not a DICOM series folder, a NIfTI file (.nii, .nii.gz) or a datalist (.json)")
+    raise InputError(
+        f"{path}: not a DICOM series folder or zip, a NIfTI file (.nii, .nii.gz), a folder of NIfTI files "
+        "or a datalist (.json)"
+    )
 
 
 @reported
 def collect_cases(
     input: str | os.PathLike | None, split: str = "test", series_uid: str | None = None, dicom_seg: bool = False
 ) -> list[dict]:
-    """Resolve and check ``--input``; returns ``[{"case", "image", "kind", ...}]``.
+    """Resolve and check ``--input``; returns ``[{"case", "image", "kind", "series_uid", ...}]`` (DICOM
+    cases also ``series_info``: the series taken, as JSON).
 
     A datalist may be a JSON list (of paths or of ``{"image": path}``) or a ``liver-fcn prepare``
     datalist, whose ``split`` is used. Paths in a datalist are relative to its folder.
     """
     if input is None or str(input) in ("", "None"):
         raise InputError(
-            "no input: pass --input with a DICOM series folder, a NIfTI file or a datalist JSON "
+            "no input: pass --input with a DICOM series folder or zip, a NIfTI file or folder, or a datalist JSON "
             "(or --dataset_dir, a folder holding datalist.json)"
         )
     path = Path(input)
@@ -128,6 +170,8 @@ def collect_cases(
             img = Path(e["image"])
             e["image"] = str(img if img.is_absolute() else path.parent / img)
             entries.append(e)
+    elif path.is_dir() and (nifti := nifti_folder(path)) is not None:
+        entries = [{"image": str(f)} for f in nifti]
     else:
         entries = [{"image": str(path)}]
     cases, seen = [], {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -140,6 +141,8 @@ class CaseReportd(MapTransform):
             seg, affine = _class_map_and_affine(d[key], key, type(self).__name__)
             report = case_report(seg, affine, self.class_names, str(d.get("case", "case")))
             report["input"] = d.get("source_path", "")
+            if d.get("series_info"):
+                report["series"] = json.loads(d["series_info"])
             if self.ct_key in d:
                 report["hu"] = hu_statistics(np.asarray(d[self.ct_key].detach().cpu())[0], seg, self.class_names)
             report["qc"] = quality_flags(

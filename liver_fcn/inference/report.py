@@ -142,7 +142,7 @@ def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
 
 
 def summary_rows(reports: Sequence[Mapping]) -> list[dict]:
-    """One row per case for ``summary.csv``: volumes (mL) and mean and median HU of each class, the
+    """One row per case for ``summary.csv``: input and series, volumes (mL) and mean and median HU of each class, the
     liver's extent and slices, the QC flags (joined by ``; ``) and the model (checkpoint and SHA-256)."""
     rows = []
     for r in reports:
@@ -150,6 +150,7 @@ def summary_rows(reports: Sequence[Mapping]) -> list[dict]:
         row = {
             "case": r.get("case", ""),
             "input": r.get("input", ""),
+            "series_uid": (r.get("series") or {}).get("series_uid", ""),
             "liver_width_mm": extent.get("width"),
             "liver_depth_mm": extent.get("depth"),
             "liver_height_mm": extent.get("height"),

@@ -22,7 +22,8 @@ class LoadCTd(MapTransform):
 
     Args:
         keys: keys holding the input paths.
-        series_uid: SeriesInstanceUID to pick when a folder holds several series.
+        series_uid: series to pick when a folder holds several: a SeriesInstanceUID or ``"auto"``. An
+            item's own ``series_uid`` (what the inference cases resolved) takes precedence.
         modality: required DICOM Modality (``"CT"``; None accepts any, e.g. for masks).
     """
 
@@ -40,7 +41,7 @@ class LoadCTd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = load_ct(d[key], self.loader, self.series_uid, self.modality)
+            d[key] = load_ct(d[key], self.loader, d.get("series_uid") or self.series_uid, self.modality)
         return d
 
 
