@@ -18,10 +18,16 @@ import atexit
 import multiprocessing
 import os
 import runpy
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: modules the forkserver imports once, before any child is forked from it
@@ -97,3 +103,56 @@ def warm_module(module: str, *args: str, cwd: Path, env: dict | None = None, tim
         return subprocess.CompletedProcess(
             [sys.executable, "-m", module, *args], proc.exitcode, out.read_text(), err.read_text()
         )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(
+    command: Callable[[int], list[str]], probe: str, log_path: Path, *, env=None, timeout: float = 120
+) -> Iterator[str]:
+    """Run ``command(port)`` (a server listening on 127.0.0.1) until the block ends; yields its URL once
+    ``GET probe`` answers 200. A free port can be taken by another process between the probe and the
+    server's bind: the server then exits and is started again on another port. The server's process
+    group is stopped at the end (SIGTERM, then SIGKILL)."""
+    for attempt in range(5):
+        port = free_port()
+        log = open(log_path, "w")
+        proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline, up = time.time() + timeout, False
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}{probe}", timeout=2) as resp:
+                    if resp.status == 200 and proc.poll() is None:
+                        up = True
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        if up:
+            break
+        _stop(proc)
+        log.close()
+        if time.time() >= deadline or attempt == 4:
+            raise RuntimeError(f"{command(port)[:4]} did not start: {log_path.read_text()[-2000:]}")
+    try:
+        yield url
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -81,10 +81,11 @@ LAYERS = [
     ["liver_fcn.runs", "liver_fcn.bundle"],
     ["liver_fcn.training", "liver_fcn.evaluation", "liver_fcn.visualize", "liver_fcn.dicom_seg"],
     ["liver_fcn.inference"],
+    ["liver_fcn.api"],
     ["liver_fcn.registry"],
     ["liver_fcn.tracking", "liver_fcn.reporting"],
     ["liver_fcn.handlers"],
-    ["liver_fcn.crossval", "liver_fcn.api", "liver_fcn.cli"],
+    ["liver_fcn.crossval", "liver_fcn.cli"],
 ]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from liver_fcn.data.ircadb import prepare
 from liver_fcn.networks import FCN
 from liver_fcn.training import prepare_network
 
-from .commands import warm_module
+from .commands import server, warm_module
 from .conftest import REPO
 from .test_bundle import CONFIGS, TINY, bundle
 
@@ -155,62 +154,20 @@ def test_torchrun_shards_an_archive_and_writes_one_summary(tmp_path):
     assert r.stdout.count("5 cases written to") == 1  # one summary line, from the first process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and a local artifact store."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    # a free port can be taken by another process between our probe and the server's bind: the
-    # server then exits, and it is started again on another port
-    for attempt in range(5):
-        port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ]
-        log = open(root / "server.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        up = False
-        while proc.poll() is None and time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200 and proc.poll() is None:
-                        up = True
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        if up:
-            break
-        log.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        if time.time() >= deadline or attempt == 4:
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-    yield url, root
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    log.close()
+
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
+        ]  # fmt: skip
+
+    with server(command, "/health", root / "server.log") as url:
+        yield url, root
 
 
 def test_team_server_two_runs_compared_over_http(mlflow_server, prepared, tmp_path):

@@ -18,10 +18,12 @@ import numpy as np
 from liver_fcn.data.dicom import dicom_folder, inspect_series, is_zip
 from liver_fcn.errors import InputError, reported
 
-__all__ = ["check_nifti_affine", "check_output_dir", "collect_cases", "shard"]
+__all__ = ["case_name", "check_nifti_affine", "check_output_dir", "collect_cases", "nifti_folder", "shard"]
 
 
-def _case_name(path: Path) -> str:
+def case_name(path: Path) -> str:
+    """A case's name: a NIfTI's or zip's file name without its suffix, a DICOM folder's name (its parent's
+    for a generic name such as ``DICOM``), with characters other than letters, digits and ``._-`` replaced."""
     if path.is_dir():
         name = path.name
         if name.upper() in ("PATIENT_DICOM", "DICOM", "CT", "IMAGES", "SERIES") and path.parent.name:
@@ -177,7 +179,7 @@ def collect_cases(
     cases, seen = [], {}
     for e in entries:
         case = _check_one(Path(e["image"]), series_uid)
-        name = _case_name(Path(e["image"])) if "patient" not in e else str(e["patient"])
+        name = case_name(Path(e["image"])) if "patient" not in e else str(e["patient"])
         if name in seen:
             raise InputError(f"{e['image']}: case name {name!r} is also that of {seen[name]}; outputs would collide")
         seen[name] = e["image"]
