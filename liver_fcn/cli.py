@@ -194,7 +194,12 @@ def _compare(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace) -> int:
     from liver_fcn.api import run_inference
 
-    options = {"precision": args.precision, "dicom_seg": args.dicom_seg, "overlay": args.overlay}
+    options = {
+        "precision": args.precision,
+        "dicom_seg": args.dicom_seg,
+        "rtstruct": args.rtstruct,
+        "overlay": args.overlay,
+    }
     if args.quiet:
         options["progress"] = False
     if args.series_uid:
@@ -271,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         "CT series with the most slices, then the thinnest spacing); list them with liver-fcn series INPUT",
     )
     se.add_argument("--dicom_seg", type=flag, default=False, help="also write a DICOM SEG (DICOM input; false)")
+    se.add_argument(
+        "--rtstruct", type=flag, default=False, help="also write an RTSTRUCT of contours (DICOM input, rt-utils; false)"
+    )
     se.add_argument("--overlay", type=flag, default=True, help="also write an overlay PNG per case (true)")
     se.add_argument(
         "--quiet", action="store_true", help="print warnings and errors only (no progress bar, no log lines)"

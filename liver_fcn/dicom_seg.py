@@ -1,9 +1,9 @@
 """DICOM Segmentation objects (highdicom) for a predicted class map on a CT series.
 
 The SEG references the input CT series; each class present becomes a segment coded with its
-SNOMED CT anatomy (liver 10200004, bone structure 272673000, kidney 64033007) and marked as an
-automatic result of this software. Frames follow the CT slices, so a viewer overlays them on the
-original images.
+SNOMED CT anatomy (liver 10200004, bone structure 272673000, kidney 64033007), given the class's
+display colour (the overlay's, as CIELab) and marked as an automatic result of this software.
+Frames follow the CT slices, so a viewer overlays them on the original images.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 from liver_fcn import __version__
 from liver_fcn.data.dicom import dicom_folder, inspect_series
 from liver_fcn.outputs import atomic_path
+from liver_fcn.visualize import class_rgb
 
 __all__ = ["prepare_sources", "write_dicom_seg"]
 
@@ -126,6 +127,7 @@ def write_dicom_seg(
                 segmented_property_type=prop or codes.SCT.Tissue,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
+                display_color=hd.color.CIELabColor.from_rgb(*class_rgb(c)),
             )
         )
     if not descriptions:  # an empty result is still a result: one empty liver segment
@@ -137,6 +139,7 @@ def write_dicom_seg(
                 segmented_property_type=coded.get(class_names[1].lower(), codes.SCT.Tissue),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
+                display_color=hd.color.CIELabColor.from_rgb(*class_rgb(1)),
             )
         )
     segmentation = hd.seg.Segmentation(

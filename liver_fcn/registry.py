@@ -14,7 +14,8 @@ monai.bundle run inference``); it returns a row per CT with the mask's path, the
 volume of each class in mL, the QC flags and the error of a CT that failed. Parameters:
 ``output_dir`` (where the files go; a new temporary folder by default, left for the caller),
 ``series`` (a SeriesInstanceUID or ``auto`` for inputs holding several series), ``device``,
-``precision``, ``overlay`` and ``dicom_seg``. ``mlflow models predict`` and ``mlflow models serve`` run it.
+``precision``, ``overlay``, ``dicom_seg`` and ``rtstruct``. ``mlflow models predict`` and ``mlflow models
+serve`` run it.
 
 :class:`FCNModel`, the slice-level model (preprocessed slices ``(N, C, H, W)`` float32 in, class maps
 ``(N, H, W)`` uint8 out), is what ``log_model(kind="slices")`` logs and what models logged by
@@ -81,6 +82,7 @@ CT_PARAMS = {
     "precision": "auto",
     "overlay": False,
     "dicom_seg": False,
+    "rtstruct": False,
 }
 
 
@@ -109,7 +111,7 @@ def segment_table(paths: list[str], checkpoint, class_names: list[str], params: 
     names = [case_name(Path(p)) for p in paths]
     if len(set(names)) < len(names):  # same file names in several folders: number the cases
         names = [f"{i:03d}_{n}" for i, n in enumerate(names, 1)]
-    options = {k: params[k] for k in ("overlay", "dicom_seg", "precision")}
+    options = {k: params[k] for k in ("overlay", "dicom_seg", "rtstruct", "precision")}
     if params["series"]:
         options["series_uid"] = str(params["series"])
     with tempfile.TemporaryDirectory(prefix="liver-fcn-predict-list-") as tmp:

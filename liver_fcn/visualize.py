@@ -11,10 +11,16 @@ import numpy as np
 from liver_fcn import CLASS_NAMES
 from liver_fcn.outputs import atomic_path
 
-__all__ = ["CLASS_COLOURS", "overlay_montage", "pick_slices", "save_figure"]
+__all__ = ["CLASS_COLOURS", "class_rgb", "overlay_montage", "pick_slices", "save_figure"]
 
-#: contour colour of each class index
+#: display colour of each class index: overlay contours, DICOM SEG segments and RTSTRUCT ROIs
 CLASS_COLOURS = {1: "#e4572e", 2: "#f3d34a", 3: "#29c7ac", 4: "#7b9e3f", 5: "#a06cd5"}
+
+
+def class_rgb(c: int) -> tuple[int, int, int]:
+    """The display colour of class index ``c`` as 8-bit RGB (white for a class beyond the table)."""
+    hex_colour = CLASS_COLOURS.get(c, "#ffffff").lstrip("#")
+    return tuple(int(hex_colour[i : i + 2], 16) for i in (0, 2, 4))
 
 
 def save_figure(fig, out_png: str | os.PathLike, dpi: int = 100) -> Path:

@@ -25,7 +25,9 @@ from liver_fcn.data.dicom_write import SeriesGeometry, SeriesTags, write_series
 from liver_fcn.errors import InputError
 from liver_fcn.inference import case_report
 from liver_fcn.networks import FCN
+from liver_fcn.rtstruct import read_rtstruct
 from liver_fcn.transforms import grid_size
+from liver_fcn.visualize import class_rgb
 
 from .commands import new_process, warm_module
 from .conftest import REPO
@@ -191,12 +193,45 @@ def test_dicom_seg_references_the_ct_and_matches_the_mask(tmp_path):
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == next(iter(ref.values())).SeriesInstanceUID
     (desc,) = seg.SegmentSequence
     assert desc.SegmentLabel == "liver" and desc.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    lab = hd.color.CIELabColor.from_dicom_value(desc.RecommendedDisplayCIELabValue)
+    assert lab.to_rgb() == class_rgb(1)  # the overlay's liver colour
     assert seg.NumberOfFrames == 8
     frames = seg.pixel_array
     for f, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
         uid = fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         k = int(ref[uid].InstanceNumber)
         assert np.array_equal(frames[f].astype(bool), block[k]), k
+
+
+def test_rtstruct_contours_read_back_as_the_mask_in_the_class_colours(tmp_path):
+    ct, block = block_volume(shape=(8, 64, 96))
+    block[:] = False
+    block[2:6, 10:40, 20:50] = True
+    ct[:] = -1000
+    ct[block] = 100
+    series = write_series(
+        tmp_path / "abdomen", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags()
+    )
+    # shuffled file names: the contours must follow the slices' positions, not the names
+    for f in sorted(series.iterdir()):
+        f.rename(series / f"x{hash(f.name) % 1000:03d}_{f.name}")
+    ckpt = checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128)
+    infer(ckpt, series, tmp_path / "out", rtstruct=True, overlay=False)
+    mask = np.asarray(nib.load(str(tmp_path / "out" / "abdomen_seg.nii.gz")).dataobj)
+    rois = read_rtstruct(series, tmp_path / "out" / "abdomen_rtstruct.dcm")
+    assert list(rois) == ["liver"] and rois["liver"].shape == mask.shape
+    assert dice(rois["liver"], mask == 1) > 0.95 and dice(np.transpose(rois["liver"], (2, 1, 0)), block) > 0.95
+    rt = pydicom.dcmread(tmp_path / "out" / "abdomen_rtstruct.dcm")
+    assert rt.Modality == "RTSTRUCT" and [int(v) for v in rt.ROIContourSequence[0].ROIDisplayColor] == list(
+        class_rgb(1)
+    )
+    uids = {pydicom.dcmread(f).SOPInstanceUID for f in series.iterdir()}
+    refs = {c.ContourImageSequence[0].ReferencedSOPInstanceUID for c in rt.ROIContourSequence[0].ContourSequence}
+    assert refs <= uids and len(refs) == 4  # the four slices the block covers
+    if shutil.which("dciodvfy"):  # the standard's conformance checker, where installed
+        assert dciodvfy_errors(tmp_path / "out" / "abdomen_rtstruct.dcm") == []
+    report = json.loads((tmp_path / "out" / "abdomen_report.json").read_text())
+    assert report["files"]["rtstruct"] == str(tmp_path / "out" / "abdomen_rtstruct.dcm")
 
 
 def deidentify(series: Path, **blank) -> None:
@@ -600,6 +635,7 @@ def bad_inputs(tmp: Path) -> dict:
     with zipfile.ZipFile(tmp / "empty.zip", "w") as zf:
         zf.writestr("DICOM/", "")
     cases["empty zip"] = (tmp / "empty.zip", {}, r"empty.zip: zip archive holds no files")
+    cases["RTSTRUCT of a NIfTI"] = (nii, {"rtstruct": True}, r"ok.nii.gz: an RTSTRUCT needs a DICOM series input")
     s = tmp / "niftis"
     s.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((40, 40, 4), np.float32), np.eye(4)), str(s / "a.nii.gz"))

@@ -112,10 +112,10 @@ def test_every_module_imports_only_its_layer_and_those_below():
 
 
 #: what a module may import inside a function: libraries slow to import that only some commands need
-#: (MLflow, matplotlib, SimpleITK, highdicom and pydicom's code dictionaries), so that `liver-fcn
+#: (MLflow, matplotlib, SimpleITK, highdicom, rt-utils (OpenCV) and pydicom's code dictionaries), so that `liver-fcn
 #: --help`, inference and the bundle's configs start without them; and in cli.py the module of each
 #: subcommand
-LAZY = ("mlflow", "matplotlib", "SimpleITK", "highdicom", "pydicom.sr")
+LAZY = ("mlflow", "matplotlib", "SimpleITK", "highdicom", "pydicom.sr", "rt_utils")
 LAZY_BY_MODULE = {
     "liver_fcn.cli": ("liver_fcn",),
     "liver_fcn": ("liver_fcn.api",),

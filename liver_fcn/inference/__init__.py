@@ -15,9 +15,10 @@ clinical input and an archive of thousands need around them, one module per conc
 * :mod:`~liver_fcn.inference.outputs` - the case's outputs are named steps of inference.json's
   post-processing, each switchable or replaceable: :class:`WriteMaskd` (the uint8 NIfTI mask on the
   input's own grid), :class:`CaseReportd` (volumes, liver extent, slice range, spacing, QC flags:
-  :mod:`~liver_fcn.inference.report`), :class:`WriteOverlayd` (a PNG) and :class:`WriteDicomSegd`
-  (a DICOM Segmentation object), between :class:`StageCased` and :class:`CommitCased`, which moves
-  the case's files into place as one set;
+  :mod:`~liver_fcn.inference.report`), :class:`WriteOverlayd` (a PNG), :class:`WriteDicomSegd`
+  (a DICOM Segmentation object) and :class:`WriteRTStructd` (an RT Structure Set of contours),
+  between :class:`StageCased` and :class:`CommitCased`, which moves the case's files into place as
+  one set;
 * :mod:`~liver_fcn.inference.runner` - :class:`CaseDataset` and :class:`CaseRunner` make a case that
   fails after the checks a line in the summary instead of the end of the run; :func:`finish` writes
   the one ``summary.json`` of all processes and sets the exit status.
@@ -34,6 +35,7 @@ from liver_fcn.inference.outputs import (
     WriteDicomSegd,
     WriteMaskd,
     WriteOverlayd,
+    WriteRTStructd,
     write_nifti_atomic,
 )
 from liver_fcn.inference.report import case_report, quality_flags, summary_line
@@ -50,6 +52,7 @@ __all__ = [
     "Precision",
     "StageCased",
     "WriteDicomSegd",
+    "WriteRTStructd",
     "WriteMaskd",
     "WriteOverlayd",
     "case_report",

@@ -17,6 +17,7 @@ import numpy as np
 
 from liver_fcn.data.dicom import dicom_folder, inspect_series, is_zip
 from liver_fcn.errors import InputError, reported
+from liver_fcn.rtstruct import check_rtstruct_support
 
 __all__ = ["case_name", "check_nifti_affine", "check_output_dir", "collect_cases", "nifti_folder", "shard"]
 
@@ -139,7 +140,11 @@ def _check_one(path: Path, series_uid: str | None) -> dict:
 
 @reported
 def collect_cases(
-    input: str | os.PathLike | None, split: str = "test", series_uid: str | None = None, dicom_seg: bool = False
+    input: str | os.PathLike | None,
+    split: str = "test",
+    series_uid: str | None = None,
+    dicom_seg: bool = False,
+    rtstruct: bool = False,
 ) -> list[dict]:
     """Resolve and check ``--input``; returns ``[{"case", "image", "kind", "series_uid", ...}]`` (DICOM
     cases also ``series_info``: the series taken, as JSON).
@@ -176,6 +181,8 @@ def collect_cases(
         entries = [{"image": str(f)} for f in nifti]
     else:
         entries = [{"image": str(path)}]
+    if rtstruct:
+        check_rtstruct_support()
     cases, seen = [], {}
     for e in entries:
         case = _check_one(Path(e["image"]), series_uid)
@@ -185,6 +192,12 @@ def collect_cases(
         seen[name] = e["image"]
         if dicom_seg and case["kind"] != "dicom":
             raise InputError(f"{e['image']}: a DICOM Segmentation needs a DICOM series input, not {case['kind']}")
+        if rtstruct and case["kind"] != "dicom":
+            raise InputError(f"{e['image']}: an RTSTRUCT needs a DICOM series input, not {case['kind']}")
+        if rtstruct and not json.loads(case["series_info"])["series_uid"]:
+            raise InputError(
+                f"{e['image']}: the series has no SeriesInstanceUID; an RTSTRUCT references its images by UID"
+            )
         cases.append({"case": name, **case})
     return cases
 

@@ -19,6 +19,7 @@ from liver_fcn.dicom_seg import write_dicom_seg
 from liver_fcn.inference.report import case_report, hu_statistics, quality_flags, summary_line
 from liver_fcn.options import flag
 from liver_fcn.outputs import atomic_path, write_json_atomic
+from liver_fcn.rtstruct import write_rtstruct
 from liver_fcn.transforms import as_numpy, class_map_array
 from liver_fcn.visualize import overlay_montage
 
@@ -31,6 +32,7 @@ __all__ = [
     "STAGE_SUFFIX",
     "StageCased",
     "WriteDicomSegd",
+    "WriteRTStructd",
     "WriteMaskd",
     "WriteOverlayd",
     "write_nifti_atomic",
@@ -214,6 +216,21 @@ class WriteDicomSegd(CaseOutput):
             )
 
 
+class WriteRTStructd(CaseOutput):
+    """``<case>_rtstruct.dcm``: a DICOM RT Structure Set of the mask's contours referencing the CT
+    series (DICOM input only; :func:`collect_cases` refuses ``--rtstruct`` for a NIfTI, or without
+    rt-utils, before anything runs)."""
+
+    name, suffix = "rtstruct", "_rtstruct.dcm"
+
+    def __init__(self, keys: KeysCollection = "pred", enabled: bool = False, *, class_names: Sequence[str]) -> None:
+        super().__init__(keys, enabled)
+        self.class_names = list(class_names)
+
+    def write(self, d, seg, affine, path) -> None:
+        write_rtstruct(d["source_path"], seg, self.class_names, path, d.get("series_uid"))
+
+
 class CommitCased(Transform):
     """Move the case's staged files into ``output_dir`` as one set, the report last (its presence
     means the set is complete), remove files of an earlier run that this one did not make (by the
@@ -224,7 +241,7 @@ class CommitCased(Transform):
         self, output_dir: str | os.PathLike = "inference", suffixes: Sequence[str] | None = None, log=None
     ) -> None:
         if suffixes is None:  # the files the shipped output steps write
-            suffixes = [step.suffix for step in (WriteMaskd, WriteOverlayd, WriteDicomSegd)]
+            suffixes = [step.suffix for step in (WriteMaskd, WriteOverlayd, WriteDicomSegd, WriteRTStructd)]
         self.output_dir, self.suffixes = Path(output_dir), tuple(suffixes)
         self.log = log or logger.info
         self.written: list[dict] = []
