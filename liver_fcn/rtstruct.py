@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.valuerep import format_number_as_ds
+from skimage.draw import polygon
 
 from liver_fcn import __version__
 from liver_fcn.data.dicom import dicom_folder, inspect_series
@@ -104,8 +105,6 @@ def read_rtstruct(series_folder: str | os.PathLike, path: str | os.PathLike, ser
     ROI name: each contour's points mapped to pixels through the slice's own position, orientation and
     spacing, and filled (even-odd, so that inner contours are holes). Read with pydicom and
     scikit-image, independently of the library that wrote it."""
-    from skimage.draw import polygon
-
     with dicom_folder(series_folder) as folder:
         info = inspect_series(folder, series_uid=series_uid or None, modality="CT")
         slices = {str(_uid(f)): k for k, f in enumerate(info.files)}

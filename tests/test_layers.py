@@ -79,7 +79,7 @@ LAYERS = [
     ["liver_fcn.losses", "liver_fcn.metrics"],
     ["liver_fcn.checkpoint"],
     ["liver_fcn.runs", "liver_fcn.bundle"],
-    ["liver_fcn.training", "liver_fcn.evaluation", "liver_fcn.visualize", "liver_fcn.dicom_seg"],
+    ["liver_fcn.training", "liver_fcn.evaluation", "liver_fcn.visualize", "liver_fcn.dicom_seg", "liver_fcn.rtstruct"],
     ["liver_fcn.inference"],
     ["liver_fcn.api"],
     ["liver_fcn.registry"],
