@@ -236,6 +236,8 @@ def _series_key(ds: pydicom.Dataset, f: Path) -> str:
     uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
     if uid:
         return uid
+    if "PixelData" not in ds:  # neither a UID nor an image: cut short, most likely
+        raise InputError(f"{f}: DICOM file has no pixel data (truncated, or not an image slice)")
     _require(ds, f, "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
     orient = ",".join(f"{float(v):.4f}" for v in ds.ImageOrientationPatient)
     spacing = ",".join(f"{float(v):.4f}" for v in ds.PixelSpacing)
