@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from pydicom.valuerep import format_number_as_ds
 from skimage.draw import polygon
 
 from liver_fcn import __version__
-from liver_fcn.data.dicom import dicom_folder, inspect_series
+from liver_fcn.data.dicom import DropMessages, dicom_folder, inspect_series
 from liver_fcn.errors import InputError
 from liver_fcn.outputs import atomic_path
 from liver_fcn.visualize import class_rgb
@@ -64,8 +65,14 @@ def write_rtstruct(
         info = inspect_series(folder, series_uid=series_uid or None, modality="CT")
         if seg.shape != (info.shape[1], info.shape[0], info.shape[2]):
             raise ValueError(f"mask shape {seg.shape} does not match the series {info.shape}")
+        # rt-utils prints, and sets FileDataset attributes pydicom 3 logs as deprecated: neither is for the user
+        quiet = DropMessages("'FileDataset.is_")
+        logging.getLogger("pydicom").addFilter(quiet)
         with _series_only(info.files) as linked, contextlib.redirect_stdout(io.StringIO()):
-            rt = RTStructBuilder.create_new(dicom_series_path=linked)
+            try:
+                rt = RTStructBuilder.create_new(dicom_series_path=linked)
+            finally:
+                logging.getLogger("pydicom").removeFilter(quiet)
             ours = {str(_uid(f)): k for k, f in enumerate(info.files)}
             order = [ours[str(ds.SOPInstanceUID)] for ds in rt.series_data]  # rt-utils' slice order
             frames = np.transpose(seg, (1, 0, 2))[:, :, order]  # (row, column, slice)

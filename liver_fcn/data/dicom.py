@@ -461,7 +461,7 @@ def _decode(path: Path) -> None:
         raise _undecodable(path, e) from None
 
 
-class _DropMessages(logging.Filter):
+class DropMessages(logging.Filter):
     def __init__(self, prefix: str) -> None:
         super().__init__()
         self.prefix = prefix
@@ -538,7 +538,7 @@ class CTSeriesReader(PydicomReader):
         # strings longer than DICOM's 16 characters (3D-IRCADb-01's SliceThickness, for one) and logs
         # "Error while processing tag" for each; the geometry comes from the positions, so say nothing
         log = logging.getLogger("pydicom")
-        quiet = _DropMessages("Error while processing tag")
+        quiet = DropMessages("Error while processing tag")
         log.addFilter(quiet)
         try:
             metadata = self._get_meta_dict(first)
