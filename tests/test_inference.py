@@ -31,6 +31,7 @@ from liver_fcn.visualize import class_rgb
 
 from .commands import new_process, warm_module
 from .conftest import REPO
+from .test_dicom import zipped
 
 CONFIG = str(REPO / "bundle" / "configs" / "inference.json")
 THRESHOLD_NET = {"_target_": "tests.helpers.ThresholdNet"}
@@ -168,17 +169,21 @@ def test_dicom_round_trip_with_shuffled_names_intercept_and_real_positions(thres
     assert not (tmp_path / "out" / "abdomen_ct_overlay.png").exists()
 
 
-def test_dicom_seg_references_the_ct_and_matches_the_mask(tmp_path):
-    import highdicom as hd
-
+def box_series(folder: Path) -> tuple[Path, np.ndarray]:
+    """A 64 x 96 x 8 series at 0.9 mm pixels and 2.5 mm slices: a 100 HU box in air, and the box's
+    mask (slices, rows, columns). At the checkpoint's 0.9 mm the chain resamples nothing."""
     ct, block = block_volume(shape=(8, 64, 96))
     block[:] = False
     block[2:6, 10:40, 20:50] = True
     ct[:] = -1000
     ct[block] = 100
-    series = write_series(
-        tmp_path / "p7" / "PATIENT_DICOM", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags()
-    )
+    return write_series(folder, ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags()), block
+
+
+def test_dicom_seg_references_the_ct_and_matches_the_mask(tmp_path):
+    import highdicom as hd
+
+    series, block = box_series(tmp_path / "p7" / "PATIENT_DICOM")
     # at the series' own pixel spacing the chain resamples nothing: the mask must be exact
     infer(
         checkpoint_with(tmp_path, pixel_spacing=0.9, image_size=128),
@@ -204,14 +209,7 @@ def test_dicom_seg_references_the_ct_and_matches_the_mask(tmp_path):
 
 
 def test_rtstruct_contours_read_back_as_the_mask_in_the_class_colours(tmp_path):
-    ct, block = block_volume(shape=(8, 64, 96))
-    block[:] = False
-    block[2:6, 10:40, 20:50] = True
-    ct[:] = -1000
-    ct[block] = 100
-    series = write_series(
-        tmp_path / "abdomen", ct, SeriesGeometry(pixel_spacing=(0.9, 0.9), slice_spacing=2.5), SeriesTags()
-    )
+    series, block = box_series(tmp_path / "abdomen")
     # shuffled file names: the contours must follow the slices' positions, not the names
     for f in sorted(series.iterdir()):
         f.rename(series / f"x{hash(f.name) % 1000:03d}_{f.name}")
@@ -412,7 +410,7 @@ def test_inputs_as_they_arrive_a_folder_of_nifti_a_zip_and_a_pacs_export_with_se
         export / "S1" / "abdomen", ct, SeriesGeometry(slice_spacing=2.0), SeriesTags(series_description="abdomen")
     )
     write_series(export / "S2", ct[:2], SeriesGeometry(), SeriesTags(series_description="scout"))
-    archive = zip_folder(export, tmp_path / "pacs.zip")
+    archive = zipped(export, tmp_path / "pacs.zip", prefix="export/")
     infer(threshold_ckpt, archive, tmp_path / "out2", overlay=False, series_uid="auto", dicom_seg=True)
     report = json.loads((tmp_path / "out2" / "pacs_report.json").read_text())
     uid = pydicom.dcmread(main / "image_0").SeriesInstanceUID
@@ -619,7 +617,7 @@ def bad_inputs(tmp: Path) -> dict:
     (s / "image_4").write_bytes(bytes(raw))
     cases["corrupt RLE pixel data"] = (s, {}, r"image_4: cannot decode pixel data \(RuntimeError: .*RLE segment")
     cases["zip with two series"] = (
-        zip_folder(two_series(tmp / "zip2"), tmp / "two.zip"),
+        zipped(two_series(tmp / "zip2"), tmp / "two.zip", prefix="export/"),
         {},
         r"two.zip: folder holds 2 series: .*soft tissue, 4 files, CT axial.*lung kernel.*--series auto",
     )
@@ -642,13 +640,6 @@ def bad_inputs(tmp: Path) -> dict:
     (s / "notes.txt").write_text("not an image")
     cases["folder of NIfTI and another file"] = (s, {}, r"notes.txt: not a NIfTI file, in a folder of 1 NIfTI files")
     return cases
-
-
-def zip_folder(folder: Path, path: Path) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(folder.rglob("*")):
-            zf.write(f, "export/" + str(f.relative_to(folder)))
-    return path
 
 
 def input_error(exc: BaseException) -> InputError | None:
