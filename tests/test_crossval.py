@@ -89,6 +89,27 @@ def test_painted_kidneys_follow_the_contrast_phase(phase):
         render_ct({"liver": liver}, body, (1.0, 1.0, 1.0), np.random.default_rng(0), phase="delayed")
 
 
+def test_masses_are_painted_against_the_liver_and_outside_it():
+    from scipy import ndimage
+
+    from liver_fcn.data.synth import _abutting_mass
+
+    x, y, z = np.meshgrid(np.arange(96), np.arange(96), np.arange(32), indexing="ij")
+    body = (x - 48) ** 2 + (y - 48) ** 2 < 46**2
+    liver = ((x - 60) / 22.0) ** 2 + ((y - 45) / 20.0) ** 2 + ((z - 16) / 12.0) ** 2 < 1
+    near = ndimage.distance_transform_edt(~liver) <= 4  # within 4 mm of the liver (1 mm voxels)
+    painted = 0
+    for seed in range(6):
+        hu = np.full(body.shape, -100.0, dtype=np.float32)
+        _abutting_mass(hu, liver, body & ~liver, (1.0, 1.0, 1.0), np.random.default_rng(seed), 110.0)
+        mass = hu != -100.0
+        assert not (mass & liver).any() and not (mass & ~body).any()
+        if mass.any():
+            painted += 1
+            assert (mass & near).any() and mass.sum() > 1000  # against the liver, and mass-sized
+    assert painted == 6
+
+
 def test_synthetic_volumes_can_leave_classes_to_real_ct(phantom_root, tmp_path):
     out = synthesize(phantom_root, tmp_path / "liver_only", patients=["4"], annotate=["liver"], log=lambda s: None)
     (entry,) = json.loads(out.read_text())["training"]

@@ -221,6 +221,13 @@ def render_ct(
     free = body & (depth >= wall) & ~labelled
     for _ in range(int(rng.integers(1, 4))):
         _ellipsoid_distractor(hu, free, sp, rng, liver_hu)
+    # masses against the liver but outside it (an adrenal or renal mass, the gallbladder, bowel):
+    # lesion-like or liver-like density, labelled background, so that liver means the organ inside
+    # its capsule and not whatever hypodense tissue touches it
+    liver = np.any([m for n, m in organs.items() if n.lower().startswith("liver")], axis=0)
+    if np.any(liver):
+        for _ in range(int(rng.integers(0, 3))):
+            _abutting_mass(hu, liver, free, sp, rng, liver_hu)
 
     texture = _smooth_field(rng, shape, sp, rng.uniform(3, 10))
     kinds = {}
@@ -306,6 +313,47 @@ def _ellipsoid_distractor(
     region[inside] = core
     if rng.random() < 0.5:  # a wall of another density (myocardium, stomach wall)
         region[inside & (q > rng.uniform(0.5, 0.8))] = rng.uniform(liver_hu - 30, liver_hu + 30)
+    hu[box] = region
+
+
+def _abutting_mass(
+    hu: np.ndarray,
+    liver: np.ndarray,
+    free: np.ndarray,
+    sp: Sequence[float],
+    rng: np.random.Generator,
+    liver_hu: float,
+) -> None:
+    """Paint one mass of 15-45 mm radii centred just outside the liver's surface, clipped to
+    ``free`` (unlabelled tissue): against the liver, or behind a fat plane of up to 3 mm."""
+    step = (4, 4, 2)
+    small = liver[:: step[0], :: step[1], :: step[2]]
+    shell = ndimage.binary_dilation(small, iterations=2) & ~small & free[:: step[0], :: step[1], :: step[2]]
+    candidates = np.flatnonzero(shell)
+    if candidates.size == 0:
+        return
+    ci = np.array(np.unravel_index(rng.choice(candidates), shell.shape)) * step
+    radii = rng.uniform(15, 45, size=3) / np.asarray(sp)  # semi-axes in voxels
+    lo = np.maximum(ci - np.ceil(radii).astype(int), 0)
+    hi = np.minimum(ci + np.ceil(radii).astype(int) + 1, free.shape)
+    grid = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    q = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, ci, radii))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    inside = (q < 1.0) & free[box]
+    if rng.random() < 0.5:  # a fat plane between the mass and the liver
+        gap_mm = rng.uniform(1.0, 3.0)
+        inside &= ndimage.distance_transform_edt(~liver[box], sampling=[float(s) for s in sp]) > gap_mm
+    draw = rng.random()
+    if draw < 0.5:
+        core = liver_hu - rng.uniform(15, 70)  # hypodense, like a liver lesion
+    elif draw < 0.8:
+        core = liver_hu + rng.uniform(-25, 15)  # as dense as the liver
+    else:
+        core = rng.uniform(0, 25)  # cystic, or fluid
+    region = hu[box]
+    region[inside] = core
+    if rng.random() < 0.4:  # an enhancing rim
+        region[inside & (q > rng.uniform(0.6, 0.85))] = liver_hu + rng.uniform(0, 60)
     hu[box] = region
 
 
