@@ -30,10 +30,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from liver_fcn.data import load_datalist
 from liver_fcn.data.ircadb import patient_ids
 from liver_fcn.errors import InputError
+from liver_fcn.handlers import read_progress
+from liver_fcn.options import show_progress
 from liver_fcn.outputs import write_json_atomic, write_text_atomic
 from liver_fcn.runs import resolve_tracking_uri, tag_experiment, ui_link
 
@@ -165,11 +168,68 @@ def _markdown(title: str, rows: list[dict], table: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _run(cmd: list[str], env: dict, log_path: Path, log: Callable[[str], None]) -> float:
+class FoldProgress:
+    """Follows a fold training's :class:`~liver_fcn.handlers.ProgressFile`: on a terminal a bar of its
+    iterations (``label`` as the description, the loss beside it); otherwise one plain log line an
+    epoch (``[1/2] training without P: epoch 3/12, iteration 750/3000, loss 0.356, 9.1 min``)."""
+
+    def __init__(self, path: Path, label: str, log: Callable[[str], None], progress: bool | str = "auto") -> None:
+        self.path, self.label, self.log = path, label, log
+        self.terminal = show_progress(progress)
+        self.bar = None
+        self.epoch = 0
+
+    def update(self) -> None:
+        p = read_progress(self.path)
+        if not p or not p.get("max_iterations"):
+            return
+        if self.terminal:
+            if self.bar is None:
+                self.bar = tqdm(total=p["max_iterations"], desc=self.label, unit="it", file=sys.stderr)
+            self.bar.n = p["iteration"]
+            if p.get("loss") is not None:
+                self.bar.set_postfix(loss=f"{p['loss']:.4f}", refresh=False)
+            self.bar.refresh()
+        elif p["iteration"] * p["max_epochs"] // p["max_iterations"] > self.epoch:  # an epoch more is done
+            self.epoch = p["iteration"] * p["max_epochs"] // p["max_iterations"]
+            loss = f", loss {p['loss']:.4f}" if p.get("loss") is not None else ""
+            self.log(
+                f"{self.label}: epoch {self.epoch}/{p['max_epochs']}, iteration {p['iteration']}/"
+                f"{p['max_iterations']}{loss}, {p['elapsed_s'] / 60:.1f} min"
+            )
+
+    def close(self) -> None:
+        self.update()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run(
+    cmd: list[str], env: dict, log_path: Path, log: Callable[[str], None], follow: FoldProgress | None = None
+) -> float:
+    """Run one bundle command with its output in ``log_path``; ``follow`` shows its progress. If this
+    process is interrupted, the command is stopped (SIGTERM: a training saves and marks its run)."""
     t0 = time.time()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=2.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    if follow is not None:
+                        follow.update()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            if follow is not None:
+                follow.close()
     if proc.returncode != 0:
         tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise InputError(f"{' '.join(cmd[3:5])} failed with exit status {proc.returncode}: {tail[0]} (log: {log_path})")
@@ -189,12 +249,14 @@ def crossval(
     tracking_uri: str | None = None,
     scanner_shift: bool = True,
     log: Callable[[str], None] = print,
+    progress: bool | str = "auto",
 ) -> dict[str, float]:
     """Run a leave-one-patient-out cross-validation; returns the parent run's metrics.
 
     ``configs``: the training config files (train.json first, then overrides such as cpu.json);
     evaluate.json is appended for the evaluations. ``overrides``: extra bundle arguments for the
-    training runs (``["--iterations", "500"]``).
+    training runs (``["--iterations", "500"]``). ``progress``: a bar over each fold's iterations
+    (``"auto"``: when stderr is a terminal; otherwise a log line an epoch).
     """
     import mlflow
 
@@ -271,11 +333,15 @@ def crossval(
                 f"cv-{name}-{tag}-train",
                 "--registered_model_name",
                 "None",
+                "--progress_file",
+                str(folder / "progress.json"),
                 *(["--extra_training", repr(extra)] if extra else []),
                 *overrides,
             ]
-            log(f"[{i}/{len(folds)}] training without {patient} ...")
-            train_s = _run(train_cmd, env, folder / "train.log", log)
+            label = f"[{i}/{len(folds)}] training without {patient}"
+            log(f"{label} ...")
+            follow = FoldProgress(folder / "progress.json", label, log, progress)
+            train_s = _run(train_cmd, env, folder / "train.log", log, follow)
             eval_cmd = [
                 sys.executable,
                 "-m",

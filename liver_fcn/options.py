@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 from liver_fcn.errors import InputError, reported
 
-__all__ = ["flag"]
+__all__ = ["flag", "show_progress"]
 
 
 @reported
@@ -23,3 +25,11 @@ def flag(value, name: str = "option") -> bool:
         if word in ("false", "no", "off", "0"):
             return False
     raise InputError(f"--{name} must be true or false, got {value!r}")
+
+
+def show_progress(value="auto") -> bool:
+    """Whether to draw progress bars: ``"auto"`` draws them only when stderr is a terminal (a log
+    file or a pipe gets plain log lines instead); otherwise a boolean option as :func:`flag` reads it."""
+    if str(value).strip().lower() == "auto":
+        return sys.stderr.isatty()
+    return flag(value, "progress")

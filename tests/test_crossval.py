@@ -137,6 +137,28 @@ def test_mask_folder_without_body_outline_is_refused(phantom_root, tmp_path):
     assert not (tmp_path / "out" / "datalist.json").exists()
 
 
+def test_fold_progress_is_a_bar_on_a_terminal_and_a_line_an_epoch_in_a_log(tmp_path, capsys):
+    from liver_fcn.crossval import FoldProgress
+    from liver_fcn.outputs import write_json_atomic
+
+    path, lines = tmp_path / "progress.json", []
+    state = {"iteration": 0, "max_iterations": 3000, "epoch": 1, "max_epochs": 12, "loss": 0.9, "elapsed_s": 1.0}
+    logged = FoldProgress(path, "[1/2] training without P", lines.append, progress=False)
+    shown = FoldProgress(path, "[1/2] training without P", lines.append, progress=True)
+    logged.update()  # nothing written yet: nothing to say
+    for iteration, elapsed in ((10, 3.0), (250, 60.0), (260, 62.0), (760, 180.0)):
+        write_json_atomic(path, {**state, "iteration": iteration, "elapsed_s": elapsed})
+        logged.update()
+        shown.update()
+    shown.close()
+    assert lines == [
+        "[1/2] training without P: epoch 1/12, iteration 250/3000, loss 0.9000, 1.0 min",
+        "[1/2] training without P: epoch 3/12, iteration 760/3000, loss 0.9000, 3.0 min",
+    ]
+    err = capsys.readouterr().err
+    assert "[1/2] training without P:  25%" in err and "760/3000" in err and "loss=0.9000" in err
+
+
 def test_fold_datalists_hold_each_patient_out_of_its_training(prepared, tmp_path):
     folds = fold_datalists(prepared, tmp_path, patients=["1", "3Dircadb1.2"])
     assert [p for p, _ in folds] == ["3Dircadb1.1", "3Dircadb1.2"]
@@ -194,6 +216,10 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
     )
     assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
     assert "mean +- std over 2 folds" in a.stdout and "liver (shifted)" in a.stdout
+    # not a terminal: a plain line an epoch, from the progress file each fold's training writes
+    assert "[2/2] training without 3Dircadb1.2: epoch 2/2, iteration 4/4, loss " in a.stdout
+    done = json.loads((tmp_path / "cv" / "plain" / "folds" / "3Dircadb1.2" / "progress.json").read_text())
+    assert done["done"] and (done["iteration"], done["max_iterations"], done["max_epochs"]) == (4, 4, 2)
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("liver-fcn-crossval")

@@ -94,10 +94,28 @@ def test_progress_bar_over_the_cases_on_request_and_none_in_a_log(small_fcn, tmp
     # a new interpreter: nothing imported before the run (the warm one may have defined MLflow's pyfunc class)
     shown = bundle_cli(*args, "--output_dir", str(tmp_path / "shown"), "--progress", "true", new=True)
     assert shown.returncode == 0 and "cases: [2/2] 100%" in shown.stderr, shown.stderr[-1500:]
+    assert "slices:" in shown.stderr  # and within each case, a transient bar over its slices
     assert "type hints" not in shown.stderr  # inference does not define the registry's pyfunc class
     logged = bundle_cli(*args, "--output_dir", str(tmp_path / "logged"))
-    assert logged.returncode == 0 and "cases:" not in logged.stderr
+    assert logged.returncode == 0 and "cases:" not in logged.stderr and "slices:" not in logged.stderr
     assert "a: " in logged.stdout and "b: " in logged.stdout  # the per-case log lines tell the progress
+
+
+def test_slice_bar_counts_the_slices_and_leaves_the_prediction_as_monai_makes_it(capsys):
+    import torch
+    from monai.inferers import SliceInferer
+
+    from liver_fcn.inference import SliceProgressInferer
+
+    net = torch.nn.Conv2d(1, 3, 3, padding=1)
+    x = torch.randn(1, 1, 16, 16, 7)
+    expected = SliceInferer(roi_size=(-1, -1), sw_batch_size=3, spatial_dim=2)(x, net)
+    with torch.no_grad():
+        for progress in (False, True):
+            got = SliceProgressInferer(roi_size=(-1, -1), sw_batch_size=3, spatial_dim=2, progress=progress)(x, net)
+            assert torch.allclose(got, expected)
+            err = capsys.readouterr().err
+            assert ("slices:" in err and "/7 [" in err) if progress else err == ""
 
 
 def test_version_names_the_package_and_the_bundle():

@@ -15,6 +15,8 @@
   prediction on a validation patient, drawn when training ends.
 * :mod:`~liver_fcn.handlers.progress` - :class:`TerminalProgress`: a progress bar over the cases
   of an inference run, on a terminal only.
+* :mod:`~liver_fcn.handlers.progress_file` - :class:`ProgressFile`: a training's iteration, epoch and
+  loss as a small JSON file that ``liver-fcn crossval`` follows.
 * :mod:`~liver_fcn.handlers.evaluation_report` - :class:`EvaluationReport`: the evaluation's
   per-patient CSV and summary, and the summary means as engine metrics for MLflow.
 """
@@ -24,6 +26,7 @@ from liver_fcn.handlers.checkpoint_saver import AtomicCheckpointSaver, FinalMode
 from liver_fcn.handlers.evaluation_report import EvaluationReport
 from liver_fcn.handlers.mlflow_run import MLflowRunHandler
 from liver_fcn.handlers.progress import TerminalProgress
+from liver_fcn.handlers.progress_file import ProgressFile, read_progress
 from liver_fcn.handlers.termination import (
     TrainingTerminated,
     finish_epoch_before_terminating,
@@ -38,10 +41,12 @@ __all__ = [
     "EvaluationReport",
     "FinalModelSaver",
     "MLflowRunHandler",
+    "ProgressFile",
     "TerminalProgress",
     "TrainingTerminated",
     "ValidationOverlay",
     "finish_epoch_before_terminating",
+    "read_progress",
     "terminate_on_signal",
     "termination_held",
 ]

@@ -6,7 +6,7 @@ import sys
 
 from ignite.handlers import ProgressBar
 
-from liver_fcn.options import flag
+from liver_fcn.options import show_progress
 
 __all__ = ["TerminalProgress"]
 
@@ -18,7 +18,7 @@ class TerminalProgress:
 
     def __init__(self, desc: str = "cases", enabled: bool | str = "auto") -> None:
         self.desc = desc
-        self.enabled = sys.stderr.isatty() if str(enabled).lower() == "auto" else flag(enabled, "progress")
+        self.enabled = show_progress(enabled)
 
     def attach(self, engine) -> None:
         if self.enabled:

@@ -19,6 +19,8 @@ clinical input and an archive of thousands need around them, one module per conc
   (a DICOM Segmentation object) and :class:`WriteRTStructd` (an RT Structure Set of contours),
   between :class:`StageCased` and :class:`CommitCased`, which moves the case's files into place as
   one set;
+* :mod:`~liver_fcn.inference.inferer` - :class:`SliceProgressInferer`: MONAI's SliceInferer with a
+  bar over the slices of a case on a terminal;
 * :mod:`~liver_fcn.inference.runner` - :class:`CaseDataset` and :class:`CaseRunner` make a case that
   fails after the checks a line in the summary instead of the end of the run; :func:`finish` writes
   the one ``summary.json`` of all processes and sets the exit status.
@@ -27,6 +29,7 @@ Everything is importable from ``liver_fcn.inference`` as the bundle configs name
 """
 
 from liver_fcn.inference.cases import check_nifti_affine, check_output_dir, collect_cases, shard
+from liver_fcn.inference.inferer import SliceProgressInferer
 from liver_fcn.inference.outputs import (
     CaseOutput,
     CaseReportd,
@@ -50,6 +53,7 @@ __all__ = [
     "CaseRunner",
     "CommitCased",
     "Precision",
+    "SliceProgressInferer",
     "StageCased",
     "WriteDicomSegd",
     "WriteRTStructd",
