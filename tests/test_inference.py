@@ -497,6 +497,14 @@ def bad_inputs(tmp: Path) -> dict:
     bad_nii = tmp / "broken.nii.gz"
     bad_nii.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
     cases["corrupt NIfTI"] = (bad_nii, {}, r"broken.nii.gz: not a readable NIfTI file")
+    whole = tmp / "whole.nii.gz"  # its header and first slice read well: only reading it through finds the cut
+    noise = np.random.default_rng(0).integers(-1000, 1000, (40, 40, 16)).astype(np.int16)
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), str(whole))
+    (tmp / "cut.nii.gz").write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    cases["truncated .nii.gz"] = (tmp / "cut.nii.gz", {}, r"cut.nii.gz: truncated or corrupt compressed NIfTI")
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), str(tmp / "whole.nii"))
+    (tmp / "cut.nii").write_bytes((tmp / "whole.nii").read_bytes()[:40000])
+    cases["truncated .nii"] = (tmp / "cut.nii", {}, r"cut.nii: NIfTI file is truncated \(40000 bytes")
     png = tmp / "slice.png"
     png.write_bytes(b"\x89PNG")
     cases["unsupported file"] = (png, {}, r"slice.png: not a DICOM series folder or zip, a NIfTI file")
@@ -698,7 +706,8 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(what, bad_cases, bad
     r, out = bad_runs[what]
     lines = [line for line in r.stderr.strip().splitlines() if not re.search(r"Warning|warn\(|nvImageCodec|^\s", line)]
     assert r.returncode == 2, (what, r.returncode, r.stderr[-1500:])
-    assert "Traceback" not in r.stderr, what
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, what  # no decoder's log either
+    assert " - ERROR - " not in r.stdout + r.stderr, what
     assert lines and lines[-1].startswith("error: ") and re.search(pattern, lines[-1]), (what, lines[-3:])
     assert not out.exists(), what
 
@@ -763,25 +772,33 @@ def nifti_case(path: Path) -> Path:
 
 
 def test_a_case_failing_after_the_checks_is_named_and_the_others_are_kept(small_fcn, tmp_path):
-    nifti_case(tmp_path / "a.nii.gz")
-    nifti_case(tmp_path / "c.nii.gz")
-    bad = nifti_case(tmp_path / "b.nii")
-    bad.write_bytes(bad.read_bytes()[:-2000])  # the header and the first slice read, the end is cut off
-    (tmp_path / "list.json").write_text(json.dumps(["a.nii.gz", "b.nii", "c.nii.gz"]))
+    for name in "abc":
+        nifti_case(tmp_path / f"{name}.nii.gz")
+    (tmp_path / "list.json").write_text(json.dumps(["a.nii.gz", "b.nii.gz", "c.nii.gz"]))
     out = tmp_path / "out"
-    r = bundle_cli("--input", str(tmp_path / "list.json"), "--checkpoint", str(small_fcn), "--output_dir", str(out))
+    args = ["--input", str(tmp_path / "list.json"), "--checkpoint", str(small_fcn), "--output_dir", str(out)]
+    assert bundle_cli(*args).returncode == 0
+    assert (out / "b_seg.nii.gz").is_file() and (out / "b_report.json").is_file()
+    # again, with case b failing while its files are written (its mask staged, its overlay not)
+    fault = ["--write_overlay#_target_", "tests.helpers.OverlayFailingFor", "--write_overlay#case", "b"]
+    r = bundle_cli(*args, *fault)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
-    assert " - INFO - 2 cases written to " in lines[-2] and " - ERROR - 1 case FAILED " in lines[-1]
-    assert "b: " in lines[-1] and "b.nii" in lines[-1]
+    assert " - INFO - 2 cases written to " in lines[-2] and " - ERROR - 1 case FAILED: b (the errors are" in lines[-1]
+    assert (r.stdout + r.stderr).count("No space left on device (injected)") == 1  # the error, once
+    failed_line = next(line for line in lines if "b: FAILED" in line)
+    assert "its earlier outputs here removed: b_seg.nii.gz, b_overlay.png, b_report.json" in failed_line
     summary = json.loads((out / "summary.json").read_text())
     assert [w["case"] for w in summary["written"]] == ["a", "c"]
-    assert [f["case"] for f in summary["failed"]] == ["b"] and "b.nii" in summary["failed"][0]["error"]
+    (failed,) = summary["failed"]
+    assert failed["case"] == "b" and "No space left on device" in failed["error"]
+    assert failed["removed"] == ["b_seg.nii.gz", "b_overlay.png", "b_report.json"]
     names = sorted(p.name for p in out.iterdir())
-    assert not [n for n in names if n.startswith("b")], names  # nothing of the failed case
+    assert not [n for n in names if n.startswith("b")], names  # nothing of the failed case, old or new
     assert not [n for n in names if n.startswith(".")], names  # no staging left behind
     assert {"a_seg.nii.gz", "a_report.json", "a_overlay.png", "c_seg.nii.gz"} <= set(names)
+    assert [row["case"] for row in csv.DictReader(open(out / "summary.csv"))] == ["a", "c"]
 
 
 def test_rerun_replaces_a_case_as_one_set_and_lowercase_false_means_false(small_fcn, tmp_path):

@@ -454,9 +454,23 @@ def _undecodable(path, e: Exception) -> InputError:
     return InputError(f"{path}: cannot decode pixel data ({type(e).__name__}: {' '.join(str(e).split())})")
 
 
+@contextmanager
+def quiet_decoders() -> Iterator[None]:
+    """pydicom's pixel decoders log each plugin's failure with its traceback before raising; while
+    this is active they do not (the raised error still says why, and becomes one line)."""
+    log = logging.getLogger("pydicom.pixels")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _decode(path: Path) -> None:
     try:
-        pydicom.pixels.pixel_array(str(path))
+        with quiet_decoders():
+            pydicom.pixels.pixel_array(str(path))
     except Exception as e:
         raise _undecodable(path, e) from None
 

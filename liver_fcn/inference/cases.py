@@ -7,9 +7,11 @@ report names the series taken and why."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -63,6 +65,25 @@ def check_nifti_affine(img, path) -> None:
             )
 
 
+def _check_complete(path: Path, img) -> None:
+    """The file holds all its voxels: a ``.nii.gz`` is decompressed through, a chunk at a time and
+    nothing kept (a truncated or corrupt stream fails here, before any output, not halfway through the
+    run); a ``.nii`` is long enough."""
+    needed = int(img.header.get_data_offset()) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+    if path.name.lower().endswith(".gz"):
+        size = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as e:
+            raise InputError(f"{path}: truncated or corrupt compressed NIfTI ({type(e).__name__}: {e})") from None
+    else:
+        size = path.stat().st_size
+    if size < needed:
+        raise InputError(f"{path}: NIfTI file is truncated ({size} bytes of data and header, {needed} expected)")
+
+
 def _check_nifti(path: Path) -> tuple:
     try:
         img = nib.load(str(path))
@@ -73,6 +94,8 @@ def _check_nifti(path: Path) -> tuple:
             raise InputError(f"{path}: NIfTI image has shape {img.shape}; a 3D CT volume is expected")
         np.asanyarray(img.dataobj[..., :1])  # reads (and so checks) the start of the data
         check_nifti_affine(img, path)
+        if not np.issubdtype(img.get_data_dtype(), np.floating):
+            _check_complete(path, img)
         if np.issubdtype(img.get_data_dtype(), np.floating):  # only floats can hold NaN: read them all
             data = np.asanyarray(img.dataobj)
             bad = int(data.size - np.count_nonzero(np.isfinite(data)))

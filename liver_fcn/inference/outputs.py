@@ -246,6 +246,17 @@ class CommitCased(Transform):
         self.log = log or logger.info
         self.written: list[dict] = []
 
+    def discard(self, case: str) -> list[str]:
+        """Remove the files of ``case`` that an earlier run left in ``output_dir`` (the known
+        ``suffixes`` and the report); returns their names."""
+        removed = []
+        for name in [f"{case}{sfx}" for sfx in self.suffixes] + [f"{case}_report.json"]:
+            path = self.output_dir / name
+            if path.is_file():
+                path.unlink()
+                removed.append(name)
+        return removed
+
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         case, stage = str(d.get("case", "case")), Path(d["stage"])

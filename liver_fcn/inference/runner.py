@@ -57,10 +57,13 @@ class CaseRunner:
 
     Use as ``SupervisedEvaluator(iteration_update=CaseRunner(postprocessing), postprocessing=None)``:
     the post-processing runs inside the iteration so that its failure is caught with the case's name.
+    With ``writer`` (the run's :class:`CommitCased`), a failed case's outputs of an earlier run in the
+    output folder are removed, so that no mask is left beside a summary that says the case failed.
     """
 
-    def __init__(self, postprocessing) -> None:
+    def __init__(self, postprocessing, writer: CommitCased | None = None) -> None:
         self.postprocessing = postprocessing
+        self.writer = writer
         self.failed: list[dict] = []
 
     def __call__(self, engine, batch: dict):
@@ -85,8 +88,10 @@ class CaseRunner:
             return []
 
     def _fail(self, case: str, source: str, error: str) -> None:
-        logger.error(f"{case}: FAILED, nothing written: {error}")
-        self.failed.append({"case": case, "input": source, "error": error})
+        removed = self.writer.discard(case) if self.writer is not None else []
+        earlier = f" (its earlier outputs here removed: {', '.join(removed)})" if removed else ""
+        logger.error(f"{case}: FAILED, nothing written for it{earlier}: {error}")
+        self.failed.append({"case": case, "input": source, "error": error, "removed": removed})
 
 
 def case_of(row: dict) -> str:
@@ -150,9 +155,10 @@ def finish(
             + ")"
         )
         if failed:
-            logger.error(
-                f"{len(failed)} case{'s' if len(failed) != 1 else ''} FAILED "
-                f"(see {Path(output_dir) / 'summary.json'}): " + "; ".join(f"{f['case']}: {f['error']}" for f in failed)
+            logger.error(  # each error was logged once, when its case failed
+                f"{len(failed)} case{'s' if len(failed) != 1 else ''} FAILED: "
+                + ", ".join(f["case"] for f in failed)
+                + f" (the errors are above and in {Path(output_dir) / 'summary.json'})"
             )
     if distributed:
         dist.barrier()
