@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from liver_fcn.errors import InputError
+from liver_fcn.errors import InputError, Terminated
 from liver_fcn.options import flag
 from liver_fcn.outputs import write_text_atomic
 
@@ -134,6 +134,7 @@ def _crossval(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,
         scanner_shift=not args.no_scanner_shift,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -459,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking_uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or bundle/eval/mlruns.db)"
     )
     cv.add_argument("--no_scanner_shift", action="store_true", help="evaluate the clean scans only")
+    cv.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a cross-validation of an existing --name afresh (its folder is replaced; runs a killed "
+        "process left RUNNING are marked KILLED)",
+    )
     cv.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then bundle overrides, e.g. -- --iterations 500")
     cv.set_defaults(func=_crossval)
 
@@ -510,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileExistsError) as e:
         print(f"liver-fcn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"liver-fcn {args.command}: {e}", file=sys.stderr)
+        return e.exit_status
 
 
 if __name__ == "__main__":

@@ -18,11 +18,14 @@ side by side, fold by fold.
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,7 +37,7 @@ from tqdm import tqdm
 
 from liver_fcn.data import load_datalist
 from liver_fcn.data.ircadb import patient_ids
-from liver_fcn.errors import InputError
+from liver_fcn.errors import InputError, Terminated
 from liver_fcn.handlers import read_progress
 from liver_fcn.options import show_progress
 from liver_fcn.outputs import write_json_atomic, write_text_atomic
@@ -168,6 +171,35 @@ def _markdown(title: str, rows: list[dict], table: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _stop_with_parent() -> None:
+    """In a fold's process, before it runs: SIGTERM when the cross-validation process dies, even by
+    SIGKILL (Linux ``PR_SET_PDEATHSIG``), so that no fold trains on orphaned with its run RUNNING."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    raise Terminated(f"terminated by signal {signal.Signals(signum).name}", signum)
+
+
+def _end_earlier_runs(client, experiment: str, name: str) -> int:
+    """Mark the runs of an earlier cross-validation ``name`` that were left RUNNING (its process was
+    killed) as KILLED; returns how many."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    parents = client.search_runs([exp.experiment_id], f"tags.crossval = '{name}' and tags.kind = 'crossval'")
+    ended = 0
+    for parent in parents:
+        children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        for run in [*children, parent]:
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "error", "left RUNNING by a killed cross-validation; ended on re-run")
+                client.set_terminated(run.info.run_id, "KILLED")
+                ended += 1
+    return ended
+
+
 class FoldProgress:
     """Follows a fold training's :class:`~liver_fcn.handlers.ProgressFile`: on a terminal a bar of its
     iterations (``label`` as the description, the loss beside it); otherwise one plain log line an
@@ -212,7 +244,9 @@ def _run(
     t0 = time.time()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True, preexec_fn=_stop_with_parent
+        )
         try:
             while True:
                 try:
@@ -250,13 +284,19 @@ def crossval(
     scanner_shift: bool = True,
     log: Callable[[str], None] = print,
     progress: bool | str = "auto",
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Run a leave-one-patient-out cross-validation; returns the parent run's metrics.
 
     ``configs``: the training config files (train.json first, then overrides such as cpu.json);
     evaluate.json is appended for the evaluations. ``overrides``: extra bundle arguments for the
     training runs (``["--iterations", "500"]``). ``progress``: a bar over each fold's iterations
-    (``"auto"``: when stderr is a terminal; otherwise a log line an epoch).
+    (``"auto"``: when stderr is a terminal; otherwise a log line an epoch). ``overwrite``: start a
+    cross-validation of an existing name afresh (its folder is replaced; its runs stay in MLflow, those
+    a killed process left RUNNING are marked KILLED).
+
+    SIGTERM or Ctrl-C stops the running fold with SIGTERM (its training saves and marks its run) and
+    marks the parent run KILLED; a fold's process also gets SIGTERM if this process is killed outright.
     """
     import mlflow
 
@@ -266,8 +306,8 @@ def crossval(
         if not Path(c).is_file():
             raise InputError(f"{c}: config file not found")
     out = Path(out_dir) / name
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{out}: already exists; choose another --name or remove it")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: already exists; choose another --name, or pass --overwrite to start it afresh")
 
     if extra_weights and len(extra_weights) != len(extra_training):
         raise InputError(f"{len(extra_weights)} extra weights for {len(extra_training)} extra training sets")
@@ -278,10 +318,17 @@ def crossval(
         load_datalist(Path(p) / "datalist.json" if Path(p).is_dir() else Path(p), "training")
     if extra_weights:
         extra = [{"datalist": p, "weight": float(w)} for p, w in zip(extra, extra_weights)]
-    folds = fold_datalists(dataset_dir, out, patients)
     uri = resolve_tracking_uri(Path(out_dir).parent, tracking_uri)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     client = mlflow.MlflowClient(tracking_uri=uri)
+    if overwrite and out.exists():
+        ended = _end_earlier_runs(client, experiment, name)
+        shutil.rmtree(out)
+        log(
+            f"{out}: earlier cross-validation removed"
+            + (f", {ended} of its runs left RUNNING marked KILLED" if ended else "")
+        )
+    folds = fold_datalists(dataset_dir, out, patients)
     exp = client.get_experiment_by_name(experiment)
     # MLflow 3's UI shows this kind of experiment as "Machine learning"; which view a browser opens on
     # follows its GenAI / Model training toggle, hence the deep link printed at the end
@@ -305,6 +352,10 @@ def crossval(
     log(f"cross-validation {name!r}: {len(folds)} folds, MLflow parent run {pid} in {experiment!r} at {uri}")
     eval_configs = [*configs, str(Path(configs[0]).parent / "evaluate.json")]
     rows: list[dict] = []
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = None
     try:
         for i, (patient, folder) in enumerate(folds, 1):
             tag = re.sub(r"[^A-Za-z0-9._-]+", "_", patient)
@@ -396,8 +447,13 @@ def crossval(
         client.set_terminated(pid, "FINISHED")
     except BaseException as e:
         client.set_tag(pid, "error", f"{type(e).__name__}: {e}"[:4000])
-        client.set_terminated(pid, "FAILED")
+        client.set_terminated(pid, "KILLED" if isinstance(e, Terminated | KeyboardInterrupt) else "FAILED")
+        if isinstance(e, Terminated):
+            raise Terminated(f"cross-validation {name!r} {e}; its runs are marked KILLED", signal.SIGTERM) from None
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     log(f"cross-validation {name!r}, mean +- std over {len(folds)} folds (3D, each patient on its own grid):")
     for t in table:
         label = t["class"] if t["condition"] == "clean" else f"{t['class']} ({t['condition']})"

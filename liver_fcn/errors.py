@@ -5,7 +5,16 @@ from __future__ import annotations
 import functools
 import sys
 
-__all__ = ["InputError", "reported", "root_cause"]
+__all__ = ["InputError", "Terminated", "reported", "root_cause"]
+
+
+class Terminated(Exception):
+    """A command stopped by a signal (SIGTERM) after it had marked what it was doing; the command line
+    prints it as one line and exits with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int = 15) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signum
 
 
 class InputError(ValueError):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -172,10 +175,9 @@ def test_fold_datalists_hold_each_patient_out_of_its_training(prepared, tmp_path
         fold_datalists(prepared, tmp_path / "x", patients=["9"])
 
 
-def crossval(prepared: Path, out: Path, uri: str, name: str, *extra: str, overrides=()) -> subprocess.CompletedProcess:
+def crossval_args(prepared: Path, out: Path, uri: str, name: str, *extra: str, overrides=()) -> list[str]:
     overrides = [x for k, v in {**TINY, **dict(overrides)}.items() for x in (f"--{k}", v)]
-    return warm_module(
-        "liver_fcn.cli",
+    return [
         "crossval",
         "--dataset_dir",
         str(prepared),
@@ -193,9 +195,76 @@ def crossval(prepared: Path, out: Path, uri: str, name: str, *extra: str, overri
         *extra,
         "--",
         *overrides,
-        cwd=out.parent,  # MLflow puts a new SQLite experiment's artifacts under ./mlruns
-        timeout=900,
+    ]
+
+
+def crossval(prepared: Path, out: Path, uri: str, name: str, *extra: str, overrides=()) -> subprocess.CompletedProcess:
+    args = crossval_args(prepared, out, uri, name, *extra, overrides=overrides)
+    # MLflow puts a new SQLite experiment's artifacts under ./mlruns
+    return warm_module("liver_fcn.cli", *args, cwd=out.parent, timeout=900)
+
+
+def started_crossval(prepared: Path, out: Path, uri: str, name: str) -> subprocess.Popen:
+    """A cross-validation in a new process, returned once its first fold's training has taken steps."""
+    args = crossval_args(prepared, out, uri, name, overrides={"iterations": "5000", "epoch_length": "5"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "liver_fcn.cli", *args],
+        cwd=out.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    progress, deadline = out / name / "folds" / "3Dircadb1.1" / "progress.json", time.time() + 300
+    while not (progress.is_file() and json.loads(progress.read_text())["iteration"] >= 5):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.5)
+    return proc
+
+
+def runs_of(client, name: str) -> tuple:
+    """The parent run of cross-validation ``name`` (the newest) and its child runs."""
+    exp = client.get_experiment_by_name("liver-fcn-crossval")
+    (parent, *_) = client.search_runs([exp.experiment_id], f"tags.crossval = '{name}'", order_by=["start_time DESC"])
+    return parent, client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+
+def test_a_killed_crossval_marks_its_runs_and_starts_afresh_on_request(prepared, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    out = tmp_path / "cv"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    # SIGTERM: the running fold is stopped (it saves and marks its run), the parent run is KILLED
+    proc = started_crossval(prepared, out, uri, "killed")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "liver-fcn crossval: cross-validation 'killed' terminated by signal SIGTERM; its runs are marked KILLED"
+    )
+    parent, (train,) = runs_of(client, "killed")
+    assert parent.info.status == "KILLED" and train.info.status == "FAILED"
+    assert "terminated by signal SIGTERM" in train.data.tags["error"]
+    assert list((out / "killed" / "folds" / "3Dircadb1.1" / "models").glob("*checkpoint*.pt"))  # saved on the way out
+
+    # SIGKILL: no handler runs here, but the fold's training gets SIGTERM as its parent dies
+    again = crossval(prepared, out, uri, "killed")
+    assert again.returncode == 2 and "already exists; choose another --name, or pass --overwrite" in again.stderr
+    proc = started_crossval(prepared, out, uri, "killed-hard")
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 120
+    while (train := runs_of(client, "killed-hard")[1][0]).info.status == "RUNNING":
+        assert time.time() < deadline, "the orphaned fold training kept running"
+        time.sleep(1)
+    assert train.info.status == "FAILED"
+    parent, _ = runs_of(client, "killed-hard")
+    assert parent.info.status == "RUNNING"  # nobody could mark it: the re-run does
+    r = crossval(prepared, out, uri, "killed-hard", "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "earlier cross-validation removed, 1 of its runs left RUNNING marked KILLED" in r.stdout
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
+    fresh, children = runs_of(client, "killed-hard")
+    assert fresh.info.status == "FINISHED" and len(children) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
 
 
 @pytest.mark.slow

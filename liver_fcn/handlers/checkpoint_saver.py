@@ -4,6 +4,7 @@ file and a rename, and the final model written only when a run completes.
 
 from __future__ import annotations
 
+from ignite.engine import Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
@@ -48,6 +49,14 @@ class FinalModelSaver(AtomicCheckpointSaver):
     MONAI's CheckpointSaver also writes its final checkpoint when the run raises; a crashed run must
     not leave a ``model.pt`` that looks like a finished model.
     """
+
+    def attach(self, engine) -> None:
+        super().attach(engine)
+        # MONAI's saver would write its final checkpoint on an exception and re-raise it at once; as the
+        # first EXCEPTION_RAISED handler it would keep those after it (MLflow marking the run FAILED)
+        # from running. Without it, the exception goes on through the other handlers as it came.
+        if engine.has_event_handler(self.exception_raised, Events.EXCEPTION_RAISED):
+            engine.remove_event_handler(self.exception_raised, Events.EXCEPTION_RAISED)
 
     def exception_raised(self, engine, e: Exception) -> None:
         raise e
