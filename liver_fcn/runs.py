@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from liver_fcn import CLASS_NAMES
+from liver_fcn.errors import InputError, reported
 
 __all__ = [
     "EXPERIMENT_KIND",
@@ -36,6 +39,27 @@ def resolve_tracking_uri(output_dir: str | os.PathLike, uri: str | None = None) 
         return uri
     db = Path(output_dir).resolve() / "mlruns.db"
     return f"sqlite:///{db}"
+
+
+@reported
+def check_tracking_server(uri: str, timeout: float = 5.0) -> str:
+    """A tracking server (``http(s)://``) must answer before a run starts any work: MLflow's client
+    would retry for minutes and then fail with the run's files half made. Any HTTP answer counts (an
+    auth error too); no connection is one line. Other stores (SQLite, a folder) pass; returns ``uri``."""
+    if not str(uri).startswith(("http://", "https://")):
+        return uri
+    try:
+        with urllib.request.urlopen(f"{str(uri).rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:  # the server answered
+        pass
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise InputError(
+            f"{uri}: MLflow tracking server unreachable ({reason}); start it, or record to a local store "
+            "with --tracking_uri sqlite:///path/to/mlruns.db"
+        ) from None
+    return uri
 
 
 def sqlite_dir(uri: str) -> Path | None:

@@ -21,7 +21,7 @@ from liver_fcn.data.ircadb import prepare
 from liver_fcn.networks import FCN
 from liver_fcn.training import prepare_network
 
-from .commands import server, warm_module
+from .commands import free_port, server, warm_module
 from .conftest import REPO
 from .test_bundle import CONFIGS, TINY, bundle
 
@@ -287,6 +287,34 @@ def check_the_story_over_rest(url: str, run_ids: list[str]) -> None:
     with urllib.request.urlopen(request, timeout=30) as r:
         comparisons = json.loads(r.read())["runs"]
     assert len(comparisons) == 1 and {p["key"]: p["value"] for p in comparisons[0]["data"]["params"]}["runs"] == "2"
+
+
+def test_an_unreachable_tracking_server_stops_training_before_any_work(prepared, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    r = bundle(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        "--tracking_uri",
+        uri,
+        *tiny_overrides(),
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {uri}: MLflow tracking server unreachable ([Errno 111] Connection refused); start it, or record "
+        "to a local store with --tracking_uri sqlite:///path/to/mlruns.db"
+    )
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "models").exists()  # nothing begun
 
 
 def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
