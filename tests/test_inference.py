@@ -6,10 +6,12 @@ import csv
 import hashlib
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -799,6 +801,54 @@ def test_a_case_failing_after_the_checks_is_named_and_the_others_are_kept(small_
     assert not [n for n in names if n.startswith(".")], names  # no staging left behind
     assert {"a_seg.nii.gz", "a_report.json", "a_overlay.png", "c_seg.nii.gz"} <= set(names)
     assert [row["case"] for row in csv.DictReader(open(out / "summary.csv"))] == ["a", "c"]
+
+
+def test_two_runs_into_one_folder_write_each_case_set_whole(small_fcn, tmp_path):
+    """Two runs at once into one folder, one with overlays and one without: every case's files on disk
+    are exactly the set its report names, made by the one process the report names."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = "abcd"
+    (tmp_path / "list.json").write_text(json.dumps([nifti_case(tmp_path / f"{n}.nii.gz").name for n in names]))
+    out = tmp_path / "out"
+    base = ["--input", str(tmp_path / "list.json"), "--checkpoint", str(small_fcn), "--output_dir", str(out)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = list(pool.map(lambda overlay: bundle_cli(*base, "--overlay", overlay), ["false", "true"]))
+    assert [r.returncode for r in runs] == [0, 0], [r.stdout[-2500:] + r.stderr[-800:] for r in runs]
+    for n in names:
+        report = json.loads((out / f"{n}_report.json").read_text())
+        on_disk = sorted(p.name for p in out.iterdir() if p.name.startswith(f"{n}_") and not p.name.endswith(".json"))
+        assert on_disk == sorted(Path(f).name for f in report["files"].values()), (n, on_disk, report["files"])
+        assert re.fullmatch(r".+:\d+", report["written_by"])
+    summary = json.loads((out / "summary.json").read_text())  # the run that finished last
+    assert len({w["written_by"] for w in summary["written"]}) == 1 and len(summary["written"]) == len(names)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_killed_mid_write_leaves_whole_sets_and_the_next_run_cleans_up(small_fcn, tmp_path):
+    import signal
+
+    names = [f"k{i}" for i in range(8)]
+    (tmp_path / "list.json").write_text(json.dumps([nifti_case(tmp_path / f"{n}.nii.gz").name for n in names]))
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "list.json"), "--checkpoint", str(small_fcn), "--output_dir", str(out)]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG, *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out.is_dir() and list(out.glob(".*.stage")) and list(out.glob("*_report.json"))):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    reports = {p.name[: -len("_report.json")] for p in out.glob("*_report.json")}
+    assert reports and len(reports) < len(names)
+    for case in reports:  # a case with a report has its whole set
+        files = json.loads((out / f"{case}_report.json").read_text())["files"].values()
+        assert all(Path(f).is_file() for f in files), case
+    r = bundle_cli(*args)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert {p.name[: -len("_report.json")] for p in out.glob("*_report.json")} == set(names)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the killed run's staging is gone
 
 
 def test_rerun_replaces_a_case_as_one_set_and_lowercase_false_means_false(small_fcn, tmp_path):

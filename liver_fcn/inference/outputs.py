@@ -6,14 +6,22 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Hashable, Mapping, Sequence
+import time
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from liver_fcn.dicom_seg import write_dicom_seg
 from liver_fcn.inference.report import case_report, hu_statistics, quality_flags, summary_line
@@ -35,6 +43,7 @@ __all__ = [
     "WriteRTStructd",
     "WriteMaskd",
     "WriteOverlayd",
+    "leftover_stages",
     "write_nifti_atomic",
 ]
 
@@ -67,13 +76,40 @@ class StageCased(Transform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        d["stage"] = tempfile.mkdtemp(prefix=f".{d.get('case', 'case')}.", suffix=STAGE_SUFFIX, dir=self.output_dir)
+        d["stage"] = tempfile.mkdtemp(
+            prefix=f".{d.get('case', 'case')}@{writer_id()}@", suffix=STAGE_SUFFIX, dir=self.output_dir
+        )
         d["outputs"] = {}
         return d
 
 
-#: the staging folders' name ending
+#: the staging folders' name ending; their names are ``.<case>@<host>:<pid>@<random>.stage``
 STAGE_SUFFIX = ".stage"
+
+
+def leftover_stages(output_dir: str | os.PathLike) -> list[Path]:
+    """The staging folders in ``output_dir`` that no running process will commit: this process's
+    own (cases that failed) and those of processes of this host that are gone (a killed run). Those
+    of another run still at work in the folder are left to it."""
+    me, host = writer_id(), socket.gethostname()
+    out = []
+    for stage in Path(output_dir).glob(f".*{STAGE_SUFFIX}"):
+        parts = stage.name[: -len(STAGE_SUFFIX)].rsplit("@", 2)
+        owner = parts[1] if len(parts) == 3 else ""  # an older run's name: no owner, left over
+        owner_host, _, pid = owner.rpartition(":")
+        if owner == me or not pid.isdigit() or (owner_host == host and not _alive(int(pid))):
+            out.append(stage)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class CaseOutput(MapTransform):
@@ -231,6 +267,27 @@ class WriteRTStructd(CaseOutput):
         write_rtstruct(d["source_path"], seg, self.class_names, path, d.get("series_uid"))
 
 
+def writer_id() -> str:
+    """Who commits a case set: ``host:pid``, in each report and in the summary's ``written``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` itself (``flock`` on its descriptor, no lock file), held while a
+    case set is moved into place, so that two runs writing into one folder never interleave a set.
+    Where ``fcntl`` is missing (Windows) the sets are moved unlocked."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 class CommitCased(Transform):
     """Move the case's staged files into ``output_dir`` as one set, the report last (its presence
     means the set is complete), remove files of an earlier run that this one did not make (by the
@@ -245,16 +302,21 @@ class CommitCased(Transform):
         self.output_dir, self.suffixes = Path(output_dir), tuple(suffixes)
         self.log = log or logger.info
         self.written: list[dict] = []
+        self.started = time.time()
 
     def discard(self, case: str) -> list[str]:
         """Remove the files of ``case`` that an earlier run left in ``output_dir`` (the known
-        ``suffixes`` and the report); returns their names."""
+        ``suffixes`` and the report; not those another run committed while this one ran); returns
+        their names."""
         removed = []
-        for name in [f"{case}{sfx}" for sfx in self.suffixes] + [f"{case}_report.json"]:
-            path = self.output_dir / name
-            if path.is_file():
-                path.unlink()
-                removed.append(name)
+        if not self.output_dir.is_dir():
+            return removed
+        with folder_lock(self.output_dir):
+            for name in [f"{case}{sfx}" for sfx in self.suffixes] + [f"{case}_report.json"]:
+                path = self.output_dir / name
+                if path.is_file() and path.stat().st_mtime < self.started:
+                    path.unlink()
+                    removed.append(name)
         return removed
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -265,15 +327,17 @@ class CommitCased(Transform):
         report["files"] = {name: str(path) for name, path in made.items()}
         if "mask" in made:
             report["mask"] = str(made["mask"])
+        report["written_by"] = writer_id()
         report_path = self.output_dir / f"{case}_report.json"
         write_json_atomic(stage / report_path.name, report)
         try:
-            for sfx in self.suffixes:  # files of an earlier run that this one does not make
-                old = self.output_dir / f"{case}{sfx}"
-                if old not in made.values():
-                    old.unlink(missing_ok=True)
-            for path in [*made.values(), report_path]:
-                os.replace(stage / path.name, path)
+            with folder_lock(self.output_dir):  # another run into this folder commits its sets whole too
+                for sfx in self.suffixes:  # files of an earlier run that this one does not make
+                    old = self.output_dir / f"{case}{sfx}"
+                    if old not in made.values():
+                        old.unlink(missing_ok=True)
+                for path in [*made.values(), report_path]:
+                    os.replace(stage / path.name, path)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         self.log(summary_line(report, made.get("mask", "")))

@@ -13,7 +13,7 @@ from monai.data import Dataset, decollate_batch
 from monai.transforms import apply_transform
 
 from liver_fcn.errors import InputError, root_cause
-from liver_fcn.inference.outputs import STAGE_SUFFIX, CommitCased
+from liver_fcn.inference.outputs import CommitCased, leftover_stages
 from liver_fcn.inference.report import summary_rows
 from liver_fcn.networks.precision import Precision
 from liver_fcn.outputs import write_csv_atomic, write_json_atomic
@@ -111,7 +111,8 @@ def finish(
     of cases written by all processes."""
     mine = {
         "written": [
-            {"case": r["case"], "input": r.get("input", ""), "files": r.get("files", {})} for r in writer.written
+            {"case": r["case"], "input": r.get("input", ""), "files": r.get("files", {}), "written_by": r["written_by"]}
+            for r in writer.written
         ],
         "rows": summary_rows(writer.written),
         "failed": list(runner.failed) if runner is not None else [],
@@ -141,7 +142,7 @@ def finish(
             ],
         }
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        for stage in Path(output_dir).glob(f".*{STAGE_SUFFIX}"):  # what failed cases had staged
+        for stage in leftover_stages(output_dir):  # what failed cases or killed runs had staged
             shutil.rmtree(stage, ignore_errors=True)
         write_json_atomic(Path(output_dir) / "summary.json", summary)
         write_csv_atomic(Path(output_dir) / "summary.csv", sorted((r for p in parts for r in p["rows"]), key=case_of))
