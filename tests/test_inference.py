@@ -790,14 +790,19 @@ def test_a_case_failing_after_the_checks_is_named_and_the_others_are_kept(small_
     assert " - INFO - 2 cases written to " in lines[-2] and " - ERROR - 1 case FAILED: b (the errors are" in lines[-1]
     assert (r.stdout + r.stderr).count("No space left on device (injected)") == 1  # the error, once
     failed_line = next(line for line in lines if "b: FAILED" in line)
-    assert "its earlier outputs here removed: b_seg.nii.gz, b_overlay.png, b_report.json" in failed_line
+    assert "nothing new written for it (an earlier run's outputs of it stay: b_seg.nii.gz, b_overlay.png, " in (
+        failed_line
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert [w["case"] for w in summary["written"]] == ["a", "c"]
     (failed,) = summary["failed"]
     assert failed["case"] == "b" and "No space left on device" in failed["error"]
-    assert failed["removed"] == ["b_seg.nii.gz", "b_overlay.png", "b_report.json"]
+    assert failed["earlier_outputs_kept"] == ["b_seg.nii.gz", "b_overlay.png", "b_report.json"]
+    # the earlier set of b stays whole, and its report says when it was made: before this run's a and c
+    first = json.loads((out / "b_report.json").read_text())
+    assert all(Path(f).is_file() for f in first["files"].values())
+    assert first["written_at"] <= json.loads((out / "a_report.json").read_text())["written_at"]
     names = sorted(p.name for p in out.iterdir())
-    assert not [n for n in names if n.startswith("b")], names  # nothing of the failed case, old or new
     assert not [n for n in names if n.startswith(".")], names  # no staging left behind
     assert {"a_seg.nii.gz", "a_report.json", "a_overlay.png", "c_seg.nii.gz"} <= set(names)
     assert [row["case"] for row in csv.DictReader(open(out / "summary.csv"))] == ["a", "c"]
@@ -849,6 +854,33 @@ def test_a_run_killed_mid_write_leaves_whole_sets_and_the_next_run_cleans_up(sma
     assert r.returncode == 0, r.stderr[-1500:]
     assert {p.name[: -len("_report.json")] for p in out.glob("*_report.json")} == set(names)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the killed run's staging is gone
+
+
+def test_a_full_disk_while_writing_names_the_file_and_keeps_the_earlier_set(small_fcn, tmp_path):
+    """The file size limit of the process (RLIMIT_FSIZE: writes beyond it fail with EFBIG, as on a full
+    disk) stops the overlay's write; the case fails naming the file, nothing torn stays, and the set an
+    earlier run wrote is left as it was."""
+    import resource
+    import signal
+
+    src = nifti_case(tmp_path / "x.nii.gz")
+    out = tmp_path / "out"
+    args = ["--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(out)]
+    assert bundle_cli(*args).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.glob("x_*")}
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG, *args]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert r.returncode == 1, r.stderr[-1500:]
+    line = next(x for x in r.stdout.splitlines() if "x: FAILED" in x)
+    assert f"[Errno 27] File too large while writing: '{out / 'x_overlay.png'}'" in line
+    assert "Traceback" not in r.stdout + r.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("x_*")} == before  # the earlier set, untouched
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staged file left
 
 
 def test_rerun_replaces_a_case_as_one_set_and_lowercase_false_means_false(small_fcn, tmp_path):

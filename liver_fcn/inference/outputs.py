@@ -8,9 +8,9 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import nibabel as nib
@@ -136,12 +136,28 @@ class CaseOutput(MapTransform):
         for key in self.key_iterator(d):
             seg, affine = _class_map_and_affine(d[key], key, type(self).__name__)
             path = Path(d["stage"]) / f"{d.get('case', 'case')}{self.suffix}"
-            self.write(d, seg, affine, path)
+            with naming_the_file(Path(self.output_dir_of(d)) / path.name):
+                self.write(d, seg, affine, path)
             d["outputs"][self.name] = path.name
         return d
 
     def write(self, d: dict, seg: np.ndarray, affine: np.ndarray, path: Path) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def output_dir_of(d: dict) -> Path:
+        return Path(d["stage"]).parent
+
+
+@contextmanager
+def naming_the_file(path: Path) -> Iterator[None]:
+    """An OSError while writing an output (a full disk, a file size limit) says which file it was."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, f"{e.strerror or e} while writing", str(path)) from None
 
 
 class WriteMaskd(CaseOutput):
@@ -302,22 +318,12 @@ class CommitCased(Transform):
         self.output_dir, self.suffixes = Path(output_dir), tuple(suffixes)
         self.log = log or logger.info
         self.written: list[dict] = []
-        self.started = time.time()
 
-    def discard(self, case: str) -> list[str]:
-        """Remove the files of ``case`` that an earlier run left in ``output_dir`` (the known
-        ``suffixes`` and the report; not those another run committed while this one ran); returns
-        their names."""
-        removed = []
-        if not self.output_dir.is_dir():
-            return removed
-        with folder_lock(self.output_dir):
-            for name in [f"{case}{sfx}" for sfx in self.suffixes] + [f"{case}_report.json"]:
-                path = self.output_dir / name
-                if path.is_file() and path.stat().st_mtime < self.started:
-                    path.unlink()
-                    removed.append(name)
-        return removed
+    def earlier_outputs(self, case: str) -> list[str]:
+        """The names of the files of ``case`` that an earlier run left in ``output_dir`` (the known
+        ``suffixes`` and the report): a whole set, since sets are committed report last."""
+        names = [f"{case}{sfx}" for sfx in self.suffixes] + [f"{case}_report.json"]
+        return [n for n in names if (self.output_dir / n).is_file()]
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -328,8 +334,10 @@ class CommitCased(Transform):
         if "mask" in made:
             report["mask"] = str(made["mask"])
         report["written_by"] = writer_id()
+        report["written_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         report_path = self.output_dir / f"{case}_report.json"
-        write_json_atomic(stage / report_path.name, report)
+        with naming_the_file(report_path):
+            write_json_atomic(stage / report_path.name, report)
         try:
             with folder_lock(self.output_dir):  # another run into this folder commits its sets whole too
                 for sfx in self.suffixes:  # files of an earlier run that this one does not make

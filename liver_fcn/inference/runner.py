@@ -58,7 +58,8 @@ class CaseRunner:
     Use as ``SupervisedEvaluator(iteration_update=CaseRunner(postprocessing), postprocessing=None)``:
     the post-processing runs inside the iteration so that its failure is caught with the case's name.
     With ``writer`` (the run's :class:`CommitCased`), a failed case's outputs of an earlier run in the
-    output folder are removed, so that no mask is left beside a summary that says the case failed.
+    output folder are named in its line and in the summary (``earlier_outputs_kept``): they stay, a
+    whole set whose report says which model made it and when, and nothing of this run replaces them.
     """
 
     def __init__(self, postprocessing, writer: CommitCased | None = None) -> None:
@@ -88,10 +89,10 @@ class CaseRunner:
             return []
 
     def _fail(self, case: str, source: str, error: str) -> None:
-        removed = self.writer.discard(case) if self.writer is not None else []
-        earlier = f" (its earlier outputs here removed: {', '.join(removed)})" if removed else ""
-        logger.error(f"{case}: FAILED, nothing written for it{earlier}: {error}")
-        self.failed.append({"case": case, "input": source, "error": error, "removed": removed})
+        kept = self.writer.earlier_outputs(case) if self.writer is not None else []
+        earlier = f" (an earlier run's outputs of it stay: {', '.join(kept)})" if kept else ""
+        logger.error(f"{case}: FAILED, nothing new written for it{earlier}: {error}")
+        self.failed.append({"case": case, "input": source, "error": error, "earlier_outputs_kept": kept})
 
 
 def case_of(row: dict) -> str:
