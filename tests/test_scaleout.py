@@ -379,6 +379,62 @@ def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
     )
 
 
+def test_training_killed_outright_resumes_from_its_last_whole_checkpoint(prepared, tmp_path):
+    """SIGKILL, which no handler sees, three times: once as soon as a checkpoint is being written (its
+    temporary file seen), then at other points; every checkpoint left loads, and --resume True ends
+    the same MLflow run FINISHED with every validation period logged."""
+    uri = f"sqlite:///{tmp_path / 'kill9.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = uri
+    periods = 40
+    models = tmp_path / "models"
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--ckpt_dir",
+        str(models),
+        *tiny_overrides(iterations=2 * periods),
+    ]
+    kills = 0
+    for attempt, wait_for in enumerate(("writing", 0.7, 1.3)):
+        resume = ["--resume", "True"] if attempt else []
+        proc = subprocess.Popen([*cmd, *resume], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            pts = list(models.glob("*.pt")) if models.is_dir() else []
+            writing = models.is_dir() and [p for p in models.iterdir() if not p.name.endswith(".pt")]
+            if (wait_for == "writing" and writing and pts) or (
+                wait_for != "writing" and pts and time.time() - max(p.stat().st_mtime for p in pts) > wait_for
+            ):
+                proc.kill()
+                kills += 1
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=60)
+        client, (run,) = runs_of(uri)
+        assert run.info.status == "RUNNING" or proc.returncode == 0  # nothing could mark it
+        for ckpt in models.glob("*_checkpoint_epoch=*.pt"):  # never a torn checkpoint
+            torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert kills >= 2, "the training finished before it could be killed"
+    r = subprocess.run([*cmd, "--resume", "True"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client, runs = runs_of(uri)
+    assert [x.info.run_id for x in runs] == [run.info.run_id] and runs[0].info.status == "FINISHED"
+    # every period logged; one whose checkpoint a kill beat is logged again at the same step on resume
+    assert sorted(set(steps(client, run, "val_iou_liver"))) == list(range(2, 2 * periods + 1, 2))
+    last = torch.load(next(models.glob(f"*_checkpoint_epoch={periods}.pt")), weights_only=True)
+    assert last["trainer"]["iteration"] == 2 * periods and (models / "model.pt").is_file()
+
+
 def test_resume_with_other_settings_or_without_checkpoint_is_refused(prepared, tmp_path):
     r = bundle(
         "run",
