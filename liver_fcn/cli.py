@@ -89,6 +89,7 @@ def _synth(args: argparse.Namespace) -> int:
         mapping=args.mapping,
         annotate=args.classes,
         overwrite=args.overwrite,
+        abutting_masses=args.abutting_masses,
     )
     print(f"done in {time.time() - t0:.0f} s")
     return 0
@@ -353,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="classes the synthetic volumes annotate (default: all); the others are learnt from real CT only",
     )
     sy.add_argument("--overwrite", action="store_true", help="replace an earlier synthesis in --out")
+    sy.add_argument(
+        "--abutting_masses",
+        action="store_true",
+        help="also paint masses against the liver but outside it, labelled background (off by default)",
+    )
     sy.set_defaults(func=_synth)
 
     wa = sub.add_parser(
