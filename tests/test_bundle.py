@@ -44,7 +44,7 @@ def bundle(*args: str, env: dict | None = None, timeout: int = 600, new: bool = 
 
 
 def train(
-    prepared: Path, out: Path, *extra: str, env: dict | None = None, new: bool = False
+    prepared: Path, out: Path, *extra: str, env: dict | None = None, new: bool = False, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     overrides = [x for k, v in TINY.items() for x in (f"--{k}", v)]
     return bundle(
@@ -62,6 +62,7 @@ def train(
         *extra,
         env=env,
         new=new,
+        timeout=timeout,
     )
 
 

@@ -23,7 +23,7 @@ from liver_fcn.training import prepare_network
 
 from .commands import free_port, server, warm_module
 from .conftest import REPO
-from .test_bundle import CONFIGS, TINY, bundle
+from .test_bundle import CONFIGS, TINY, bundle, train
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,27 @@ def runs_of(uri: str, experiment: str = "liver-fcn"):
     return client, (
         [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") != "evaluation"] if exp else []
     )
+
+
+def training_command(prepared: Path, out: Path, **changes) -> list[str]:
+    """``python -m monai.bundle run training`` of the tiny recipe on ``prepared``, into ``out/eval``
+    and ``out/models``, for a test that starts (and kills) it itself."""
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(prepared),
+        "--output_dir",
+        str(out / "eval"),
+        "--ckpt_dir",
+        str(out / "models"),
+        *tiny_overrides(**changes),
+    ]
 
 
 def steps(client, run, key: str) -> list[int]:
@@ -292,23 +313,7 @@ def check_the_story_over_rest(url: str, run_ids: list[str]) -> None:
 def test_an_unreachable_tracking_server_stops_training_before_any_work(prepared, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    r = bundle(
-        "run",
-        "training",
-        "--config_file",
-        str(CONFIGS / "train.json"),
-        "--dataset_dir",
-        str(prepared),
-        "--output_dir",
-        str(tmp_path / "eval"),
-        "--ckpt_dir",
-        str(tmp_path / "models"),
-        "--tracking_uri",
-        uri,
-        *tiny_overrides(),
-        env=env,
-        timeout=120,
-    )
+    r = train(prepared, tmp_path, "--tracking_uri", uri, env=env, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: {uri}: MLflow tracking server unreachable ([Errno 111] Connection refused); start it, or record "
@@ -322,22 +327,7 @@ def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_TRACKING_URI"] = uri
     periods = 30  # validation periods of 2 iterations: far more than can pass between two polls
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        str(CONFIGS / "train.json"),
-        "--dataset_dir",
-        str(prepared),
-        "--output_dir",
-        str(tmp_path / "eval"),
-        "--ckpt_dir",
-        str(tmp_path / "models"),
-        *tiny_overrides(iterations=2 * periods),
-    ]
+    cmd = training_command(prepared, tmp_path, iterations=2 * periods)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not list((tmp_path / "models").glob("*_checkpoint_epoch=2.pt")):
@@ -388,22 +378,7 @@ def test_training_killed_outright_resumes_from_its_last_whole_checkpoint(prepare
     env["MLFLOW_TRACKING_URI"] = uri
     periods = 40
     models = tmp_path / "models"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        str(CONFIGS / "train.json"),
-        "--dataset_dir",
-        str(prepared),
-        "--output_dir",
-        str(tmp_path / "eval"),
-        "--ckpt_dir",
-        str(models),
-        *tiny_overrides(iterations=2 * periods),
-    ]
+    cmd = training_command(prepared, tmp_path, iterations=2 * periods)
     kills = 0
     for attempt, epoch in enumerate((3, 8, 14)):
         resume = ["--resume", "True"] if attempt else []

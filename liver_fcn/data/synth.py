@@ -296,6 +296,16 @@ def _kidney(
     return np.broadcast_to(out, mask.shape)[mask]
 
 
+def _ellipsoid(centre: np.ndarray, radii: np.ndarray, shape: Sequence[int]) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The bounding box (clipped to ``shape``) of an axis-aligned ellipsoid and, over that box, each
+    voxel's normalised squared distance ``q`` from ``centre`` (``q < 1`` inside); lengths in voxels."""
+    lo = np.maximum(centre - np.ceil(radii).astype(int), 0)
+    hi = np.minimum(centre + np.ceil(radii).astype(int) + 1, shape)
+    grid = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    q = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), q
+
+
 def _ellipsoid_distractor(
     hu: np.ndarray, free: np.ndarray, sp: Sequence[float], rng: np.random.Generator, liver_hu: float
 ) -> None:
@@ -305,11 +315,7 @@ def _ellipsoid_distractor(
         return
     ci = np.array(np.unravel_index(rng.choice(candidates), free[::4, ::4, ::2].shape)) * [4, 4, 2]
     radii = rng.uniform(20, 60, size=3) / np.asarray(sp)  # semi-axes in voxels
-    lo = np.maximum(ci - np.ceil(radii).astype(int), 0)
-    hi = np.minimum(ci + np.ceil(radii).astype(int) + 1, free.shape)
-    grid = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    q = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, ci, radii))
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box, q = _ellipsoid(ci, radii, free.shape)
     inside = (q < 1.0) & free[box]
     core = rng.uniform(liver_hu - 40, liver_hu + 30) if rng.random() < 0.6 else rng.uniform(120, 260)
     region = hu[box]
@@ -337,11 +343,7 @@ def _abutting_mass(
         return
     ci = np.array(np.unravel_index(rng.choice(candidates), shell.shape)) * step
     radii = rng.uniform(15, 45, size=3) / np.asarray(sp)  # semi-axes in voxels
-    lo = np.maximum(ci - np.ceil(radii).astype(int), 0)
-    hi = np.minimum(ci + np.ceil(radii).astype(int) + 1, free.shape)
-    grid = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    q = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, ci, radii))
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box, q = _ellipsoid(ci, radii, free.shape)
     inside = (q < 1.0) & free[box]
     if rng.random() < 0.5:  # a fat plane between the mass and the liver
         gap_mm = rng.uniform(1.0, 3.0)
