@@ -222,8 +222,8 @@ class FoldProgress:
             if p.get("loss") is not None:
                 self.bar.set_postfix(loss=f"{p['loss']:.4f}", refresh=False)
             self.bar.refresh()
-        elif p["iteration"] * p["max_epochs"] // p["max_iterations"] > self.epoch:  # an epoch more is done
-            self.epoch = p["iteration"] * p["max_epochs"] // p["max_iterations"]
+        elif (done := p["iteration"] * p["max_epochs"] // p["max_iterations"]) > self.epoch:  # an epoch more
+            self.epoch = done
             loss = f", loss {p['loss']:.4f}" if p.get("loss") is not None else ""
             self.log(
                 f"{self.label}: epoch {self.epoch}/{p['max_epochs']}, iteration {p['iteration']}/"
