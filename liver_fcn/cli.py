@@ -140,6 +140,14 @@ def _crossval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from liver_fcn.offline import sync
+
+    n = sync(args.folders, args.tracking_uri)
+    print(f"{n} records sent")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from liver_fcn.reporting import best_column, compare_runs, comparison_table, log_comparison, plot_curves
     from liver_fcn.runs import resolve_tracking_uri
@@ -481,6 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--tracking_uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the bundle's store)")
     su.add_argument("--output_dir", default="bundle/eval", help="bundle output folder holding mlruns.db")
     su.set_defaults(func=_summary)
+
+    sn = sub.add_parser(
+        "sync",
+        help="send to its tracking server what a training kept while the server was away "
+        "(<output_dir>/mlflow-offline/<run id>, or the whole folder)",
+    )
+    sn.add_argument("folders", nargs="+", help="folders of kept records")
+    sn.add_argument("--tracking_uri", help="the server to send to (default: the one the run was recording to)")
+    sn.set_defaults(func=_sync)
     return p
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
-__all__ = ["InputError", "Terminated", "reported", "root_cause"]
+__all__ = ["InputError", "Terminated", "one_line_write_errors", "reported", "root_cause"]
 
 
 class Terminated(Exception):
@@ -57,3 +57,21 @@ def reported(func):
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def one_line_write_errors() -> None:
+    """Under ``python -m monai.bundle``, an uncaught OSError that names its file (a full disk or a file
+    size limit while a checkpoint is written) ends the process with that one line on stderr (exit
+    status 1) rather than a traceback through ignite and MONAI; anything else keeps its traceback."""
+    if not _bundle_cli():
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb) -> None:
+        root = root_cause(value)
+        if isinstance(root, OSError) and root.filename:
+            print(f"error: {root}", file=sys.stderr, flush=True)
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = hook

@@ -15,12 +15,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_csv_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "naming_the_file", "write_csv_atomic", "write_json_atomic", "write_text_atomic"]
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; renamed to ``path`` on success, removed on failure.
+    """A temporary path beside ``path`` to write to; renamed to ``path`` on success, removed on failure
+    (an OSError of the write names ``path``: :func:`naming_the_file`).
 
     The destination folder is created if needed. ``suffix`` ends the temporary name, for writers that
     choose the file format by it (``.nii.gz``, ``.png``).
@@ -29,10 +30,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
     try:
-        yield tmp
+        with naming_the_file(path):
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def naming_the_file(path: str | os.PathLike, staged_as: str | os.PathLike | None = None) -> Iterator[None]:
+    """An OSError while writing an output (a full disk, a file size limit) says which file it was:
+    ``path``, also where the error names ``staged_as``, the copy actually written (a staging folder's)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename and (staged_as is None or str(e.filename) != str(staged_as)):
+            raise
+        reason = e.strerror if e.filename else f"{e.strerror or e} while writing"
+        raise OSError(e.errno, reason, str(path)) from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -11,7 +11,16 @@ from pathlib import Path
 
 from liver_fcn.distributed import is_rank0
 from liver_fcn.errors import InputError
-from liver_fcn.runs import FOREGROUND, history, latest_run, run_curves, run_metrics, tag_experiment, ui_link
+from liver_fcn.runs import (
+    FOREGROUND,
+    history,
+    latest_run,
+    run_curves,
+    run_metrics,
+    server_unreachable,
+    tag_experiment,
+    ui_link,
+)
 from liver_fcn.visualize import save_figure
 
 __all__ = [
@@ -37,6 +46,10 @@ def print_run_summary(
     log = log or logger.info
     import mlflow
 
+    reason = server_unreachable(tracking_uri, timeout=5.0)
+    if reason is not None:  # the run's end waits in its kept records (liver_fcn.offline)
+        log(f"no summary of run {run_name!r}: MLflow tracking server {tracking_uri} unreachable ({reason})")
+        return {}
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     run = latest_run(client, experiment_name, run_name)
     if run is None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import urllib.error
@@ -12,15 +13,20 @@ from pathlib import Path
 from liver_fcn import CLASS_NAMES
 from liver_fcn.errors import InputError, reported
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "EXPERIMENT_KIND",
     "FOREGROUND",
+    "HTTP_RETRIES",
+    "check_tracking_server",
     "history",
     "latest_run",
     "resolve_tracking_uri",
     "run_curves",
     "run_id_of",
     "run_metrics",
+    "server_unreachable",
     "sqlite_dir",
     "tag_experiment",
     "ui_link",
@@ -41,25 +47,52 @@ def resolve_tracking_uri(output_dir: str | os.PathLike, uri: str | None = None) 
     return f"sqlite:///{db}"
 
 
-@reported
-def check_tracking_server(uri: str, timeout: float = 5.0) -> str:
-    """A tracking server (``http(s)://``) must answer before a run starts any work: MLflow's client
-    would retry for minutes and then fail with the run's files half made. Any HTTP answer counts (an
-    auth error too); no connection is one line. Other stores (SQLite, a folder) pass; returns ``uri``."""
+def server_unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the tracking server at ``uri`` (``http(s)://``) does not answer its ``/health``, or None when
+    it answers (any HTTP answer counts, an auth error too) or ``uri`` is no server (SQLite, a folder)."""
     if not str(uri).startswith(("http://", "https://")):
-        return uri
+        return None
     try:
         with urllib.request.urlopen(f"{str(uri).rstrip('/')}/health", timeout=timeout):
             pass
     except urllib.error.HTTPError:  # the server answered
         pass
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise InputError(
-            f"{uri}: MLflow tracking server unreachable ({reason}); start it, or record to a local store "
-            "with --tracking_uri sqlite:///path/to/mlruns.db"
-        ) from None
-    return uri
+        return str(getattr(e, "reason", e))
+    return None
+
+
+@reported
+def check_tracking_server(uri: str, fallback: str = "", timeout: float = 5.0) -> str:
+    """The store a run records to: ``uri``, once a tracking server there answers.
+
+    MLflow's client would retry for minutes and then fail with the run's files half made, so an
+    unreachable server is one line before any work; or, given a ``fallback`` store (``sqlite:///...``),
+    the run goes there and a warning says so. For a server, MLflow's HTTP retries are shortened to 2
+    (backoff factor 1, 30 s timeout) unless ``MLFLOW_HTTP_REQUEST_*`` says otherwise: a server that
+    goes away mid-run then costs seconds, not minutes, before the run records offline
+    (:class:`liver_fcn.handlers.MLflowRunHandler`)."""
+    reason = server_unreachable(uri, timeout)
+    if reason is None:
+        if str(uri).startswith(("http://", "https://")):
+            for key, value in HTTP_RETRIES.items():
+                os.environ.setdefault(key, value)
+        return uri
+    if fallback:
+        logger.warning(f"MLflow tracking server {uri} unreachable ({reason}): this run is recorded in {fallback}")
+        return check_tracking_server(fallback, timeout=timeout)
+    raise InputError(
+        f"{uri}: MLflow tracking server unreachable ({reason}); start it, record to a local store with "
+        "--tracking_uri sqlite:///path/to/mlruns.db, or fall back to one with --tracking_fallback sqlite:///..."
+    )
+
+
+#: MLflow's HTTP retry settings for a run recording to a server (MLflow's defaults retry for about 4 minutes)
+HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def sqlite_dir(uri: str) -> Path | None:

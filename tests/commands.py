@@ -113,14 +113,22 @@ def free_port() -> int:
 
 @contextmanager
 def server(
-    command: Callable[[int], list[str]], probe: str, log_path: Path, *, env=None, timeout: float = 120
+    command: Callable[[int], list[str]],
+    probe: str,
+    log_path: Path,
+    *,
+    env=None,
+    timeout: float = 120,
+    port: int | None = None,
 ) -> Iterator[str]:
     """Run ``command(port)`` (a server listening on 127.0.0.1) until the block ends; yields its URL once
     ``GET probe`` answers 200. A free port can be taken by another process between the probe and the
-    server's bind: the server then exits and is started again on another port. The server's process
-    group is stopped at the end (SIGTERM, then SIGKILL)."""
+    server's bind: the server then exits and is started again on another port (unless ``port`` is
+    given: a server started again where its clients expect it). The server's process group is stopped
+    at the end (SIGTERM, then SIGKILL)."""
+    fixed = port
     for attempt in range(5):
-        port = free_port()
+        port = fixed or free_port()
         log = open(log_path, "w")
         proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         url = f"http://127.0.0.1:{port}"

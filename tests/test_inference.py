@@ -856,28 +856,54 @@ def test_a_run_killed_mid_write_leaves_whole_sets_and_the_next_run_cleans_up(sma
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the killed run's staging is gone
 
 
-def test_a_full_disk_while_writing_names_the_file_and_keeps_the_earlier_set(small_fcn, tmp_path):
+@pytest.fixture(scope="module")
+def full_set(tmp_path_factory) -> tuple[list[str], Path]:
+    """A DICOM series and the whole output set of one run on it (mask, report, overlay, DICOM SEG)."""
+    root = tmp_path_factory.mktemp("full_set")
+    series, _ = box_series(root / "x")
+    args = [
+        "--input", str(series), "--checkpoint", str(checkpoint_with(root, pixel_spacing=0.9, image_size=128)),
+        "--network_def", json.dumps(THRESHOLD_NET), "--dicom_seg", "true", "--output_dir", str(root / "out"),
+    ]  # fmt: skip
+    r = bundle_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return args, root / "out"
+
+
+@pytest.mark.parametrize(
+    "written, options, fits",
+    [
+        ("x_seg.nii.gz", [], None),
+        ("x_overlay.png", [], None),
+        ("x_seg.dcm", ["--overlay", "false"], None),
+        # the report of a run without overlay and SEG lists fewer files than the earlier one: a limit the mask fits
+        ("x_report.json", ["--overlay", "false", "--dicom_seg", "false"], "x_seg.nii.gz"),
+    ],
+)
+def test_a_full_disk_while_writing_names_the_file_and_keeps_the_earlier_set(full_set, tmp_path, written, options, fits):
     """The file size limit of the process (RLIMIT_FSIZE: writes beyond it fail with EFBIG, as on a full
-    disk) stops the overlay's write; the case fails naming the file, nothing torn stays, and the set an
-    earlier run wrote is left as it was."""
+    disk), just under the size of the mask, the overlay, the DICOM SEG or the report (each the first file of
+    the run that big): the case fails naming that file, nothing torn stays, and the set an earlier run
+    wrote is left as it was."""
     import resource
     import signal
 
-    src = nifti_case(tmp_path / "x.nii.gz")
+    args, earlier = full_set
     out = tmp_path / "out"
-    args = ["--input", str(src), "--checkpoint", str(small_fcn), "--output_dir", str(out)]
-    assert bundle_cli(*args).returncode == 0
+    shutil.copytree(earlier, out)
     before = {p.name: p.read_bytes() for p in out.glob("x_*")}
+    limit = len(before[fits]) if fits else len(before[written]) - 1
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG, *args]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG, *args, *options]
+    cmd[cmd.index(str(earlier))] = str(out)
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
     assert r.returncode == 1, r.stderr[-1500:]
     line = next(x for x in r.stdout.splitlines() if "x: FAILED" in x)
-    assert f"[Errno 27] File too large while writing: '{out / 'x_overlay.png'}'" in line
+    assert f"[Errno 27] File too large while writing: '{out / written}'" in line
     assert "Traceback" not in r.stdout + r.stderr
     assert {p.name: p.read_bytes() for p in out.glob("x_*")} == before  # the earlier set, untouched
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staged file left

@@ -83,7 +83,7 @@ LAYERS = [
     ["liver_fcn.inference"],
     ["liver_fcn.api"],
     ["liver_fcn.registry"],
-    ["liver_fcn.tracking", "liver_fcn.reporting"],
+    ["liver_fcn.tracking", "liver_fcn.reporting", "liver_fcn.offline"],
     ["liver_fcn.handlers"],
     ["liver_fcn.crossval", "liver_fcn.cli"],
 ]
@@ -121,6 +121,7 @@ LAZY_BY_MODULE = {
     "liver_fcn": ("liver_fcn.api",),
     # the registry's pyfunc class makes MLflow warn when defined: loaded when a training registers its model
     "liver_fcn.handlers.mlflow_run": ("liver_fcn.registry",),
+    "liver_fcn.offline": ("liver_fcn.registry",),
 }
 
 

@@ -175,10 +175,8 @@ def test_torchrun_shards_an_archive_and_writes_one_summary(tmp_path):
     assert r.stdout.count("5 cases written to") == 1  # one summary line, from the first process
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and a local artifact store."""
-    root = tmp_path_factory.mktemp("mlflow_server")
+def mlflow_server_command(root: Path):
+    """``command(port)``: a real `mlflow server` on 127.0.0.1 with its SQLite backend and artifact store in ``root``."""
 
     def command(port: int) -> list[str]:
         return [
@@ -187,7 +185,14 @@ def mlflow_server(tmp_path_factory):
             "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
         ]  # fmt: skip
 
-    with server(command, "/health", root / "server.log") as url:
+    return command
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and a local artifact store."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with server(mlflow_server_command(root), "/health", root / "server.log") as url:
         yield url, root
 
 
@@ -310,16 +315,109 @@ def check_the_story_over_rest(url: str, run_ids: list[str]) -> None:
     assert len(comparisons) == 1 and {p["key"]: p["value"] for p in comparisons[0]["data"]["params"]}["runs"] == "2"
 
 
-def test_an_unreachable_tracking_server_stops_training_before_any_work(prepared, tmp_path):
+def test_an_unreachable_tracking_server_stops_training_before_any_work_or_falls_back(prepared, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     r = train(prepared, tmp_path, "--tracking_uri", uri, env=env, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == (
-        f"error: {uri}: MLflow tracking server unreachable ([Errno 111] Connection refused); start it, or record "
-        "to a local store with --tracking_uri sqlite:///path/to/mlruns.db"
+        f"error: {uri}: MLflow tracking server unreachable ([Errno 111] Connection refused); start it, record to "
+        "a local store with --tracking_uri sqlite:///path/to/mlruns.db, or fall back to one with "
+        "--tracking_fallback sqlite:///..."
     )
     assert not (tmp_path / "eval").exists() and not (tmp_path / "models").exists()  # nothing begun
+    # with a fallback store, the training goes on into it and says so
+    local = f"sqlite:///{tmp_path / 'local.db'}"
+    r = train(prepared, tmp_path, "--tracking_uri", uri, "--tracking_fallback", local, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (
+        f"MLflow tracking server {uri} unreachable ([Errno 111] Connection refused): this run is recorded in {local}"
+        in (r.stdout + r.stderr)
+    )
+    client, (run,) = runs_of(local)
+    assert run.info.status == "FINISHED" and steps(client, run, "val_iou_liver") == [2, 4]
+
+
+def test_a_tracking_server_lost_mid_training_loses_nothing(prepared, tmp_path):
+    """The server stopped at epoch 3 of 20 and not back before the end: the training finishes and saves its
+    model, the rest of the run is kept on disk, and `liver-fcn sync` sends it to the server once it is back
+    (its database and artifacts as they were): the run ends FINISHED with every period, curves, model."""
+    root = tmp_path / "server"
+    root.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    periods = 20
+    cmd = training_command(prepared, tmp_path, iterations=2 * periods)
+    with server(mlflow_server_command(root), "/health", root / "server.log") as url:
+        proc = subprocess.Popen(
+            [*cmd, "--tracking_uri", url],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.time() + 300
+        while not list((tmp_path / "models").glob("*_checkpoint_epoch=3.pt")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "no epoch-3 checkpoint in time"
+            time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)  # the server is gone
+    assert proc.returncode == 0, out[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert f"MLflow tracking server {url} unreachable" in out and "training goes on" in out
+    assert "Traceback" not in out and " - ERROR - " not in out
+    offline = tmp_path / "eval" / "mlflow-offline"
+    (kept,) = offline.iterdir()
+    assert f"send it with: liver-fcn sync {kept}" in out
+    with server(mlflow_server_command(root), "/health", root / "server-again.log") as again:
+        r = warm_module("liver_fcn.cli", "sync", str(offline), "--tracking_uri", again, cwd=REPO, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        client = mlflow.MlflowClient(tracking_uri=again)
+        run = client.get_run(kept.name)
+        assert run.info.status == "FINISHED"
+        assert steps(client, run, "val_iou_liver") == list(range(2, 2 * periods + 1, 2))
+        assert steps(client, run, "train_loss") == list(range(2, 2 * periods + 1, 2))
+        assert (
+            "best_val_iou_liver" in run.data.metrics and "trained on 3 patients" in run.data.tags["mlflow.note.content"]
+        )
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+        assert "plots/learning_curves.png" in files
+        assert [f.path for f in client.list_artifacts(run.info.run_id, "logs")]
+        (version,) = client.search_model_versions("name = 'liver-fcn'")
+        assert version.run_id == run.info.run_id
+    assert not kept.exists()  # sent, and removed
+
+
+def test_records_kept_while_the_server_is_away_are_sent_when_it_answers_again(tmp_path, monkeypatch):
+    from mlflow.entities import Metric
+
+    from liver_fcn.offline import OfflineClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    command = mlflow_server_command(root)
+
+    def metric(step: int) -> Metric:
+        return Metric("loss", float(step), int(time.time() * 1000), step)
+
+    with server(command, "/health", root / "first.log", port=port) as url:
+        mlflow_client = mlflow.MlflowClient(tracking_uri=url)
+        run_id = mlflow_client.create_run(mlflow_client.create_experiment("away")).info.run_id
+        client = OfflineClient.of(mlflow_client, run_id, tmp_path / "kept", url, retry_every=0)
+        client.log_batch(run_id, metrics=[metric(1)])
+        assert not client.offline and client.get_run(run_id).info.run_id == run_id
+    client.log_batch(run_id, metrics=[metric(2)])  # the server is away: kept
+    client.set_tag(run_id, "note", "kept")
+    assert client.offline and client.records.pending() == 2
+    assert client.get_run(run_id).info.run_id == run_id  # the last answer
+    with pytest.raises(ConnectionError, match="the tracking server is away"):
+        client.get_metric_history(run_id, "loss")
+    with server(command, "/health", root / "again.log", port=port):
+        client.log_batch(run_id, metrics=[metric(3)])  # back: what was kept goes first
+        assert not client.offline and not client.records.folder.exists()
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+        assert client.get_run(run_id).data.tags["note"] == "kept"
 
 
 def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
@@ -408,6 +506,39 @@ def test_training_killed_outright_resumes_from_its_last_whole_checkpoint(prepare
     assert sorted(set(steps(client, run, "val_iou_liver"))) == list(range(2, 2 * periods + 1, 2))
     last = torch.load(next(models.glob(f"*_checkpoint_epoch={periods}.pt")), weights_only=True)
     assert last["trainer"]["iteration"] == 2 * periods and (models / "model.pt").is_file()
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_names_it_and_keeps_the_last_whole_one(prepared, tmp_path):
+    """A resumed training under a 4 MB file size limit (RLIMIT_FSIZE: writes beyond it fail with EFBIG, as
+    on a full disk): the epoch checkpoint (6.4 MB) cannot be written. One line names it, no temporary
+    file stays, the run is FAILED with that error, and the earlier checkpoint is untouched."""
+    import resource
+
+    uri = f"sqlite:///{tmp_path / 'full.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = uri
+    models = tmp_path / "models"
+    r = subprocess.run(training_command(prepared, tmp_path), cwd=REPO, env=env, capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (earlier,) = models.glob("*_checkpoint_epoch=2.pt")
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4_000_000, 4_000_000))
+
+    cmd = [*training_command(prepared, tmp_path, iterations=8), "--resume", "True"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=small_files)
+    assert r.returncode == 1, r.stderr[-3000:]
+    written = models / earlier.name.replace("epoch=2", "epoch=3")
+    message = f"[Errno 27] File too large while writing: '{written}'"
+    assert r.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not written.exists() and sorted(p.name for p in models.iterdir()) == sorted(before)  # nothing torn
+    assert earlier.read_bytes() == before[earlier.name]
+    client, runs = runs_of(uri)  # the finished run, and the resumed one (a finished run is not written to)
+    (failed,) = [x for x in runs if x.info.status != "FINISHED"]
+    assert failed.info.status == "FAILED" and message in failed.data.tags["error"]
 
 
 def test_resume_with_other_settings_or_without_checkpoint_is_refused(prepared, tmp_path):

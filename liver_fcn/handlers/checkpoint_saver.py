@@ -4,11 +4,15 @@ file and a rename, and the final model written only when a run completes.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ignite.engine import Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
 from liver_fcn.handlers.termination import termination_held
+from liver_fcn.outputs import naming_the_file
 
 __all__ = ["AtomicCheckpointSaver", "FinalModelSaver"]
 
@@ -22,11 +26,47 @@ class _AtomicDiskSaver(DiskSaver):
         self.filename = filename
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
-        with termination_held():
-            super().__call__(checkpoint, self.filename or filename, metadata)
+        name = self.filename or filename
+        with termination_held(), naming_the_file(Path(self.dirname) / name):
+            super().__call__(checkpoint, name, metadata)
+
+    def _save_func(self, checkpoint, path, func) -> None:
+        """ignite's atomic write, flushed to disk before the rename, with the OSError behind a failed
+        write raised (a full disk, a file size limit): torch reports it only as a mismatch of positions
+        in its zip writer. Whatever fails, ignite removes the temporary file."""
+
+        def save(obj, file, **kwargs) -> None:
+            checked = _WriteErrors(file)
+            try:
+                func(obj, checked, **kwargs)
+            except RuntimeError:
+                if checked.error is not None:
+                    raise checked.error from None
+                raise
+            file.flush()
+            os.fsync(file.fileno())
+
+        super()._save_func(checkpoint, path, save)
 
     def remove(self, filename: str) -> None:
         super().remove(self.filename or filename)
+
+
+class _WriteErrors:
+    """A binary file that keeps the OSError its last failed write raised."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):

@@ -13,6 +13,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
 from liver_fcn.errors import root_cause
+from liver_fcn.offline import OfflineClient
 from liver_fcn.reporting import plot_curves  # matplotlib: loaded when a run completes
 from liver_fcn.runs import (
     run_curves,
@@ -59,6 +60,11 @@ class MLflowRunHandler(MLFlowHandler):
         registered_model_name: register that model as a new version of this name (None: log only).
         configs_dir: the bundle's ``configs/`` folder, whose configs the logged model carries
             (default: the source checkout's bundle).
+        offline_dir: for a tracking server (``http(s)://``): where the run's records are kept if the
+            server stops answering mid-run (:mod:`liver_fcn.offline`); the run goes on, the records
+            are sent when the server is back (tried every ``retry_every`` seconds at the next write)
+            or with ``liver-fcn sync``. None: a lost server fails the run as MLflow does.
+        retry_every: seconds between two tries of a lost server.
         kwargs: MLFlowHandler arguments (``tracking_uri``, ``experiment_name``, ``run_name``,
             ``experiment_param``, ``artifacts``, ``close_on_complete`` ...).
     """
@@ -79,6 +85,8 @@ class MLflowRunHandler(MLFlowHandler):
         configs_dir: str | os.PathLike | None = None,
         engine_params: bool = False,
         config_params: Mapping[str, str] | None = None,
+        offline_dir: str | os.PathLike | None = None,
+        retry_every: float = 30.0,
         **kwargs,
     ) -> None:
         uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
@@ -97,8 +105,10 @@ class MLflowRunHandler(MLFlowHandler):
         self.provenance, self.dataset, self.log_file = bool(provenance), dataset, log_file
         self.system_metrics, self.best_metrics, self.description = bool(system_metrics), bool(best_metrics), description
         self.curves, self.plots = bool(curves), [p for p in plots if p]
+        self.offline_dir, self.retry_every = offline_dir, float(retry_every)
         self._log_handler: logging.Handler | None = None
         self._monitor = None
+        self._started: str | None = None
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
@@ -119,6 +129,19 @@ class MLflowRunHandler(MLFlowHandler):
         if self.cur_run is None:
             return
         run_id = self.cur_run.info.run_id
+        server = self.uri.startswith(("http://", "https://"))
+        if self.offline_dir and server and not isinstance(self.client, OfflineClient):
+            self.client = OfflineClient.of(
+                self.client,
+                run_id,
+                self.offline_dir,
+                self.uri,
+                retry_every=self.retry_every,
+                on_lost=self._stop_monitor,
+            )
+        if self._started == run_id:  # a validator starts every period: tag and set up once
+            return
+        self._started = run_id
         tag_experiment(self.client, self.cur_run.info.experiment_id)
         tags = dict(self.tags)
         if self.provenance:
@@ -181,18 +204,33 @@ class MLflowRunHandler(MLFlowHandler):
         """Log the artifacts, then - with ``model_checkpoint`` - the checkpoint as the run's MLflow
         model, registered as a new version of ``registered_model_name`` when one is given."""
         self._stop_side_logging()
+        offline = isinstance(self.client, OfflineClient) and self.close_on_complete and not self.client.reconnect(True)
         if self.cur_run is not None and self.log_file and Path(self.log_file).is_file():
             self.client.log_artifact(self.cur_run.info.run_id, str(self.log_file), "logs")
         if self.cur_run is not None and self.curves:
-            self._log_curves()
+            if offline:
+                self.client.record("curves", title=f"{self.cur_run.info.run_name}: validation")
+            else:
+                self._log_curves()
         for plot in self.plots if self.cur_run is not None else []:
             if Path(plot).is_file():
                 self.client.log_artifact(self.cur_run.info.run_id, str(plot), "plots")
         if self.cur_run is not None and self.description is not None:
-            run = self.client.get_run(self.cur_run.info.run_id)
-            self.client.set_tag(run.info.run_id, "mlflow.note.content", self.description(self.client, run))
+            if offline:
+                function = f"{self.description.__module__}:{self.description.__qualname__}"
+                self.client.record("description", function=function)
+            else:
+                run = self.client.get_run(self.cur_run.info.run_id)
+                self.client.set_tag(run.info.run_id, "mlflow.note.content", self.description(self.client, run))
         super().complete()
-        if self.cur_run is not None and self.model_checkpoint and Path(self.model_checkpoint).is_file():
+        if offline and self.cur_run is not None and self.model_checkpoint and Path(self.model_checkpoint).is_file():
+            self.client.record(
+                "log_model",
+                checkpoint=str(Path(self.model_checkpoint).resolve()),
+                registered_model_name=self.registered_model_name,
+                configs_dir=str(self.configs_dir) if self.configs_dir else None,
+            )
+        elif self.cur_run is not None and self.model_checkpoint and Path(self.model_checkpoint).is_file():
             # here: the registry defines MLflow's pyfunc class, whose definition makes MLflow warn, and the
             # package's handlers are imported by inference too (its progress bar), which registers nothing
             from liver_fcn.registry import log_model
@@ -222,12 +260,21 @@ class MLflowRunHandler(MLFlowHandler):
             )
             self.client.log_artifact(run_id, str(png), "plots")
 
-    def _stop_side_logging(self) -> None:
+    def close(self) -> None:
+        """End the run (FINISHED); if its server is away, say where its records wait."""
+        client = self.client
+        super().close()
+        _say_where_records_wait(client)
+
+    def _stop_monitor(self) -> None:
         if self._monitor is not None:
             try:
                 self._monitor.finish()
             finally:
                 self._monitor = None
+
+    def _stop_side_logging(self) -> None:
+        self._stop_monitor()
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
@@ -246,7 +293,18 @@ class MLflowRunHandler(MLFlowHandler):
             finally:
                 self.cur_run = None
                 self._dispose_sqlite_store()
+                _say_where_records_wait(self.client)
         raise e
+
+
+def _say_where_records_wait(client) -> None:
+    """At a run's end: if its tracking server is away, where its records wait and how to send them."""
+    if isinstance(client, OfflineClient) and client.offline:
+        logger.warning(
+            f"MLflow tracking server {client.tracking_uri} did not come back: the end of run {client.run_id} "
+            f"({client.records.pending()} records) is kept in {client.records.folder}; send it with: "
+            f"liver-fcn sync {client.records.folder}"
+        )
 
 
 def _system_monitor(run_id: str, tracking_uri: str):

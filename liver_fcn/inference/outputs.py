@@ -26,7 +26,7 @@ except ImportError:  # Windows
 from liver_fcn.dicom_seg import write_dicom_seg
 from liver_fcn.inference.report import case_report, hu_statistics, quality_flags, summary_line
 from liver_fcn.options import flag
-from liver_fcn.outputs import atomic_path, write_json_atomic
+from liver_fcn.outputs import atomic_path, naming_the_file, write_json_atomic
 from liver_fcn.rtstruct import write_rtstruct
 from liver_fcn.transforms import as_numpy, class_map_array
 from liver_fcn.visualize import overlay_montage
@@ -136,7 +136,7 @@ class CaseOutput(MapTransform):
         for key in self.key_iterator(d):
             seg, affine = _class_map_and_affine(d[key], key, type(self).__name__)
             path = Path(d["stage"]) / f"{d.get('case', 'case')}{self.suffix}"
-            with naming_the_file(Path(self.output_dir_of(d)) / path.name):
+            with naming_the_file(Path(self.output_dir_of(d)) / path.name, staged_as=path):
                 self.write(d, seg, affine, path)
             d["outputs"][self.name] = path.name
         return d
@@ -147,17 +147,6 @@ class CaseOutput(MapTransform):
     @staticmethod
     def output_dir_of(d: dict) -> Path:
         return Path(d["stage"]).parent
-
-
-@contextmanager
-def naming_the_file(path: Path) -> Iterator[None]:
-    """An OSError while writing an output (a full disk, a file size limit) says which file it was."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename:
-            raise
-        raise OSError(e.errno, f"{e.strerror or e} while writing", str(path)) from None
 
 
 class WriteMaskd(CaseOutput):
@@ -336,7 +325,7 @@ class CommitCased(Transform):
         report["written_by"] = writer_id()
         report["written_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         report_path = self.output_dir / f"{case}_report.json"
-        with naming_the_file(report_path):
+        with naming_the_file(report_path, staged_as=stage / report_path.name):
             write_json_atomic(stage / report_path.name, report)
         try:
             with folder_lock(self.output_dir):  # another run into this folder commits its sets whole too
