@@ -15,18 +15,20 @@ class ThresholdNet(nn.Module):
     With the bundle's preprocessing (HU window [-250, 450] -> [0, 1], minus 0.19), 100 HU becomes
     0.31 and air -0.19: a threshold of 0.05 separates them. Its output is known exactly, so the
     geometry of the inference chain (orientation, resizing and their inversion) can be checked.
+    ``painted``: the class it predicts there instead of the liver.
     """
 
-    def __init__(self, out_channels: int = 4, threshold: float = 0.05) -> None:
+    def __init__(self, out_channels: int = 4, threshold: float = 0.05, painted: int = 1) -> None:
         super().__init__()
-        self.out_channels = out_channels
+        self.out_channels, self.painted = out_channels, int(painted)
         self.threshold = nn.Parameter(torch.tensor(float(threshold)), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :1]
-        liver = 40.0 * (x - self.threshold)
-        others = torch.full_like(x, -40.0).repeat(1, self.out_channels - 2, 1, 1)
-        return torch.cat([torch.zeros_like(x), liver, others], dim=1)
+        scores = torch.full_like(x, -40.0).repeat(1, self.out_channels, 1, 1)
+        scores[:, 0] = 0.0
+        scores[:, self.painted] = 40.0 * (x[:, 0] - self.threshold)
+        return scores
 
 
 class OverlayFailingFor(WriteOverlayd):

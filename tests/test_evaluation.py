@@ -134,6 +134,36 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
     assert run.data.params["phase_shift"] == "liver and kidney enhancement x 0.3"
     assert m["test_phase_change_dice_liver"] == pytest.approx(m["test_phase_dice_liver"] - m["test_dice_liver"])
 
+    # a network that paints the block as kidney, a class these patients have no masks for: the kidney is
+    # still not scored (its painted volume is reported), and the liver it misses scores 0
+    bundle_run(
+        "evaluating",
+        config_file=configs,
+        dataset_dir=str(tmp_path / "data"),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
+        eval_name="eval-kidney-painter",
+        network_def={**THRESHOLD_NET, "painted": 3},
+        scanner_shift=False,
+        phase_shift=False,
+        logging_file=False,
+    )
+    folder = tmp_path / "eval" / "evaluation" / "eval-kidney-painter"
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = {(r["patient"], r["class"]): r for r in csv.DictReader(f)}
+    for p in ("p1", "p2"):
+        kidney, liver = rows[p, "kidney"], rows[p, "liver"]
+        assert kidney["annotated"] == "False" and kidney["dice"] == "nan" and kidney["iou"] == "nan"
+        assert float(kidney["volume_pred_ml"]) > 0  # painted, and left out
+        assert liver["annotated"] == "True" and float(liver["dice"]) == 0.0
+    summary = json.loads((folder / "summary.json").read_text())
+    kidney = next(s for s in summary if s["class"] == "kidney" and s["metric"] == "dice")
+    assert kidney["n"] == 0 and math.isnan(kidney["mean"])
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("liver-fcn").experiment_id], "attributes.run_name = 'eval-kidney-painter'"
+    )
+    assert math.isnan(run.data.metrics["test_dice_kidney"]) and run.data.metrics["test_dice_liver"] == 0.0
+
 
 def test_contrast_phase_shift_scales_each_organs_enhancement_toward_unenhanced():
     from liver_fcn.transforms import SimulateContrastPhased, scale_enhancement

@@ -434,7 +434,7 @@ def test_killed_training_resumes_into_the_same_run(prepared, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, "training finished before it could be killed"
+    assert proc.returncode != 0, "training finished before it could be killed:\n" + out[-5000:]
     client, (run,) = runs_of(uri)
     assert run.info.status == "FAILED" and "terminated by signal SIGTERM" in run.data.tags["error"]
     done = steps(client, run, "val_iou_liver")

@@ -1,0 +1,141 @@
+"""Where a bundle training's time goes: caching, data, the step, validation, checkpoints, MLflow.
+
+Runs the bundle's own training (train.json, with cpu.json for ``--config cpu``) in this process for a
+short budget, with ignite's HandlersTimeProfiler on the trainer, and prints the time per iteration
+split into data (loading, augmentation, collation: what the trainer waits for between steps) and the
+step (transfer, forward, backward, Adam), each handler's time (validation, checkpoint savers, MLflow
+logging ...), the FLOP rate of the step (counted once with torch's FlopCounterMode) against the
+device's dense bf16 peak where it is known, and the projected time of the full recipe. Asserts nothing.
+
+    python benchmarks/train_breakdown.py --dataset_dir data/ircadb                  # cpu.json, 100 iterations
+    python benchmarks/train_breakdown.py --dataset_dir data/ircadb --config paper   # train.json (a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+
+#: dense bf16 peak (TFLOP/s) of the devices we know, by a part of their name
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "T4": 65.0}
+
+
+def step_flops(network: torch.nn.Module, batch: int, size: int, channels: int, device) -> float:
+    """FLOPs of one training step's forward and backward at ``batch`` x ``size`` x ``size``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, channels, size, size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        network(x).float().sum().backward()
+    network.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def group(name: str) -> str:
+    lowered = name.lower()
+    for key, label in (
+        ("validation", "validation"),
+        ("checkpoint", "checkpoints"),
+        ("saver", "checkpoints"),
+        ("mlflow", "MLflow logging"),
+        ("stats", "console logging"),
+        ("progress", "progress"),
+    ):
+        if key in lowered:
+            return label
+    return "other handlers"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset_dir", required=True, help="a prepared data set (datalist.json)")
+    p.add_argument("--config", choices=("cpu", "paper"), default="cpu", help="cpu.json over train.json, or train.json")
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--epoch_length", type=int, default=50, help="iterations between two validations")
+    p.add_argument("--out", help="output folder (default: a temporary one)")
+    p.add_argument("overrides", nargs="*", help="more bundle overrides, key=value (e.g. batch_size=8)")
+    args = p.parse_args()
+
+    from ignite.handlers import HandlersTimeProfiler
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="train_breakdown-"))
+    files = [str(CONFIGS / "train.json")] + ([str(CONFIGS / "cpu.json")] if args.config == "cpu" else [])
+    overrides = {
+        "dataset_dir": args.dataset_dir,
+        "output_dir": str(out / "eval"),
+        "ckpt_dir": str(out / "models"),
+        "tracking_uri": f"sqlite:///{out / 'eval' / 'mlruns.db'}",
+        "iterations": args.iterations,
+        "epoch_length": args.epoch_length,
+        "warmup_iterations": min(100, args.iterations // 2),
+        "registered_model_name": "",
+    }
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        overrides[key] = value
+    workflow = ConfigWorkflow(config_file=files, workflow_type="train", **overrides)
+    workflow.initialize()
+    parser = workflow.parser
+    recipe = ConfigParser()  # the recipe's own budget and validation period, before the overrides above
+    recipe.read_config(files)
+    budget = {k: int(recipe[k]) for k in ("iterations", "epoch_length")}
+
+    t0 = time.perf_counter()
+    trainer = parser.get_parsed_content("train#trainer")  # builds the data sets: caching happens here
+    caching = time.perf_counter() - t0
+    profiler = HandlersTimeProfiler()
+    profiler.attach(trainer)
+    t0 = time.perf_counter()
+    workflow.run()
+    wall = time.perf_counter() - t0
+
+    rows = profiler.get_results()
+    by_name = {str(r[0]): r for r in rows}
+    n = int(trainer.state.iteration)
+    data, step = float(by_name["Dataflow"][2]), float(by_name["Processing"][2])
+    handlers: dict[str, float] = defaultdict(float)
+    events: dict[str, int] = defaultdict(int)
+    for r in rows:
+        if str(r[0]) in ("Total", "Processing", "Dataflow") or r[2] in ("not triggered", "not yet triggered"):
+            continue
+        handlers[group(str(r[0]))] += float(r[2])
+        events[group(str(r[0]))] += 1
+    network = parser.get_parsed_content("network")
+    batch, size = int(parser["batch_size"]), int(parser["model_settings"]["image_size"])
+    device = next(network.parameters()).device
+    flops = step_flops(network, batch, size, int(parser["model_settings"].get("in_channels", 1)), device)
+    step_mean = step / max(n, 1)
+    rate = flops / step_mean / 1e12
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bundle training breakdown: {args.config}, {n} iterations of batch {batch} at {size} x {size}, {name}")
+    print(f"  caching the data sets (before the first step): {caching:7.1f} s")
+    print(f"  wall time of the run:                          {wall:7.1f} s")
+    print(f"  {'part':<22} {'total s':>9} {'per iteration s':>16} {'share':>7}")
+    total = data + step + sum(handlers.values())
+    for label, seconds in [("data (wait for batch)", data), ("step", step), *sorted(handlers.items())]:
+        print(f"  {label:<22} {seconds:9.2f} {seconds / max(n, 1):16.4f} {100 * seconds / total:6.1f}%")
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak_text = f", {100 * rate / peak:.1f} % of the {peak:g} TFLOP/s dense bf16 peak" if peak else ""
+    print(f"  step: {flops / 1e9:.1f} GFLOP, {rate:.3f} TFLOP/s{peak_text}; {batch / step_mean:.1f} slices/s")
+    periods = budget["iterations"] // budget["epoch_length"]
+    per_period = handlers.get("validation", 0.0) / max(n // args.epoch_length, 1)
+    projected = budget["iterations"] * (data + step) / max(n, 1) + periods * per_period
+    print(
+        f"  the recipe ({budget['iterations']} iterations, {periods} validations of {per_period:.1f} s): "
+        f"about {projected / 60:.1f} min of training after {caching:.0f} s of caching"
+    )
+
+
+if __name__ == "__main__":
+    main()
