@@ -339,13 +339,13 @@ def test_an_unreachable_tracking_server_stops_training_before_any_work_or_falls_
 
 
 def test_a_tracking_server_lost_mid_training_loses_nothing(prepared, tmp_path):
-    """The server stopped at epoch 3 of 20 and not back before the end: the training finishes and saves its
+    """The server stopped at epoch 3 of 12 and not back before the end: the training finishes and saves its
     model, the rest of the run is kept on disk, and `liver-fcn sync` sends it to the server once it is back
     (its database and artifacts as they were): the run ends FINISHED with every period, curves, model."""
     root = tmp_path / "server"
     root.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    periods = 20
+    periods = 12
     cmd = training_command(prepared, tmp_path, iterations=2 * periods)
     with server(mlflow_server_command(root), "/health", root / "server.log") as url:
         proc = subprocess.Popen(
