@@ -14,6 +14,7 @@ device's dense bf16 peak where it is known, and the projected time of the full r
 from __future__ import annotations
 
 import argparse
+import ast
 import tempfile
 import time
 from collections import defaultdict
@@ -82,7 +83,10 @@ def main() -> None:
     }
     for item in args.overrides:
         key, _, value = item.partition("=")
-        overrides[key] = value
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # a plain string
+            overrides[key] = value
     workflow = ConfigWorkflow(config_file=files, workflow_type="train", **overrides)
     workflow.initialize()
     parser = workflow.parser
@@ -111,9 +115,10 @@ def main() -> None:
         handlers[group(str(r[0]))] += float(r[2])
         events[group(str(r[0]))] += 1
     network = parser.get_parsed_content("network")
-    batch, size = int(parser["batch_size"]), int(parser["model_settings"]["image_size"])
+    batch, size = int(parser.get_parsed_content("batch_size")), int(parser.get_parsed_content("image_size"))
     device = next(network.parameters()).device
-    flops = step_flops(network, batch, size, int(parser["model_settings"].get("in_channels", 1)), device)
+    channels = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    flops = step_flops(network, batch, size, channels, device)
     step_mean = step / max(n, 1)
     rate = flops / step_mean / 1e12
 

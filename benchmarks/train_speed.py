@@ -5,11 +5,15 @@ for CT slices (the step's cost does not depend on the values).
 
     python benchmarks/train_speed.py                 # quick configs and the paper config
     python benchmarks/train_speed.py --only quick    # just the quick config
+    python benchmarks/train_speed.py --only quick --side_by_side 2
+        # two trainings at once: each with PyTorch's default threads (one per core), then with the
+        # cores shared out (OMP_NUM_THREADS = cores / 2), against one alone
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
@@ -64,10 +68,14 @@ def main() -> None:
     p.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configurations to run")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--side_by_side", type=int, default=0, help="also run N trainings of the first config at once")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     names = args.only or list(CONFIGS)
+    if args.side_by_side and not args.child:
+        side_by_side(names[0], args.side_by_side, args.steps, args.device)
+        return
     if args.child:  # one configuration per process, so that peak memory is its own
         variant, width, size, batch = CONFIGS[names[0]]
         r = bench(variant, width, size, batch, args.steps, device)
@@ -86,6 +94,25 @@ def main() -> None:
     for name in names:
         cmd = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--device", args.device]
         subprocess.run(cmd, check=True)
+
+
+def side_by_side(name: str, n: int, steps: int, device: str) -> None:
+    """One training step alone, then ``n`` at once with PyTorch's default threads, then ``n`` at once
+    with the cores shared out: the median s/step of each process."""
+    cores = os.cpu_count() or 1
+    cmd = [sys.executable, __file__, "--child", "--only", name, "--steps", str(steps), "--device", device]
+    print(f"{name}: {n} trainings side by side on {cores} cores (s/step of each process)")
+    for label, count, threads in (
+        ("alone, default threads", 1, None),
+        (f"{n} at once, default threads", n, None),
+        (f"{n} at once, {max(1, cores // n)} thread(s) each", n, max(1, cores // n)),
+    ):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+        outs = [p.communicate()[0].split() for p in procs]
+        print(f"  {label:<34} " + "  ".join(f"{float(o[6]):.3f}" for o in outs), flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ def _child(module: str, args: list[str], cwd: str, env: dict, stdout: str, stder
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
+        if env.get("OMP_NUM_THREADS"):  # OpenMP read it when the forkserver loaded torch: set it here
+            import torch
+
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
         sys.path.insert(0, cwd)  # as `python -m` puts the working folder first
         sys.argv = [module, *args]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -79,6 +83,14 @@ def _child(module: str, args: list[str], cwd: str, env: dict, stdout: str, stder
             except Exception:  # noqa: S110 - a closed stream has nothing left to write
                 pass
         os._exit(code)
+
+
+def sharing_cores(processes: int, env: dict | None = None) -> dict:
+    """``env`` (default: this process's) for one of ``processes`` run at once: OMP_NUM_THREADS set to
+    their share of the cores, so that their OpenMP threads do not spin against each other."""
+    env = dict(os.environ if env is None else env)
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    return env
 
 
 def warm_module(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600):

@@ -31,7 +31,7 @@ from liver_fcn.rtstruct import read_rtstruct
 from liver_fcn.transforms import grid_size
 from liver_fcn.visualize import class_rgb
 
-from .commands import new_process, warm_module
+from .commands import new_process, sharing_cores, warm_module
 from .conftest import REPO
 from .test_dicom import zipped
 
@@ -693,7 +693,7 @@ def bad_runs(bad_cases, small_fcn, tmp_path_factory) -> dict:
 
     def run(what):
         out = root / f"out{BAD_INPUTS.index(what)}"
-        return what, (bundle_cli(*bad_input_args(bad_cases[what], small_fcn, out)), out)
+        return what, (bundle_cli(*bad_input_args(bad_cases[what], small_fcn, out), env=sharing_cores(2)), out)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(run, bad_cases))
@@ -760,11 +760,15 @@ def small_fcn(tmp_path_factory) -> Path:
     return path
 
 
-def bundle_cli(*args: str, timeout: int = 300, new: bool = False) -> subprocess.CompletedProcess:
+def bundle_cli(
+    *args: str, timeout: int = 300, new: bool = False, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run inference ...`` from the repository root (which holds ``tests.helpers``),
     forked from the warm interpreter of ``commands.py`` (``new=True``: in a new interpreter)."""
     command = new_process if new else warm_module
-    return command("monai.bundle", "run", "inference", "--config_file", CONFIG, *args, cwd=REPO, timeout=timeout)
+    return command(
+        "monai.bundle", "run", "inference", "--config_file", CONFIG, *args, cwd=REPO, timeout=timeout, env=env
+    )
 
 
 def nifti_case(path: Path) -> Path:
@@ -818,7 +822,9 @@ def test_two_runs_into_one_folder_write_each_case_set_whole(small_fcn, tmp_path)
     out = tmp_path / "out"
     base = ["--input", str(tmp_path / "list.json"), "--checkpoint", str(small_fcn), "--output_dir", str(out)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = list(pool.map(lambda overlay: bundle_cli(*base, "--overlay", overlay), ["false", "true"]))
+        runs = list(
+            pool.map(lambda overlay: bundle_cli(*base, "--overlay", overlay, env=sharing_cores(2)), ["false", "true"])
+        )
     assert [r.returncode for r in runs] == [0, 0], [r.stdout[-2500:] + r.stderr[-800:] for r in runs]
     for n in names:
         report = json.loads((out / f"{n}_report.json").read_text())

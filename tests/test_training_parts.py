@@ -236,3 +236,36 @@ def test_a_failed_checkpoint_write_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
     saver({"weight": torch.zeros(3)}, "run_checkpoint_epoch=3.pt")
     assert torch.load(tmp_path / "run_checkpoint_epoch=3.pt", weights_only=True)["weight"].shape == (3,)
+
+
+def test_elastic_when_drawn_deforms_as_monai_does_and_leaves_the_others_alone():
+    """Drawn every time, the slices are MONAI's Rand2DElasticd's, draw for draw; not drawn, a slice is
+    passed through rather than resampled on an identity grid."""
+    from monai.transforms import Rand2DElasticd
+
+    from liver_fcn.transforms import ElasticWhenDrawnd
+
+    kw = dict(
+        keys=["image", "label"],
+        spacing=(16, 16),
+        magnitude_range=(1.0, 3.0),
+        mode=["bilinear", "nearest"],
+        padding_mode="zeros",
+    )
+    gen = torch.Generator().manual_seed(0)
+    slices = [torch.rand(1, 64, 64, generator=gen) for _ in range(8)]
+    ours, monai = ElasticWhenDrawnd(prob=1.0, **kw), Rand2DElasticd(prob=1.0, **kw)
+    ours.set_random_state(3)
+    monai.set_random_state(3)
+    for image in slices:
+        label = (image > 0.5).float()
+        a, b = ours({"image": image, "label": label}), monai({"image": image, "label": label})
+        assert not torch.allclose(torch.as_tensor(a["image"]), image)  # deformed
+        assert torch.allclose(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]), atol=1e-5)
+        assert torch.equal(torch.as_tensor(a["label"]).float(), torch.as_tensor(b["label"]).float())
+    kw["keys"], kw["mode"] = ["image"], ["bilinear"]
+    never = ElasticWhenDrawnd(prob=0.0, **kw)
+    assert all(never({"image": image})["image"] is image for image in slices)
+    half = ElasticWhenDrawnd(prob=0.5, **kw)
+    half.set_random_state(1)
+    assert 0 < sum(half({"image": image})["image"] is image for image in slices * 2) < 16

@@ -11,7 +11,8 @@
   :func:`body_mask` (the body's largest air-separated region, ``CropForegroundd``'s ``select_fn``),
   :class:`InPlaneResampled` (in-plane resampling to a pixel spacing in mm with 2D anti-aliasing when
   downsampling, slices untouched) and :class:`AdjacentSlicesd` (2.5D neighbours at fixed distances
-  in mm as channels).
+  in mm as channels); :class:`ElasticWhenDrawnd`, MONAI's ``Rand2DElasticd`` without its identity
+  resampling of the slices it does not deform.
 * :mod:`~liver_fcn.transforms.inversion` - :func:`class_map_on_input_grid` / :class:`ResampleToInputd`:
   network logits back onto the input's own grid as a uint8 class map, chunk by chunk, from the two
   affines (what ``Invertd`` would do with full-resolution float probabilities, without holding them).
@@ -31,7 +32,14 @@ Each dictionary transform is a thin wrapper over a function on arrays (:func:`ad
 """
 
 from liver_fcn.data.ct import load_ct
-from liver_fcn.transforms.geometry import AdjacentSlicesd, InPlaneResampled, adjacent_slices, body_mask, grid_size
+from liver_fcn.transforms.geometry import (
+    AdjacentSlicesd,
+    ElasticWhenDrawnd,
+    InPlaneResampled,
+    adjacent_slices,
+    body_mask,
+    grid_size,
+)
 from liver_fcn.transforms.inversion import ResampleToInputd, class_map_on_input_grid
 from liver_fcn.transforms.io import LoadCTd, LoadOrganMasksd
 from liver_fcn.transforms.labels import EncodePartialLabeld, class_map_array
@@ -58,6 +66,7 @@ from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
 __all__ = [
     "UNENHANCED_HU",
     "AdjacentSlicesd",
+    "ElasticWhenDrawnd",
     "CountComponentsd",
     "EncodePartialLabeld",
     "FillHolesSlicewised",

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Rand2DElasticd
 from scipy import ndimage
 
 from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
 
-__all__ = ["AdjacentSlicesd", "InPlaneResampled", "adjacent_slices", "body_mask", "grid_size"]
+__all__ = ["AdjacentSlicesd", "ElasticWhenDrawnd", "InPlaneResampled", "adjacent_slices", "body_mask", "grid_size"]
 
 
 def grid_size(field_of_view: float, pixel_spacing: float, multiple: int = 32) -> int:
@@ -178,3 +178,34 @@ class AdjacentSlicesd(MapTransform):
             step = 1.0 if self.distance is None else self.distance / float(voxel_spacing(img)[axis])
             d[key] = like(img, adjacent_slices(torch.as_tensor(img[0]), self.context, step, axis))
         return d
+
+
+class ElasticWhenDrawnd(Rand2DElasticd):
+    """MONAI's ``Rand2DElasticd`` that leaves a slice alone when the deformation is not drawn.
+
+    MONAI's draws a full-size random offset field and resamples every slice, on an identity grid
+    when the deformation is not drawn (at ``prob=0`` too): on the CPU recipe that was 0.11 s of the
+    0.26 s of augmentation a batch of 16 slices costs. The slices it deforms are deformed as MONAI's
+    are (same parameters, same code); its random stream draws the field only for those.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._drawn = False
+
+    def randomize(self, data=None) -> None:
+        if not self._drawn:  # drawn once a call, before MONAI's __call__ would draw again
+            super().randomize(data)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if self.first_key(d) == ():
+            return super().__call__(d)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        self._drawn = True
+        try:
+            return super().__call__(d)
+        finally:
+            self._drawn = False
