@@ -414,8 +414,11 @@ def test_records_kept_while_the_server_is_away_are_sent_when_it_answers_again(tm
     with pytest.raises(ConnectionError, match="the tracking server is away"):
         client.get_metric_history(run_id, "loss")
     with server(command, "/health", root / "again.log", port=port):
-        client.log_batch(run_id, metrics=[metric(3)])  # back: what was kept goes first
-        assert not client.offline and not client.records.folder.exists()
+        # a resumed run (a new process) sends what an earlier one kept before anything else
+        resumed = OfflineClient(mlflow_client, run_id, client.records, retry_every=0)
+        assert not resumed.offline and not client.records.folder.exists()
+        client.log_batch(run_id, metrics=[metric(3)])  # back: this client goes online again
+        assert not client.offline
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
         assert client.get_run(run_id).data.tags["note"] == "kept"
 
