@@ -92,16 +92,20 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
         tmp_path / "models" / "model.pt",
     )
     configs = [str(REPO / "bundle" / "configs" / f) for f in ("train.json", "evaluate.json")]
-    bundle_run(
-        "evaluating",
-        config_file=configs,
-        dataset_dir=str(tmp_path / "data"),
-        ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"),
-        eval_name="eval-threshold",
-        network_def=THRESHOLD_NET,
-        logging_file=False,
-    )
+
+    def evaluate(eval_name: str, **overrides) -> None:
+        bundle_run(
+            "evaluating",
+            config_file=configs,
+            dataset_dir=str(tmp_path / "data"),
+            ckpt_dir=str(tmp_path / "models"),
+            output_dir=str(tmp_path / "eval"),
+            eval_name=eval_name,
+            logging_file=False,
+            **overrides,
+        )
+
+    evaluate("eval-threshold", network_def=THRESHOLD_NET)
     folder = tmp_path / "eval" / "evaluation" / "eval-threshold"
     with open(folder / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -136,18 +140,7 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
 
     # a network that paints the block as kidney, a class these patients have no masks for: the kidney is
     # still not scored (its painted volume is reported), and the liver it misses scores 0
-    bundle_run(
-        "evaluating",
-        config_file=configs,
-        dataset_dir=str(tmp_path / "data"),
-        ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"),
-        eval_name="eval-kidney-painter",
-        network_def={**THRESHOLD_NET, "painted": 3},
-        scanner_shift=False,
-        phase_shift=False,
-        logging_file=False,
-    )
+    evaluate("eval-kidney-painter", network_def={**THRESHOLD_NET, "painted": 3}, scanner_shift=False, phase_shift=False)
     folder = tmp_path / "eval" / "evaluation" / "eval-kidney-painter"
     with open(folder / "metrics.csv", newline="") as f:
         rows = {(r["patient"], r["class"]): r for r in csv.DictReader(f)}
