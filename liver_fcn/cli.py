@@ -13,6 +13,7 @@ import argparse
 import ast
 import csv
 import io
+import os
 import sys
 import time
 import warnings
@@ -90,6 +91,7 @@ def _synth(args: argparse.Namespace) -> int:
         annotate=args.classes,
         overwrite=args.overwrite,
         abutting_masses=args.abutting_masses,
+        workers=args.workers,
     )
     print(f"done in {time.time() - t0:.0f} s")
     return 0
@@ -366,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--abutting_masses",
         action="store_true",
         help="also paint masses against the liver but outside it, labelled background (off by default)",
+    )
+    sy.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="patients painted side by side, one process each (default: 2, or 1 on a 1-core machine; "
+        "1-4 GB of memory each); the volumes do not depend on it",
     )
     sy.set_defaults(func=_synth)
 

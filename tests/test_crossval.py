@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from liver_fcn.crossval import fold_datalists
-from liver_fcn.data.synth import synthesize
+from liver_fcn.data.ct import load_ct
+from liver_fcn.data.ircadb import _organ_folders
+from liver_fcn.data.synth import _read_masks, _series_fast, synthesize
 from liver_fcn.errors import InputError
 
 from .commands import warm_module
@@ -60,6 +62,36 @@ def test_synthetic_volumes_follow_the_masks_with_physical_densities(synthetic, p
     assert ct.affine[2, 2] == pytest.approx(20.0)  # the masks' own grid: 240 mm over 12 slices
     with pytest.raises(InputError, match="already exists; pass --overwrite"):
         synthesize(data["source"], synthetic, log=lambda s: None)
+
+
+def test_patients_painted_side_by_side_give_the_same_volumes(synthetic, tmp_path):
+    source = json.loads((synthetic / "datalist.json").read_text())["source"]
+    out = synthesize(source, tmp_path / "two", copies=1, seed=1, sampling_weight=0.5, workers=2, log=lambda s: None)
+    entries = json.loads(out.read_text())["training"]
+    assert entries == json.loads((synthetic / "datalist.json").read_text())["training"]
+    for e in entries:
+        for rel in [e["image"], *(m for ms in e["masks"].values() for m in ms)]:
+            a, b = nib.load(str(synthetic / rel)), nib.load(str(tmp_path / "two" / rel))
+            assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.allclose(a.affine, b.affine)
+
+
+def test_mask_series_read_fast_are_the_checked_reader_s_voxels_and_a_short_one_is_named(phantom_root, tmp_path):
+    with zipfile.ZipFile(phantom_root / "3Dircadb1.4" / "MASKS_DICOM.zip") as z:
+        z.extractall(tmp_path)
+    folder = tmp_path / "MASKS_DICOM"
+    organs, affine = _read_masks(folder)
+    assert len(organs) > 3
+    for name, path in _organ_folders(folder).items():
+        img = load_ct(path, modality=None)
+        assert np.array_equal(np.asarray(img[0]) > 0, organs[name]), name
+        assert np.allclose(np.asarray(img.affine), affine, atol=1e-4), name
+        fast = _series_fast(path)  # the fast reader itself, not a fallback to the checked one
+        assert np.array_equal(fast[0] > 0, organs[name]) and np.allclose(fast[1], affine, atol=1e-4), name
+    last = list(_organ_folders(folder).values())[-1]
+    files = sorted(last.iterdir())
+    files[len(files) // 2].unlink()  # a slice missing from one series
+    with pytest.raises(InputError, match=f"{last}: mask geometry differs"):
+        _read_masks(folder)
 
 
 @pytest.mark.parametrize("phase", ["unenhanced", "arterial", "portal", "excretory"])

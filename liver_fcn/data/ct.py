@@ -1,7 +1,10 @@
 """Reading a CT: a DICOM series folder (or zip) or a NIfTI file, with exactly one reader."""
 
 from __future__ import annotations
+import logging
 import math
+import os
+import warnings
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +23,19 @@ __all__ = ["NIFTI_SUFFIXES", "ct_loader", "load_ct"]
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _quiet_gpu_decoder_notice() -> None:
+    """MONAI's LoadImage builds its GPU DICOM decoder reader on every construction and, without
+    nvImageCodec, logs and warns that it is unavailable; this project reads with its own reader, so
+    the notice is noise unless the user asked for that decoder (``MONAI_DICOM_READER=nvimgcodec``)."""
+    if os.environ.get("MONAI_DICOM_READER", "").lower() == "nvimgcodec":
+        return
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+
+
+_quiet_gpu_decoder_notice()
 
 def ct_loader() -> LoadImage:
     return LoadImage(image_only=True, ensure_channel_first=True)

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -118,12 +119,29 @@ def find_mask_patients(root: str | os.PathLike) -> list[tuple[str, Path]]:
     return out
 
 
+def _linear_weights(n_out: int, n_in: int) -> torch.Tensor:
+    """(n_out, n_in) weights of linear interpolation from n_in to n_out samples, end points aligned."""
+    w = torch.zeros(n_out, n_in)
+    if n_in == 1:
+        return w + 1.0
+    pos = torch.linspace(0, n_in - 1, n_out, dtype=torch.float64)
+    lo = pos.floor().long().clamp(max=n_in - 2)
+    frac = (pos - lo).float()
+    rows = torch.arange(n_out)
+    w[rows, lo] = 1 - frac
+    w[rows, lo + 1] = frac
+    return w
+
+
 def _upsample(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Trilinear interpolation of a small array onto ``shape`` (torch: fast and multithreaded)."""
-    t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
-    return torch.nn.functional.interpolate(t, size=tuple(int(n) for n in shape), mode="trilinear", align_corners=True)[
-        0, 0
-    ].numpy()
+    """Trilinear interpolation (end points aligned) of a small array onto ``shape``, one axis at a time
+    as three matrix products: the last one writes the full volume once (about 4 times faster than
+    ``torch.nn.functional.interpolate`` at 512 x 512 x 139)."""
+    t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))
+    (nx, ny, nz), (cx, cy, _) = (int(n) for n in shape), t.shape
+    t = t @ _linear_weights(nz, t.shape[2]).T  # (cx, cy, nz)
+    t = torch.einsum("yj,ijz->iyz", _linear_weights(ny, cy), t)  # (cx, ny, nz)
+    return (_linear_weights(nx, cx) @ t.reshape(cx, ny * nz)).reshape(nx, ny, nz).numpy()
 
 
 def _smooth_field(
@@ -134,10 +152,17 @@ def _smooth_field(
     step = [max(1, int(scale_mm / (2 * s))) for s in spacing]
     coarse_shape = [max(2, int(np.ceil(n / k)) + 1) for n, k in zip(shape, step)]
     coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), 1.0, mode="wrap")
-    field = _upsample(coarse, shape)
-    field -= field.mean()
-    field /= field.std() + 1e-6
-    return field
+    coarse -= coarse.mean()  # normalised on the coarse grid: interpolation keeps the mean and about the std
+    coarse /= coarse.std() + 1e-6
+    return _upsample(coarse, shape)
+
+
+def _union(masks, shape: Sequence[int]) -> np.ndarray:
+    """The voxel-wise OR of boolean masks of ``shape`` (in place, without stacking them)."""
+    out = np.zeros(tuple(shape), dtype=bool)
+    for m in masks:
+        out |= m
+    return out
 
 
 def _depth_below_skin(body: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -220,14 +245,14 @@ def render_ct(
     # organ-sized distractors (where a heart, spleen or stomach would be): smooth ellipsoids of
     # liver-like or blood-pool density, some with a rim, placed inside the body away from the organs
     # that are painted next; real CT puts such neighbours against the liver
-    labelled = np.any(list(organs.values()), axis=0) if organs else np.zeros(shape, dtype=bool)
+    labelled = _union(organs.values(), shape)
     free = body & (depth >= wall) & ~labelled
     for _ in range(int(rng.integers(1, 4))):
         _ellipsoid_distractor(hu, free, sp, rng, liver_hu)
     # masses against the liver but outside it (an adrenal or renal mass, the gallbladder, bowel):
     # lesion-like or liver-like density, labelled background, so that liver means the organ inside
     # its capsule and not whatever hypodense tissue touches it
-    liver = np.any([m for n, m in organs.items() if n.lower().startswith("liver")], axis=0)
+    liver = _union([m for n, m in organs.items() if n.lower().startswith("liver")], shape)
     if abutting_masses and np.any(liver):
         for _ in range(int(rng.integers(0, 3))):
             _abutting_mass(hu, liver, free, sp, rng, liver_hu)
@@ -259,12 +284,12 @@ def render_ct(
             hu[top] = -900
         else:
             sigma = {"liver": rng.uniform(3, 12), "spleen": 8, "kidney": 15}.get(kind, 6)
-            hu[mask] = (values[kind] + sigma * texture)[mask]
+            hu[mask] = values[kind] + sigma * texture[mask]
 
     # partial volume (in-plane resolution and slice profile), then correlated noise of a random dose
     blur = [rng.uniform(0.3, 1.0) / s for s in sp[:2]] + [rng.uniform(0.2, 0.6)]
     hu = ndimage.gaussian_filter(hu, blur, mode="nearest")
-    noise = rng.standard_normal(shape).astype(np.float32)
+    noise = rng.standard_normal(shape, dtype=np.float32)
     noise = ndimage.gaussian_filter(noise, [rng.uniform(0.4, 1.0), rng.uniform(0.4, 1.0), 0.0])
     hu += noise / (noise.std() + 1e-6) * rng.uniform(6, 30)
     return np.clip(hu, -1024, 3071)
@@ -362,18 +387,129 @@ def _abutting_mass(
     hu[box] = region
 
 
+def _series_fast(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A DICOM series folder read by SimpleITK (GDCM; about 7 times faster than the checked reader on
+    a 512 x 512 x 139 mask series): ``(array (X, Y, Z) as load_ct lays it out, RAS affine)``, or None
+    where GDCM does not see exactly one series of all the folder's files or cannot read it."""
+    import SimpleITK as sitk
+
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        reader = sitk.ImageSeriesReader()
+        names = reader.GetGDCMSeriesFileNames(str(folder))
+        if len(names) != len(files):
+            return None
+        reader.SetFileNames(names)
+        img = reader.Execute()
+    except RuntimeError:
+        return None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(True)
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        return None
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3) * spacing
+    affine[:3, 3] = img.GetOrigin()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM's LPS -> RAS, as MONAI's readers give it
+    return np.ascontiguousarray(np.transpose(sitk.GetArrayViewFromImage(img), (2, 1, 0))), affine
+
+
 def _read_masks(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """All organ mask series of an extracted MASKS_DICOM folder, and their common affine."""
-    organs, affine = {}, None
-    for name, path in _organ_folders(folder).items():
-        img = load_ct(path, modality=None)
-        a = np.asarray(img.affine, dtype=np.float64)
-        if affine is None:
-            affine, shape = a, img.shape[1:]
-        elif img.shape[1:] != shape or not np.allclose(a, affine, atol=1e-3):
-            raise InputError(f"{path}: mask geometry differs from the patient's other masks")
-        organs[name] = np.asarray(img[0]) > 0
+    """All organ mask series of an extracted MASKS_DICOM folder, and their common affine.
+
+    The first series is read with every check of :func:`load_ct`, and also by SimpleITK: where both
+    give the same voxels and affine, the other series are read by SimpleITK (the slow part of
+    ``liver-fcn synth`` and ``warp`` was reading 10-20 mask series a patient) and must match the
+    first one's grid. Otherwise, or where SimpleITK cannot read a series, :func:`load_ct` reads it
+    and names what is wrong with it.
+    """
+    folders = _organ_folders(folder)
+    if not folders:
+        raise InputError(f"{folder}: no organ mask series")
+    (first, path), rest = next(iter(folders.items())), list(folders.items())[1:]
+    img = load_ct(path, modality=None)
+    organs, affine = {first: np.asarray(img[0]) > 0}, np.asarray(img.affine, dtype=np.float64)
+    ref = _series_fast(path)
+    fast = ref is not None and np.allclose(ref[1], affine, atol=1e-3) and np.array_equal(ref[0] > 0, organs[first])
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # GDCM reads without the GIL
+        read = pool.map(_series_fast, [p for _, p in rest]) if fast else [None] * len(rest)
+        for (name, path), got in zip(rest, read):
+            if got is None:
+                img = load_ct(path, modality=None)
+                got = np.asarray(img[0]), np.asarray(img.affine, dtype=np.float64)
+            if got[0].shape != organs[first].shape or not np.allclose(got[1], affine, atol=1e-3):
+                raise InputError(f"{path}: mask geometry differs from the patient's other masks")
+            organs[name] = got[0] > 0
     return organs, affine
+
+
+def _patient_masks(name: str, src: Path, tmp: Path) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
+    """One patient's mask series (extracted under ``tmp`` from a zip): ``(folder, organs, affine)``."""
+    folder = src
+    if src.suffix == ".zip":
+        safe_extract(src, tmp / name, top="MASKS_DICOM")
+        folder = tmp / name / "MASKS_DICOM"
+    organs, affine = _read_masks(folder)
+    if src.suffix == ".zip":
+        shutil.rmtree(tmp / name)  # read; the next patients' files take its place
+    return folder, organs, affine
+
+
+def _write_case(stage: Path, final: Path, ct: np.ndarray, label_masks: dict[str, np.ndarray], affine) -> None:
+    """A synthetic volume and its masks as NIfTI, staged and then moved to ``final`` whole."""
+    stage.mkdir()
+    img = nib.Nifti1Image(np.round(ct).astype(np.int16), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(stage / "ct.nii.gz"))
+    for cls, m in label_masks.items():
+        nib.save(nib.Nifti1Image(m.astype(np.uint8), affine), str(stage / f"{cls}.nii.gz"))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(stage, final)
+
+
+def _synthesize_patient(task: dict) -> tuple[list[dict], str]:
+    """One mask patient's ``copies`` synthetic volumes, written whole under ``task['out']``: their
+    datalist entries and the log line (a process of ``synthesize(..., workers=N)`` runs this)."""
+    t0, name, classes = time.time(), task["name"], task["classes"]
+    folder, organs, affine = _patient_masks(name, task["src"], task["tmp"])
+    if "skin" not in organs:
+        raise InputError(f"{folder}: no 'skin' (body outline) mask; cannot synthesise a CT")
+    chosen, _, _ = _resolve_classes(task["organ_map"], {n: Path(n) for n in organs})
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    shape = organs["skin"].shape
+    label_masks = {c: _union([organs[p.name] for p in ps], shape) for c, ps in chosen.items() if c in task["annotate"]}
+    body = _union(organs.values(), shape)
+    organs.pop("skin")
+    entries = []
+    for copy in range(task["copies"]):
+        rng = np.random.default_rng([task["seed"], task["index"], copy])
+        ct = render_ct(organs, body, spacing, rng, abutting_masses=task["abutting_masses"])
+        case = f"synth-{name}-{copy}"
+        _write_case(task["tmp"] / f"stage-{case}", task["out"] / case, ct, label_masks, affine)
+        entries.append(
+            {
+                "patient": case,
+                "image": f"{case}/ct.nii.gz",
+                "masks": {c: [f"{case}/{c}.nii.gz"] for c in classes[1:] if c in label_masks},
+                "annotated": [True] + [c in label_masks for c in classes[1:]],
+                "shape": list(ct.shape),
+                "spacing": [round(float(s), 6) for s in spacing],
+                "synthetic_from": name,
+                "sampling_weight": task["sampling_weight"],
+            }
+        )
+    missing = [c for c in classes[1:] if c not in label_masks]  # absent, or left to real CT
+    copies = task["copies"]
+    line = (
+        f"{name}: {copies} synthetic CT{'s' if copies > 1 else ''} {shape[0]}x{shape[1]}x{shape[2]}"
+        + (f"; not annotated: {', '.join(missing)}" if missing else "")
+        + f" ({time.time() - t0:.1f} s)"
+    )
+    return entries, line
 
 
 def synthesize(
@@ -388,8 +524,12 @@ def synthesize(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     abutting_masses: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Render ``copies`` CTs per mask patient under ``out``; returns the datalist path.
+
+    ``workers``: patients synthesised side by side in that many threads (each holds one patient's
+    masks and volume, 1-4 GB). The volumes do not depend on it.
 
     ``annotate``: the classes whose masks the datalist gives (default: all the mapping's); the others
     are recorded as not annotated, so training learns them from real CT only (the partial-label loss
@@ -409,6 +549,8 @@ def synthesize(
         found = [(n, p) for n, p in found if n in wanted]
     if copies < 1:
         raise InputError(f"copies must be at least 1, got {copies}")
+    if workers < 1:
+        raise InputError(f"workers must be at least 1, got {workers}")
     if sampling_weight <= 0:
         raise InputError(f"sampling weight must be positive, got {sampling_weight}")
     out = Path(out)
@@ -420,57 +562,26 @@ def synthesize(
             check_zip(src, top="MASKS_DICOM")
     entries = []
     out.mkdir(parents=True, exist_ok=True)
+    job = dict(copies=copies, seed=seed, annotate=annotate, classes=classes, organ_map=organ_map)
+    job |= dict(sampling_weight=sampling_weight, abutting_masses=abutting_masses, out=out)
     with tempfile.TemporaryDirectory(dir=out, prefix=".synth-") as tmp:
-        for i, (name, src) in enumerate(found):
-            t0 = time.time()
-            folder = src
-            if src.suffix == ".zip":
-                safe_extract(src, Path(tmp) / name, top="MASKS_DICOM")
-                folder = Path(tmp) / name / "MASKS_DICOM"
-            organs, affine = _read_masks(folder)
-            if "skin" not in organs:
-                raise InputError(f"{folder}: no 'skin' (body outline) mask; cannot synthesise a CT")
-            chosen, _, _ = _resolve_classes(organ_map, {n: Path(n) for n in organs})
-            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-            label_masks = {
-                c: np.any([organs[p.name] for p in paths], axis=0) for c, paths in chosen.items() if c in annotate
-            }
-            body = organs["skin"] | np.any(list(organs.values()), axis=0)
-            for copy in range(copies):
-                rng = np.random.default_rng([seed, i, copy])
-                ct = render_ct(
-                    {k: v for k, v in organs.items() if k != "skin"}, body, spacing, rng, abutting_masses=abutting_masses
-                )
-                case = f"synth-{name}-{copy}"
-                stage, final = Path(tmp) / f"stage-{case}", out / case
-                stage.mkdir()
-                img = nib.Nifti1Image(np.round(ct).astype(np.int16), affine)
-                img.set_qform(affine, code=1)
-                img.set_sform(affine, code=1)
-                nib.save(img, str(stage / "ct.nii.gz"))
-                for cls, m in label_masks.items():
-                    nib.save(nib.Nifti1Image(m.astype(np.uint8), affine), str(stage / f"{cls}.nii.gz"))
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(stage, final)
-                entries.append(
-                    {
-                        "patient": case,
-                        "image": f"{case}/ct.nii.gz",
-                        "masks": {c: [f"{case}/{c}.nii.gz"] for c in classes[1:] if c in label_masks},
-                        "annotated": [True] + [c in label_masks for c in classes[1:]],
-                        "shape": list(ct.shape),
-                        "spacing": [round(float(s), 6) for s in spacing],
-                        "synthetic_from": name,
-                        "sampling_weight": sampling_weight,
-                    }
-                )
-            missing = [c for c in classes[1:] if c not in label_masks]  # absent, or left to real CT
-            log(
-                f"{name}: {copies} synthetic CT{'s' if copies > 1 else ''} {ct.shape[0]}x{ct.shape[1]}x{ct.shape[2]}"
-                + (f"; not annotated: {', '.join(missing)}" if missing else "")
-                + f" ({time.time() - t0:.1f} s)"
-            )
+        tasks = [dict(job, index=i, name=name, src=src, tmp=Path(tmp)) for i, (name, src) in enumerate(found)]
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                done, line = _synthesize_patient(task)
+                entries += done
+                log(line)
+        else:
+            # patients side by side in threads: the volume-sized numpy, scipy, torch and GDCM work
+            # that takes the time releases the GIL, and the threads share one process's memory
+            with ThreadPoolExecutor(workers) as pool:
+                try:
+                    for done, line in pool.map(_synthesize_patient, tasks):
+                        entries += done
+                        log(line)
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)
+                    raise
     write_json_atomic(
         datalist,
         {
