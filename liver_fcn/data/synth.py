@@ -194,20 +194,29 @@ def render_ct(
     """
     shape = body.shape
     sp = [float(s) for s in spacing]
-    hu = np.full(shape, -1000.0, dtype=np.float32)
-
     # inside the body: subcutaneous fat, a muscle wall, then a visceral mixture of fat and soft tissue
+    # (painted in place, innermost first: each volume-sized temporary costs as much as the arithmetic)
     fat_hu, muscle_hu = rng.uniform(-120, -80), rng.uniform(30, 65)
     depth = _depth_below_skin(body, sp)
-    sub_fat = rng.uniform(4, 35) * (1 + 0.3 * _smooth_field(rng, shape, sp, 60))
+    fat_mm = rng.uniform(4, 35)
+    sub_fat = _smooth_field(rng, shape, sp, 60)
+    sub_fat *= 0.3 * fat_mm
+    sub_fat += fat_mm
     wall = sub_fat + rng.uniform(6, 20)
     visceral = _smooth_field(rng, shape, sp, rng.uniform(8, 25))
-    soft_hu = rng.uniform(15, 60) + 15 * _smooth_field(rng, shape, sp, 30)
+    soft = rng.uniform(15, 60)
+    hu = _smooth_field(rng, shape, sp, 30)
+    hu *= 15
+    hu += soft
     fat_share = rng.uniform(0.25, 0.6)
-    inner = np.where(visceral > np.quantile(visceral[body], 1 - fat_share) if body.any() else 0, fat_hu, soft_hu)
-    hu = np.where(body, np.where(depth < sub_fat, fat_hu, np.where(depth < wall, muscle_hu, inner)), hu).astype(
-        np.float32
-    )
+    hu[visceral > (np.quantile(visceral[body], 1 - fat_share) if body.any() else 0)] = fat_hu
+    del visceral
+    deep = depth >= wall  # below the muscle wall: where the visceral distractors go
+    hu[~deep] = muscle_hu
+    hu[depth < sub_fat] = fat_hu
+    del sub_fat, wall, depth
+    deep &= body
+    hu[~body] = -1000.0
 
     # contrast phase: unenhanced, arterial (kidney cortex bright against its medulla), portal venous,
     # excretory (contrast in the collecting system); the enhancement varies within each phase
@@ -239,14 +248,14 @@ def render_ct(
     }
     # distractors: blobs of liver-like density in the visceral soft tissue (bowel, stomach, heart)
     blobs = _smooth_field(rng, shape, sp, rng.uniform(20, 40)) > rng.uniform(1.2, 2.0)
-    hu[blobs & body & (depth >= wall)] = liver_hu + rng.uniform(-40, 20)
+    hu[blobs & deep] = liver_hu + rng.uniform(-40, 20)
     gas = _smooth_field(rng, shape, sp, rng.uniform(8, 15)) > rng.uniform(2.2, 3.0)
-    hu[gas & body & (depth >= wall)] = rng.uniform(-950, -700)
+    hu[gas & deep] = rng.uniform(-950, -700)
     # organ-sized distractors (where a heart, spleen or stomach would be): smooth ellipsoids of
     # liver-like or blood-pool density, some with a rim, placed inside the body away from the organs
     # that are painted next; real CT puts such neighbours against the liver
     labelled = _union(organs.values(), shape)
-    free = body & (depth >= wall) & ~labelled
+    free = deep & ~labelled
     for _ in range(int(rng.integers(1, 4))):
         _ellipsoid_distractor(hu, free, sp, rng, liver_hu)
     # masses against the liver but outside it (an adrenal or renal mass, the gallbladder, bowel):
@@ -291,8 +300,9 @@ def render_ct(
     hu = ndimage.gaussian_filter(hu, blur, mode="nearest")
     noise = rng.standard_normal(shape, dtype=np.float32)
     noise = ndimage.gaussian_filter(noise, [rng.uniform(0.4, 1.0), rng.uniform(0.4, 1.0), 0.0])
-    hu += noise / (noise.std() + 1e-6) * rng.uniform(6, 30)
-    return np.clip(hu, -1024, 3071)
+    noise *= rng.uniform(6, 30) / (noise.std() + 1e-6)
+    hu += noise
+    return np.clip(hu, -1024, 3071, out=hu)
 
 
 def _kidney(
