@@ -56,6 +56,32 @@ def test_slice_iou_ignores_slices_without_the_class():
     assert slice_iou(p, t) == pytest.approx(0.75)
 
 
+def evaluate(tmp_path, run_name: str | None, eval_name: str, **overrides) -> None:
+    """The bundle's evaluation of ``tmp_path/data`` into ``tmp_path/eval``, with the threshold network's
+    checkpoint written to ``tmp_path/models`` first under ``run_name`` (None: the one already there)."""
+    from monai.bundle import run as bundle_run
+
+    from .conftest import REPO
+    from .test_inference import SETTINGS
+
+    if run_name is not None:
+        (tmp_path / "models").mkdir()
+        torch.save(
+            {"model": {"threshold": torch.tensor(0.05)}, "settings": {**SETTINGS, "run_name": run_name}},
+            tmp_path / "models" / "model.pt",
+        )
+    bundle_run(
+        "evaluating",
+        config_file=[str(REPO / "bundle" / "configs" / f) for f in ("train.json", "evaluate.json")],
+        dataset_dir=str(tmp_path / "data"),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
+        eval_name=eval_name,
+        logging_file=False,
+        **overrides,
+    )
+
+
 def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid(tmp_path):
     """evaluate.json end to end with a network whose output is known: a block of 100 HU is the liver."""
     import csv
@@ -63,11 +89,8 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
 
     import mlflow
     import nibabel as nib
-    import torch
-    from monai.bundle import run as bundle_run
 
-    from .conftest import REPO
-    from .test_inference import SETTINGS, THRESHOLD_NET, block_volume
+    from .test_inference import THRESHOLD_NET, block_volume
 
     entries = []
     for name, spacing in (("p1", (0.8, 0.7, 3.0)), ("p2", (0.6, 0.6, 1.25))):
@@ -86,26 +109,7 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
             }
         )
     (tmp_path / "data" / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": entries}))
-    (tmp_path / "models").mkdir()
-    torch.save(
-        {"model": {"threshold": torch.tensor(0.05)}, "settings": {**SETTINGS, "run_name": "threshold"}},
-        tmp_path / "models" / "model.pt",
-    )
-    configs = [str(REPO / "bundle" / "configs" / f) for f in ("train.json", "evaluate.json")]
-
-    def evaluate(eval_name: str, **overrides) -> None:
-        bundle_run(
-            "evaluating",
-            config_file=configs,
-            dataset_dir=str(tmp_path / "data"),
-            ckpt_dir=str(tmp_path / "models"),
-            output_dir=str(tmp_path / "eval"),
-            eval_name=eval_name,
-            logging_file=False,
-            **overrides,
-        )
-
-    evaluate("eval-threshold", network_def=THRESHOLD_NET)
+    evaluate(tmp_path, "threshold", "eval-threshold", network_def=THRESHOLD_NET)
     folder = tmp_path / "eval" / "evaluation" / "eval-threshold"
     with open(folder / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -140,7 +144,14 @@ def test_bundle_evaluation_scores_each_patient_clean_and_shifted_on_its_own_grid
 
     # a network that paints the block as kidney, a class these patients have no masks for: the kidney is
     # still not scored (its painted volume is reported), and the liver it misses scores 0
-    evaluate("eval-kidney-painter", network_def={**THRESHOLD_NET, "painted": 3}, scanner_shift=False, phase_shift=False)
+    evaluate(
+        tmp_path,
+        None,
+        "eval-kidney-painter",
+        network_def={**THRESHOLD_NET, "painted": 3},
+        scanner_shift=False,
+        phase_shift=False,
+    )
     folder = tmp_path / "eval" / "evaluation" / "eval-kidney-painter"
     with open(folder / "metrics.csv", newline="") as f:
         rows = {(r["patient"], r["class"]): r for r in csv.DictReader(f)}
@@ -238,12 +249,9 @@ def test_bundle_evaluation_values_equal_metrics_computed_directly(tmp_path):
     import json
 
     import nibabel as nib
-    import torch
-    from monai.bundle import run as bundle_run
     from scipy import ndimage
 
-    from .conftest import REPO
-    from .test_inference import SETTINGS, THRESHOLD_NET, block_volume
+    from .test_inference import THRESHOLD_NET, block_volume
 
     spacing = (1.0, 1.0, 2.5)  # the checkpoint's 1 mm pixels: the in-plane grid is kept as it is
     ct, block = block_volume()
@@ -263,24 +271,7 @@ def test_bundle_evaluation_values_equal_metrics_computed_directly(tmp_path):
         "annotated": [True, True, False, False],
     }
     (tmp_path / "data" / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": [entry]}))
-    (tmp_path / "models").mkdir()
-    torch.save(
-        {"model": {"threshold": torch.tensor(0.05)}, "settings": {**SETTINGS, "run_name": "known"}},
-        tmp_path / "models" / "model.pt",
-    )
-    configs = [str(REPO / "bundle" / "configs" / f) for f in ("train.json", "evaluate.json")]
-    bundle_run(
-        "evaluating",
-        config_file=configs,
-        dataset_dir=str(tmp_path / "data"),
-        ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"),
-        eval_name="known",
-        network_def=THRESHOLD_NET,
-        scanner_shift=False,
-        phase_shift=False,
-        logging_file=False,
-    )
+    evaluate(tmp_path, "known", "known", network_def=THRESHOLD_NET, scanner_shift=False, phase_shift=False)
     with open(tmp_path / "eval" / "evaluation" / "known" / "metrics.csv", newline="") as f:
         (row,) = [r for r in csv.DictReader(f) if r["class"] == "liver"]
 
