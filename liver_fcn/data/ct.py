@@ -65,8 +65,12 @@ def load_ct(path, loader: LoadImage | None = None, series_uid: str | None = None
         raise
     except Exception as e:  # a corrupt NIfTI, an undecodable slice ...
         raise InputError(f"{p}: cannot be read ({type(e).__name__}: {e})".replace("\n", " ")) from None
-    if img.is_floating_point() and not bool(torch.isfinite(img).all()):
+    # one sum is finite when every voxel is (a sum that overflows is counted voxel by voxel)
+    if img.is_floating_point() and not bool(torch.isfinite(img.sum())):
         bad = int((~torch.isfinite(img)).sum())
+    else:
+        bad = 0
+    if bad:
         raise InputError(
             f"{p}: {bad} voxel{'s' if bad != 1 else ''} not finite (NaN or infinity); a CT holds numbers of HU"
         )

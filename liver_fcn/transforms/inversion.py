@@ -65,6 +65,17 @@ def _argmax_with_background(prob: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def _entropy_sums(fg: torch.Tensor, h_sum: torch.Tensor, h_count: torch.Tensor) -> None:
+    """Add, per class label, the entropy (nats) of the class probabilities and the voxel count, given
+    the foreground probabilities ``fg`` (C-1, ...); background is one minus their sum."""
+    fg = fg.clamp_min(0)
+    bg = (1.0 - fg.sum(0)).clamp_min(0)
+    h = -torch.special.xlogy(bg, bg) - torch.special.xlogy(fg, fg).sum(0)
+    lab = _argmax_with_background(fg).flatten().long()
+    h_sum += torch.bincount(lab, weights=h.flatten().double(), minlength=h_sum.numel()).to(h_sum)
+    h_count += torch.bincount(lab, minlength=h_count.numel()).to(h_count)
+
+
 def class_map_on_input_grid(
     logits: torch.Tensor,
     pre_affine,
@@ -85,7 +96,9 @@ def class_map_on_input_grid(
 
     ``entropy``: a dict that receives, for each class c >= 1 found, the mean normalised entropy of the
     class probabilities (0: certain, 1: uniform over the classes) over the voxels labelled c - how
-    sure the network was inside what it segmented.
+    sure the network was inside what it segmented. It is measured on the network's own in-plane
+    pixels (those whose centres lie on the input) at the input's slices: the network's resolution,
+    not its interpolation onto the input's finer pixels, which would cost several times the map.
     """
     axes, scales, offsets = _axis_map(pre_affine, in_affine)
     n_classes = logits.shape[0]
@@ -100,6 +113,13 @@ def class_map_on_input_grid(
         inside = torch.nonzero((coords[a] > -0.5) & (coords[a] < logits.shape[a + 1] - 0.5)).flatten()
         spans.append((int(inside.min()), int(inside.max()) + 1) if inside.numel() else (0, 0))
     (x0, x1), (y0, y1) = spans
+    # the network's in-plane pixels whose centres lie on the input, where the entropy is measured
+    net_spans = []
+    for a in range(2):
+        back = (torch.arange(logits.shape[a + 1], dtype=torch.float64) - offsets[a]) / scales[a]
+        inside = torch.nonzero((back > -0.5) & (back < out_shape[a] - 0.5)).flatten()
+        net_spans.append((int(inside.min()), int(inside.max()) + 1) if inside.numel() else (0, 0))
+    (u0, u1), (v0, v1) = net_spans
     zc = coords[2]
     if x1 > x0 and y1 > y0:
         # in-plane sampling grid for grid_sample (align_corners: -1 and 1 are the end voxels' centres;
@@ -115,23 +135,18 @@ def class_map_on_input_grid(
             hi = min(int(torch.ceil(zs.clamp(0, logits.shape[3] - 1)).max()) + 1, logits.shape[3])
             prob = torch.softmax(logits[..., lo:hi].float(), dim=0)[1:]  # foreground, (C-1, X', Y', z)
             prob = _lerp_along(prob, zs - lo, 3)  # (C-1, X', Y', k) on the input's slices
+            if entropy is not None and u1 > u0 and v1 > v0:
+                _entropy_sums(prob[:, u0:u1, v0:v1], h_sum, h_count)
             prob = prob.permute(3, 0, 1, 2).contiguous()  # slices as the batch of a 2D resampling
             prob = F.grid_sample(
                 prob, grid.expand(prob.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True
             )
             labels = _argmax_with_background(prob.transpose(0, 1))  # (k, x, y)
             out[x0:x1, y0:y1, k0 : k0 + chunk] = labels.permute(1, 2, 0)
-            if entropy is not None:
-                fg = prob.transpose(0, 1).clamp_min(0)  # (C-1, k, x, y)
-                full = torch.cat([(1.0 - fg.sum(0, keepdim=True)).clamp_min(0), fg])
-                h = -(full * torch.log(full.clamp_min(1e-12))).sum(0) / math.log(n_classes)
-                lab = labels.long().flatten()
-                h_sum.index_add_(0, lab, h.flatten().double())
-                h_count.index_add_(0, lab, torch.ones_like(lab, dtype=torch.float64))
     if entropy is not None:
         for c in range(1, n_classes):
             if h_count[c] > 0:
-                entropy[c] = float(h_sum[c] / h_count[c])
+                entropy[c] = float(h_sum[c] / h_count[c] / math.log(n_classes))
     inverse = [axes.index(i) for i in range(3)]
     return out.permute(*inverse).contiguous()
 
