@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 # torch is installed before the project so that pip keeps this build instead of resolving its own
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# the test suite runs in this many pytest-xdist workers, each with its share of the cores
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo lint test bench clean
 
@@ -28,7 +30,7 @@ lint: setup
 	$(BIN)/pretty-format-json --indent 4 --no-sort-keys bundle/configs/*.json
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 bench: setup
 	$(BIN)/python benchmarks/inference_speed.py

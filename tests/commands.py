@@ -89,7 +89,8 @@ def sharing_cores(processes: int, env: dict | None = None) -> dict:
     """``env`` (default: this process's) for one of ``processes`` run at once: OMP_NUM_THREADS set to
     their share of the cores, so that their OpenMP threads do not spin against each other."""
     env = dict(os.environ if env is None else env)
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # the suite's own workers share them too
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (processes * workers)))
     return env
 
 

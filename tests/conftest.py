@@ -11,6 +11,16 @@ import pytest
 
 warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
 
+#: pytest-xdist workers running side by side (1 without ``-n``): each takes its share of the cores, for
+#: its own tensors and for the commands it starts, so that their OpenMP threads do not spin against
+#: each other's
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_IRCADB = Path(os.environ.get("LIVER_FCN_IRCADB", REPO.parent / "shared" / "data" / "ircadb"))
 
