@@ -28,17 +28,29 @@ __all__ = ["PartialLabelCrossEntropyLoss", "PartialLabelDiceCELoss", "admissible
 def _flat_target(target: torch.Tensor) -> torch.Tensor:
     if target.ndim >= 2 and target.shape[1] == 1:
         target = target[:, 0]
-    return target.long()
+    # class index and bitmask fit in 32 bits for any class count this loss can handle; the bitwise
+    # work over (N, C, H, W) is several times cheaper than in int64
+    return target.to(torch.int32) if target.dtype != torch.int32 else target
+
+
+def _split(target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The class index (N, *spatial), the bitmask of classes a pixel may also be, and the classes
+    ``arange(C)`` shaped to broadcast over a class dimension at 1."""
+    target = _flat_target(target)
+    classes = torch.arange(num_classes, dtype=torch.int32, device=target.device).view(1, -1, *([1] * (target.ndim - 1)))
+    return target % num_classes, target // num_classes, classes
 
 
 def admissible_mask(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Boolean ``(N, C, *spatial)`` mask of the classes each pixel may belong to."""
-    target = _flat_target(target)
-    cls, missing = target % num_classes, target // num_classes
-    classes = torch.arange(num_classes, device=target.device).view(1, -1, *([1] * (target.ndim - 1)))
+    return _admissible(*_split(target, num_classes))
+
+
+def _admissible(cls: torch.Tensor, missing: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     allowed = cls.unsqueeze(1) == classes
-    maybe = ((missing.unsqueeze(1) >> classes) & 1).bool() & (cls.unsqueeze(1) == 0)
-    return allowed | maybe
+    if bool(missing.any()):
+        allowed |= ((missing.unsqueeze(1) >> classes) & 1).bool() & (cls.unsqueeze(1) == 0)
+    return allowed
 
 
 def annotated_classes(target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -47,10 +59,12 @@ def annotated_classes(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     A class is not annotated for a sample when any of its background pixels carries that class in
     its bitmask of possible classes (see :class:`~liver_fcn.transforms.EncodePartialLabeld`).
     """
-    target = _flat_target(target)
-    missing = (target // num_classes).flatten(1)  # (N, pixels) bitmasks
-    classes = torch.arange(num_classes, device=target.device).view(1, -1, 1)
-    return ~((missing.unsqueeze(1) >> classes) & 1).bool().any(-1)
+    return _annotated(_flat_target(target) // num_classes, num_classes)
+
+
+def _annotated(missing: torch.Tensor, num_classes: int) -> torch.Tensor:
+    missing = missing.flatten(1)  # (N, pixels) bitmasks
+    return torch.stack([~((missing >> c) & 1).bool().any(1) for c in range(num_classes)], 1)
 
 
 class PartialLabelCrossEntropyLoss(nn.Module):
@@ -72,9 +86,21 @@ class PartialLabelCrossEntropyLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} channels, expected {self.num_classes}")
-        log_p = torch.log_softmax(logits.float(), dim=1)
-        allowed = admissible_mask(target, self.num_classes)
-        loss = -torch.logsumexp(log_p.masked_fill(~allowed, float("-inf")), dim=1)
+        parts = _split(target, self.num_classes)
+        return self._reduce(self.pixel_loss(torch.log_softmax(logits.float(), dim=1), *parts))
+
+    @staticmethod
+    def pixel_loss(
+        log_p: torch.Tensor, cls: torch.Tensor, missing: torch.Tensor, classes: torch.Tensor
+    ) -> torch.Tensor:
+        """-log of the total probability of each pixel's admissible classes, from log-probabilities
+        and the target's parts (:func:`_split`)."""
+        if not bool(missing.any()):  # every class annotated: the plain cross-entropy, one gather
+            return -log_p.gather(1, cls.long().unsqueeze(1)).squeeze(1)
+        allowed = _admissible(cls, missing, classes)
+        return -torch.logsumexp(log_p.masked_fill(~allowed, float("-inf")), dim=1)
+
+    def _reduce(self, loss: torch.Tensor) -> torch.Tensor:
         if self.reduction == "mean":
             return loss.mean()
         if self.reduction == "sum":
@@ -107,24 +133,33 @@ class PartialLabelDiceCELoss(nn.Module):
         dice = f" + {self.dice_weight:g} x partial-label soft Dice" if self.dice_weight else ""
         return "partial-label cross-entropy" + dice
 
-    def dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), dim=1)
-        flat = _flat_target(target)
-        cls = flat % self.num_classes
-        onehot = torch.nn.functional.one_hot(cls, self.num_classes).movedim(-1, 1).to(probs.dtype)
-        annotated = annotated_classes(flat, self.num_classes).to(probs.dtype)  # (N, C)
+    def dice_loss(self, logits: torch.Tensor, target: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """The soft Dice term; ``probs``: the softmax of ``logits`` where the caller has it."""
+        return self._dice(
+            torch.softmax(logits.float(), dim=1) if probs is None else probs, *_split(target, self.num_classes)
+        )
+
+    def _dice(
+        self, probs: torch.Tensor, cls: torch.Tensor, missing: torch.Tensor, classes: torch.Tensor
+    ) -> torch.Tensor:
+        onehot = (cls.unsqueeze(1) == classes).to(probs.dtype)
+        annotated = _annotated(missing, self.num_classes).to(probs.dtype)  # (N, C)
         dims = tuple(range(2, probs.ndim))
         inter = (probs * onehot).sum(dims) * annotated  # (N, C)
         denom = (probs.sum(dims) + onehot.sum(dims)) * annotated
         inter, denom = inter[:, 1:].sum(0), denom[:, 1:].sum(0)
         present = annotated[:, 1:].sum(0) > 0
         if not present.any():
-            return logits.sum() * 0.0
+            return probs.sum() * 0.0
         dice = (2 * inter + self.smooth) / (denom + self.smooth)
         return 1.0 - dice[present].mean()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = self.ce(logits, target)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits have {logits.shape[1]} channels, expected {self.num_classes}")
+        log_p = torch.log_softmax(logits.float(), dim=1)  # shared by both terms, as is the target's split
+        parts = _split(target, self.num_classes)
+        loss = self.ce.pixel_loss(log_p, *parts).mean()
         if self.dice_weight:
-            loss = loss + self.dice_weight * self.dice_loss(logits, target)
+            loss = loss + self.dice_weight * self._dice(log_p.exp(), *parts)
         return loss

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from liver_fcn.losses import PartialLabelCrossEntropyLoss, PartialLabelDiceCELoss, annotated_classes
@@ -306,8 +307,23 @@ def test_dice_ce_is_ce_plus_soft_dice_over_annotated_classes_only():
         dices.append(2 * inter / denom)
     expected = ce + 1 - torch.stack(dices).mean()
     assert torch.allclose(loss(logits, target), expected, atol=1e-5)
+    (want,) = torch.autograd.grad(expected, logits)
     loss(logits, target).backward()
-    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert torch.allclose(logits.grad, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dice_weight", [0.0, 1.0])
+def test_dice_ce_of_a_fully_annotated_batch_is_plain_cross_entropy_plus_dice_to_the_gradient(dice_weight):
+    torch.manual_seed(1)
+    logits = torch.randn(3, 4, 8, 8, requires_grad=True)
+    target = torch.randint(0, 4, (3, 1, 8, 8))
+    probs, onehot = torch.softmax(logits, 1), F.one_hot(target[:, 0], 4).movedim(-1, 1).float()
+    dice = (2 * (probs * onehot).sum((0, 2, 3)) + 1) / ((probs + onehot).sum((0, 2, 3)) + 1)
+    expected = F.cross_entropy(logits, target[:, 0]) + dice_weight * (1 - dice[1:].mean())
+    (want,) = torch.autograd.grad(expected, logits)
+    got = PartialLabelDiceCELoss(4, dice_weight=dice_weight)(logits, target)
+    got.backward()
+    assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(logits.grad, want, atol=1e-7)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
