@@ -1020,6 +1020,15 @@ def test_entropy_and_liver_pieces_are_measured_where_the_mask_is():
     affine = torch.eye(4, dtype=torch.float64)
     labels = class_map_on_input_grid(logits, affine, affine, (20, 20, 6), chunk=4, entropy=entropy)
     assert (labels[:10] == 1).all() and entropy[1] < 0.01
+    # the network's grid padded by 2 rows each side: an unsure "liver" in the padding is not the input's
+    padded = torch.zeros(4, 24, 20, 6)
+    padded[1, 2:12] = 12.0
+    padded[1, :2] = 0.1
+    pre = torch.eye(4, dtype=torch.float64)
+    pre[0, 3] = -2.0  # network voxel 2 is input voxel 0
+    entropy = {}
+    labels = class_map_on_input_grid(padded, pre, affine, (20, 20, 6), chunk=4, entropy=entropy)
+    assert (labels[:10] == 1).all() and entropy[1] < 0.01
     seg = torch.zeros(1, 30, 30, 10, dtype=torch.uint8)
     seg[0, 2:12, 2:12, 2:8] = 1  # 600 voxels of 8 mm^3 = 4.8 mL
     seg[0, 20:25, 20:25, 2:4] = 1  # 50 voxels = 0.4 mL

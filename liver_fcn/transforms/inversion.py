@@ -65,6 +65,12 @@ def _argmax_with_background(prob: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def _span(coords: torch.Tensor, size: int) -> tuple[int, int]:
+    """First and one-past-last index whose coordinate lies on a grid of ``size`` voxels ((0, 0): none)."""
+    inside = torch.nonzero((coords > -0.5) & (coords < size - 0.5)).flatten()
+    return (int(inside.min()), int(inside.max()) + 1) if inside.numel() else (0, 0)
+
+
 def _entropy_sums(fg: torch.Tensor, h_sum: torch.Tensor, h_count: torch.Tensor) -> None:
     """Add, per class label, the entropy (nats) of the class probabilities and the voxel count, given
     the foreground probabilities ``fg`` (C-1, ...); background is one minus their sum."""
@@ -108,18 +114,13 @@ def class_map_on_input_grid(
     dev = logits.device
     coords = [torch.arange(n, dtype=torch.float64) * s + o for n, s, o in zip(out_shape, scales, offsets)]
     out = torch.zeros(out_shape, dtype=torch.uint8, device=dev)
-    spans = []
-    for a in range(2):  # in-plane: the input rows and columns the network's grid covers
-        inside = torch.nonzero((coords[a] > -0.5) & (coords[a] < logits.shape[a + 1] - 0.5)).flatten()
-        spans.append((int(inside.min()), int(inside.max()) + 1) if inside.numel() else (0, 0))
-    (x0, x1), (y0, y1) = spans
-    # the network's in-plane pixels whose centres lie on the input, where the entropy is measured
-    net_spans = []
-    for a in range(2):
-        back = (torch.arange(logits.shape[a + 1], dtype=torch.float64) - offsets[a]) / scales[a]
-        inside = torch.nonzero((back > -0.5) & (back < out_shape[a] - 0.5)).flatten()
-        net_spans.append((int(inside.min()), int(inside.max()) + 1) if inside.numel() else (0, 0))
-    (u0, u1), (v0, v1) = net_spans
+    # in-plane: the input rows and columns the network's grid covers, and the network's pixels whose
+    # centres lie on the input (where the entropy is measured)
+    (x0, x1), (y0, y1) = (_span(coords[a], logits.shape[a + 1]) for a in range(2))
+    (u0, u1), (v0, v1) = (
+        _span((torch.arange(logits.shape[a + 1], dtype=torch.float64) - offsets[a]) / scales[a], out_shape[a])
+        for a in range(2)
+    )
     zc = coords[2]
     if x1 > x0 and y1 > y0:
         # in-plane sampling grid for grid_sample (align_corners: -1 and 1 are the end voxels' centres;
