@@ -1,21 +1,16 @@
 """Reading a CT: a DICOM series folder (or zip) or a NIfTI file, with exactly one reader."""
 
 from __future__ import annotations
+
 import logging
-import math
 import os
 import warnings
-import zlib
-from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-import numpy as np
+
 import torch
-import torch.nn.functional as F
-from monai.config import KeysCollection
-from monai.data import MetaTensor, NibabelReader
-from monai.transforms import LoadImage, MapTransform
-from scipy import ndimage
-from liver_fcn import CLASS_NAMES
+from monai.data import NibabelReader
+from monai.transforms import LoadImage
+
 from liver_fcn.data.dicom import CTSeriesReader, is_zip
 from liver_fcn.errors import InputError
 
@@ -37,8 +32,10 @@ def _quiet_gpu_decoder_notice() -> None:
 
 _quiet_gpu_decoder_notice()
 
+
 def ct_loader() -> LoadImage:
     return LoadImage(image_only=True, ensure_channel_first=True)
+
 
 def load_ct(path, loader: LoadImage | None = None, series_uid: str | None = None, modality: str | None = "CT"):
     """Load a CT (DICOM folder or zip, or NIfTI file) with exactly one reader; channel-first MetaTensor.

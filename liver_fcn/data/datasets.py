@@ -14,9 +14,6 @@ A volume may carry a ``sampling_weight`` (e.g. synthetic volumes weighted below 
 
 from __future__ import annotations
 
-from liver_fcn import CLASS_NAMES
-from torch.utils.data import WeightedRandomSampler
-
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -25,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import CacheDataset
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, WeightedRandomSampler
 
+from liver_fcn import CLASS_NAMES
 from liver_fcn.errors import InputError, reported
 
 __all__ = ["SliceDataset", "TrainingSets", "load_datalist"]

@@ -15,8 +15,6 @@ written last, through a temporary file.
 
 from __future__ import annotations
 
-from liver_fcn import __version__
-
 import json
 import os
 import re
@@ -29,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from liver_fcn import CLASS_NAMES
+from liver_fcn import CLASS_NAMES, __version__
 from liver_fcn.data.archive import check_zip, safe_extract
 from liver_fcn.data.dicom import inspect_series
 from liver_fcn.errors import InputError

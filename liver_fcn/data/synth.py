@@ -19,25 +19,24 @@ checked before anything is written; each rendering is written through a staging 
 
 from __future__ import annotations
 
-import torch
-
 import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from scipy import ndimage
 
 from liver_fcn.data.archive import check_zip, safe_extract
+from liver_fcn.data.ct import load_ct
 from liver_fcn.data.ircadb import PATIENT_RE, _organ_folders, _resolve_classes, load_class_mapping
 from liver_fcn.errors import InputError
 from liver_fcn.outputs import write_json_atomic
-from liver_fcn.data.ct import load_ct
 
 __all__ = ["find_mask_patients", "render_ct", "synthesize"]
 

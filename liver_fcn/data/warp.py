@@ -25,8 +25,6 @@ that patient out for validation or testing leaves its warps out too.
 
 from __future__ import annotations
 
-from liver_fcn.data.datasets import load_datalist
-
 import os
 import shutil
 import tempfile
@@ -39,11 +37,12 @@ import nibabel as nib
 import numpy as np
 
 from liver_fcn.data.archive import check_zip, safe_extract
+from liver_fcn.data.ct import load_ct
+from liver_fcn.data.datasets import load_datalist
 from liver_fcn.data.ircadb import _resolve_classes, load_class_mapping
 from liver_fcn.data.synth import _read_masks, find_mask_patients
 from liver_fcn.errors import InputError
 from liver_fcn.outputs import write_json_atomic, write_text_atomic
-from liver_fcn.data.ct import load_ct
 
 __all__ = [
     "RegistrationLabels",
