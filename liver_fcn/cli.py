@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=min(2, os.cpu_count() or 1),
-        help="patients painted side by side, one process each (default: 2, or 1 on a 1-core machine; "
+        help="patients painted side by side, one thread each (default: 2, or 1 on a 1-core machine; "
         "1-4 GB of memory each); the volumes do not depend on it",
     )
     sy.set_defaults(func=_synth)

@@ -67,6 +67,13 @@ def _annotated(missing: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.stack([~((missing >> c) & 1).bool().any(1) for c in range(num_classes)], 1)
 
 
+def _log_probs(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class log-probabilities (float32) of logits that have ``num_classes`` channels."""
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"logits have {logits.shape[1]} channels, expected {num_classes}")
+    return torch.log_softmax(logits.float(), dim=1)
+
+
 class PartialLabelCrossEntropyLoss(nn.Module):
     """Cross-entropy over the set of admissible classes of each pixel.
 
@@ -84,10 +91,8 @@ class PartialLabelCrossEntropyLoss(nn.Module):
         self.num_classes, self.reduction = num_classes, reduction
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits have {logits.shape[1]} channels, expected {self.num_classes}")
         parts = _split(target, self.num_classes)
-        return self._reduce(self.pixel_loss(torch.log_softmax(logits.float(), dim=1), *parts))
+        return self._reduce(self.pixel_loss(_log_probs(logits, self.num_classes), *parts))
 
     @staticmethod
     def pixel_loss(
@@ -155,9 +160,7 @@ class PartialLabelDiceCELoss(nn.Module):
         return 1.0 - dice[present].mean()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits have {logits.shape[1]} channels, expected {self.num_classes}")
-        log_p = torch.log_softmax(logits.float(), dim=1)  # shared by both terms, as is the target's split
+        log_p = _log_probs(logits, self.num_classes)  # shared by both terms, as is the target's split
         parts = _split(target, self.num_classes)
         loss = self.ce.pixel_loss(log_p, *parts).mean()
         if self.dice_weight:

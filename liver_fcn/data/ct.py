@@ -65,10 +65,8 @@ def load_ct(path, loader: LoadImage | None = None, series_uid: str | None = None
     # one sum is finite when every voxel is (a sum that overflows is counted voxel by voxel)
     if img.is_floating_point() and not bool(torch.isfinite(img.sum())):
         bad = int((~torch.isfinite(img)).sum())
-    else:
-        bad = 0
-    if bad:
-        raise InputError(
-            f"{p}: {bad} voxel{'s' if bad != 1 else ''} not finite (NaN or infinity); a CT holds numbers of HU"
-        )
+        if bad:
+            raise InputError(
+                f"{p}: {bad} voxel{'s' if bad != 1 else ''} not finite (NaN or infinity); a CT holds numbers of HU"
+            )
     return img

@@ -482,7 +482,7 @@ def _write_case(stage: Path, final: Path, ct: np.ndarray, label_masks: dict[str,
 
 def _synthesize_patient(task: dict) -> tuple[list[dict], str]:
     """One mask patient's ``copies`` synthetic volumes, written whole under ``task['out']``: their
-    datalist entries and the log line (a process of ``synthesize(..., workers=N)`` runs this)."""
+    datalist entries and the log line (a thread of ``synthesize(..., workers=N)`` runs this)."""
     t0, name, classes = time.time(), task["name"], task["classes"]
     folder, organs, affine = _patient_masks(name, task["src"], task["tmp"])
     if "skin" not in organs:
