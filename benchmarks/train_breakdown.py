@@ -108,12 +108,14 @@ def main() -> None:
     n = int(trainer.state.iteration)
     data, step = float(by_name["Dataflow"][2]), float(by_name["Processing"][2])
     handlers: dict[str, float] = defaultdict(float)
-    events: dict[str, int] = defaultdict(int)
+    by_kind: dict[str, float] = defaultdict(float)  # per iteration, per period (epoch), once a run
     for r in rows:
         if str(r[0]) in ("Total", "Processing", "Dataflow") or r[2] in ("not triggered", "not yet triggered"):
             continue
         handlers[group(str(r[0]))] += float(r[2])
-        events[group(str(r[0]))] += 1
+        event = str(r[1])
+        kind = "period" if event.startswith("EPOCH") else "once" if event in ("STARTED", "COMPLETED") else "iteration"
+        by_kind[kind] += float(r[2])
     network = parser.get_parsed_content("network")
     batch, size = int(parser.get_parsed_content("batch_size")), int(parser.get_parsed_content("image_size"))
     device = next(network.parameters()).device
@@ -134,10 +136,12 @@ def main() -> None:
     peak_text = f", {100 * rate / peak:.1f} % of the {peak:g} TFLOP/s dense bf16 peak" if peak else ""
     print(f"  step: {flops / 1e9:.1f} GFLOP, {rate:.3f} TFLOP/s{peak_text}; {batch / step_mean:.1f} slices/s")
     periods = budget["iterations"] // budget["epoch_length"]
-    per_period = handlers.get("validation", 0.0) / max(n // args.epoch_length, 1)
-    projected = budget["iterations"] * (data + step) / max(n, 1) + periods * per_period
+    per_period = by_kind["period"] / max(n // args.epoch_length, 1)  # validation, checkpoints, epoch logs
+    per_iteration = (data + step + by_kind["iteration"]) / max(n, 1)
+    projected = budget["iterations"] * per_iteration + periods * per_period + by_kind["once"]
     print(
-        f"  the recipe ({budget['iterations']} iterations, {periods} validations of {per_period:.1f} s): "
+        f"  the recipe ({budget['iterations']} iterations of {per_iteration:.3f} s, {periods} periods' "
+        f"validation and checkpoints of {per_period:.1f} s, {by_kind['once']:.1f} s at start and end): "
         f"about {projected / 60:.1f} min of training after {caching:.0f} s of caching"
     )
 

@@ -149,6 +149,9 @@ def describe_augmentation(transform) -> str:
         if hasattr(t, "transforms") and not hasattr(t, "prob"):
             pending[:0] = list(t.transforms)
             continue
+        if hasattr(t, "augmentation_parts"):  # one transform, several augmentations
+            found.update(t.augmentation_parts())
+            continue
         if not hasattr(t, "prob"):
             continue
         name, magnitude = _AUGMENTATIONS.get(type(t).__name__, (type(t).__name__, lambda t: None))

@@ -116,6 +116,10 @@ def test_slice_dataset_visits_every_slice_without_copying_the_cache(volumes):
     assert torch.equal(item["image"], ds[1]["image"][..., 1].as_tensor())
     item["image"] += 1  # the cache is not modified through an item
     assert not torch.equal(item["image"], ds[1]["image"][..., 1].as_tensor())
+    # the cache holds each slice in one block (values unchanged, checked above), stored so once
+    assert ds[1]["image"][..., 1].is_contiguous() and ds[1]["label"][..., 1].is_contiguous()
+    pointer = ds[1]["image"].data_ptr()
+    assert SliceDataset(ds)[13]["image"].shape == (1, 64, 64) and ds[1]["image"].data_ptr() == pointer
     with pytest.raises(ValueError, match="copy_cache=False"):
         SliceDataset(CacheDataset([], Compose([]), copy_cache=True))
 
@@ -269,3 +273,84 @@ def test_elastic_when_drawn_deforms_as_monai_does_and_leaves_the_others_alone():
     half = ElasticWhenDrawnd(prob=0.5, **kw)
     half.set_random_state(1)
     assert 0 < sum(half({"image": image})["image"] is image for image in slices * 2) < 16
+
+
+def _smooth_slice(rows: int = 96, cols: int = 80) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.arange(rows * 1.0), torch.arange(cols * 1.0), indexing="ij")
+    return (torch.sin(y / 7) + torch.cos(x / 5) + 0.001 * (y - 30) ** 2)[None]
+
+
+def test_in_plane_affine_is_monais_rotation_zoom_and_shift_in_one_resampling():
+    """Each part alone is MONAI's Rotate, Zoom (keep_size) and Affine translation to float precision;
+    all three compose as MONAI's three in sequence do, up to the interpolations saved; a class map
+    sampled nearest keeps its values and dtype."""
+    from monai.transforms import Affine, Rotate, Zoom
+
+    from liver_fcn.transforms import inplane_affine, inplane_affine_matrix
+
+    img = _smooth_slice()
+    angle, zoom, shift = 0.2, 1.25, (3.0, -5.0)  # 96 x 80 zoomed 1.25: whole pixels, as MONAI's Zoom rounds
+    rotate = Rotate(angle, mode="bilinear", padding_mode="zeros")
+    scale = Zoom(zoom, mode="bilinear", keep_size=True, padding_mode="constant")
+    move = Affine(translate_params=shift, mode="bilinear", padding_mode="zeros", image_only=True)
+    for monai_out, ours in (
+        (rotate(img), inplane_affine(img, inplane_affine_matrix(angle=angle))),
+        (scale(img), inplane_affine(img, inplane_affine_matrix(zoom=zoom))),
+        (move(img), inplane_affine(img, inplane_affine_matrix(shift=shift))),
+    ):
+        assert torch.allclose(torch.as_tensor(monai_out), ours, atol=1e-4)
+    inner = (0, slice(20, -20), slice(20, -20))  # the sequence loses corners the one resampling keeps
+    sequence = torch.as_tensor(move(scale(rotate(img))))
+    once = inplane_affine(img, inplane_affine_matrix(angle, zoom, shift))
+    assert (sequence - once)[inner].abs().max() < 0.05 < (img - once)[inner].abs().max()
+    label = (img > 0.5).to(torch.uint8) + (img > 1.2).to(torch.uint8)
+    moved = inplane_affine(label, inplane_affine_matrix(angle, zoom, shift), "nearest")
+    assert moved.dtype == torch.uint8 and set(moved.unique().tolist()) == {0, 1, 2}
+    agree = (moved == (once > 0.5).to(torch.uint8) + (once > 1.2).to(torch.uint8)).float().mean()
+    assert agree > 0.95
+
+
+def test_rand_in_plane_affine_draws_each_part_with_its_own_probability():
+    """Rotation, zoom and shift are drawn as MONAI's three transforms draw them, each with its own
+    probability; a slice that draws none is passed through, and the run's summary names the three
+    parts as before."""
+    from liver_fcn.training import describe_augmentation
+    from liver_fcn.transforms import RandInPlaneAffined
+
+    t = RandInPlaneAffined(
+        keys=["image", "label"],
+        rotate_prob=0.3,
+        rotate_range=math.radians(12),
+        zoom_prob=0.5,
+        zoom_range=(0.85, 1.15),
+        translate_prob=0.3,
+        translate_range=12.5,
+    )
+    t.set_random_state(0)
+    angles, zooms, shifts, untouched = [], [], [], 0
+    for _ in range(4000):
+        t.randomize()
+        if t.matrix is None:
+            untouched += 1
+            continue
+        m = t.matrix[:2, :2]
+        zoom = 1 / math.sqrt(abs(np.linalg.det(m)))
+        angles.append(math.atan2(m[1, 0], m[0, 0]))
+        zooms.append(zoom)
+        shifts.append(np.linalg.solve(m, t.matrix[:2, 2]))
+    angles, zooms, shifts = np.array(angles), np.array(zooms), np.abs(np.array(shifts))
+    assert untouched / 4000 == pytest.approx(0.7 * 0.5 * 0.7, abs=0.03)
+    assert np.mean(np.abs(angles) > 1e-9) * (4000 - untouched) / 4000 == pytest.approx(0.3, abs=0.03)
+    assert np.mean(np.abs(zooms - 1) > 1e-9) * (4000 - untouched) / 4000 == pytest.approx(0.5, abs=0.03)
+    assert np.mean(shifts.max(axis=1) > 1e-9) * (4000 - untouched) / 4000 == pytest.approx(0.3, abs=0.03)
+    assert np.abs(angles).max() <= math.radians(12) + 1e-9 and 0.85 - 1e-9 <= zooms.min() <= zooms.max() <= 1.15 + 1e-9
+    assert shifts.max() <= 12.5 + 1e-9
+    img, label = _smooth_slice(), torch.zeros(1, 96, 80, dtype=torch.uint8)
+    never = RandInPlaneAffined(keys=["image", "label"])
+    assert never({"image": img, "label": label})["image"] is img
+    out = t({"image": img, "label": label})
+    assert out["image"].shape == img.shape and out["label"].dtype == torch.uint8
+    summary = "rotate p=0.3 (12.0), zoom p=0.5 ([0.85, 1.15]), translate p=0.3 (12.5 px)"
+    assert describe_augmentation(Compose([t])) == summary
+    with pytest.raises(ValueError, match="zoom_range"):
+        RandInPlaneAffined(keys="image", zoom_range=(0.0, 1.2))

@@ -11,8 +11,10 @@
   :func:`body_mask` (the body's largest air-separated region, ``CropForegroundd``'s ``select_fn``),
   :class:`InPlaneResampled` (in-plane resampling to a pixel spacing in mm with 2D anti-aliasing when
   downsampling, slices untouched) and :class:`AdjacentSlicesd` (2.5D neighbours at fixed distances
-  in mm as channels); :class:`ElasticWhenDrawnd`, MONAI's ``Rand2DElasticd`` without its identity
-  resampling of the slices it does not deform.
+  in mm as channels); :class:`RandInPlaneAffined` (the in-plane rotation, zoom and shift of MONAI's
+  ``RandRotated``, ``RandZoomd`` and ``RandAffined``, each with its own probability, in one
+  resampling: :func:`inplane_affine`); :class:`ElasticWhenDrawnd`, MONAI's ``Rand2DElasticd``
+  without its identity resampling of the slices it does not deform.
 * :mod:`~liver_fcn.transforms.inversion` - :func:`class_map_on_input_grid` / :class:`ResampleToInputd`:
   network logits back onto the input's own grid as a uint8 class map, chunk by chunk, from the two
   affines (what ``Invertd`` would do with full-resolution float probabilities, without holding them).
@@ -36,9 +38,12 @@ from liver_fcn.transforms.geometry import (
     AdjacentSlicesd,
     ElasticWhenDrawnd,
     InPlaneResampled,
+    RandInPlaneAffined,
     adjacent_slices,
     body_mask,
     grid_size,
+    inplane_affine,
+    inplane_affine_matrix,
 )
 from liver_fcn.transforms.inversion import ResampleToInputd, class_map_on_input_grid
 from liver_fcn.transforms.io import LoadCTd, LoadOrganMasksd
@@ -75,6 +80,7 @@ __all__ = [
     "LoadCTd",
     "LoadOrganMasksd",
     "RandContrastPhased",
+    "RandInPlaneAffined",
     "ResampleToInputd",
     "SimulateContrastPhased",
     "SimulateScannerd",
@@ -90,6 +96,8 @@ __all__ = [
     "class_map_array",
     "class_map_on_input_grid",
     "grid_size",
+    "inplane_affine",
+    "inplane_affine_matrix",
     "like",
     "load_ct",
     "scale_enhancement",

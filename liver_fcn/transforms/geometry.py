@@ -10,12 +10,23 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Rand2DElasticd
+from monai.transforms import MapTransform, Rand2DElasticd, RandomizableTransform
+from monai.utils import ensure_tuple_rep
 from scipy import ndimage
 
 from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
 
-__all__ = ["AdjacentSlicesd", "ElasticWhenDrawnd", "InPlaneResampled", "adjacent_slices", "body_mask", "grid_size"]
+__all__ = [
+    "AdjacentSlicesd",
+    "ElasticWhenDrawnd",
+    "InPlaneResampled",
+    "RandInPlaneAffined",
+    "adjacent_slices",
+    "body_mask",
+    "grid_size",
+    "inplane_affine",
+    "inplane_affine_matrix",
+]
 
 
 def grid_size(field_of_view: float, pixel_spacing: float, multiple: int = 32) -> int:
@@ -209,3 +220,106 @@ class ElasticWhenDrawnd(Rand2DElasticd):
             return super().__call__(d)
         finally:
             self._drawn = False
+
+
+def inplane_affine_matrix(angle: float = 0.0, zoom: float = 1.0, shift: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
+    """The 3 x 3 map, in pixels about the slice's centre (row, column), from an output pixel to the
+    input position it shows, for MONAI's ``Rotate(angle)`` (radians), then ``Zoom(zoom)`` (above 1
+    enlarges; ``keep_size``), then ``Affine(translate_params=shift)`` (pixels), composed:
+    ``x = R(angle) (y + shift) / zoom``."""
+    if zoom <= 0:
+        raise ValueError(f"zoom must be positive, got {zoom}")
+    c, s = math.cos(angle), math.sin(angle)
+    m = np.eye(3)
+    m[:2, :2] = np.array([[c, -s], [s, c]]) / zoom
+    m[:2, 2] = m[:2, :2] @ np.asarray(shift, dtype=float)
+    return m
+
+
+def inplane_affine(img: torch.Tensor, matrix: np.ndarray, mode: str = "bilinear") -> torch.Tensor:
+    """``img`` (channels, rows, columns) resampled once through ``matrix`` (from
+    :func:`inplane_affine_matrix`): each output pixel takes the input at the mapped position, by
+    ``mode`` (``bilinear`` or ``nearest``), zero outside the input. Returns a plain tensor of the
+    input's dtype (a class map sampled ``nearest`` keeps its values)."""
+    data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+    rows, cols = data.shape[-2:]
+    # grid_sample's normalised coordinates (x = column, y = row; align_corners=False): u pixels from
+    # the centre is 2 u / n, so theta = D P A P D^-1 with P swapping rows and columns
+    swap = np.array([[0.0, 1.0], [1.0, 0.0]])
+    scale = np.diag([2.0 / cols, 2.0 / rows])
+    theta = np.empty((2, 3))
+    theta[:, :2] = scale @ swap @ matrix[:2, :2] @ swap @ np.linalg.inv(scale)
+    theta[:, 2] = scale @ swap @ matrix[:2, 2]
+    work = data.float() if data.dtype != torch.float32 else data
+    theta_t = torch.as_tensor(theta, dtype=torch.float32, device=data.device)[None]
+    grid = F.affine_grid(theta_t, [1, work.shape[0], rows, cols], align_corners=False)
+    out = F.grid_sample(work[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+    return out.to(data.dtype) if out.dtype != data.dtype else out
+
+
+class RandInPlaneAffined(RandomizableTransform, MapTransform):
+    """In-plane rotation, zoom and shift of a 2D slice in one resampling.
+
+    Each part is drawn with its own probability, as MONAI's ``RandRotated`` (``range_x``),
+    ``RandZoomd`` (one factor for both axes, ``keep_size``) and ``RandAffined`` (``translate_range``)
+    draw them one after the other - an angle uniform in +-``rotate_range`` radians, a zoom factor
+    uniform in ``zoom_range``, a shift uniform in +-``translate_range`` pixels along each axis - but
+    the slice is resampled once through the composed map (:func:`inplane_affine_matrix`) instead of
+    once a part: a third of the time for a slice that draws all three, and one interpolation's blur
+    instead of up to three. A slice that draws none is returned as it is. ``mode`` is per key
+    (``bilinear`` for the image, ``nearest`` for the class map); outside the slice is zero.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        rotate_prob: float = 0.0,
+        rotate_range: float = 0.0,
+        zoom_prob: float = 0.0,
+        zoom_range: Sequence[float] = (1.0, 1.0),
+        translate_prob: float = 0.0,
+        translate_range: float = 0.0,
+        mode: str | Sequence[str] = ("bilinear", "nearest"),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        for name, p in (("rotate_prob", rotate_prob), ("zoom_prob", zoom_prob), ("translate_prob", translate_prob)):
+            if not 0.0 <= float(p) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        low, high = (float(v) for v in zoom_range)
+        if not 0.0 < low <= high:
+            raise ValueError(f"zoom_range must be two factors 0 < low <= high, got {list(zoom_range)}")
+        self.rotate_prob, self.rotate_range = float(rotate_prob), abs(float(rotate_range))
+        self.zoom_prob, self.zoom_range = float(zoom_prob), (low, high)
+        self.translate_prob, self.translate_range = float(translate_prob), abs(float(translate_range))
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        self.matrix: np.ndarray | None = None
+
+    def randomize(self, data: object = None) -> None:
+        angle, zoom, shift = 0.0, 1.0, (0.0, 0.0)
+        drawn = False
+        if self.R.rand() < self.rotate_prob:
+            angle, drawn = float(self.R.uniform(-self.rotate_range, self.rotate_range)), True
+        if self.R.rand() < self.zoom_prob:
+            zoom, drawn = float(self.R.uniform(*self.zoom_range)), True
+        if self.R.rand() < self.translate_prob:
+            shift, drawn = tuple(float(v) for v in self.R.uniform(-self.translate_range, self.translate_range, 2)), True
+        self.matrix = inplane_affine_matrix(angle, zoom, shift) if drawn else None
+
+    def augmentation_parts(self) -> dict[str, tuple[float, object]]:
+        """The parts as the run's augmentation summary names them: probability and magnitude."""
+        return {
+            "rotate": (self.rotate_prob, round(math.degrees(self.rotate_range), 6)),
+            "zoom": (self.zoom_prob, list(self.zoom_range)),
+            "translate": (self.translate_prob, f"{self.translate_range:g} px"),
+        }
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize()
+        if self.matrix is None:
+            return d
+        for key, mode in self.key_iterator(d, self.mode):
+            d[key] = like(d[key], inplane_affine(d[key], self.matrix, mode))
+        return d
