@@ -2,8 +2,9 @@
 
 Runs the bundle's own training (train.json, with cpu.json for ``--config cpu``) in this process for a
 short budget, with ignite's HandlersTimeProfiler on the trainer, and prints the time per iteration
-split into data (loading, augmentation, collation: what the trainer waits for between steps) and the
-step (transfer, forward, backward, Adam), each handler's time (validation, checkpoint savers, MLflow
+split into data (loading, slice augmentation, collation: what the trainer waits for between steps),
+the batch stage (``prepare_batch``: transfer to the device, batch augmentation there) and the step
+(forward, backward, Adam), each handler's time (validation, checkpoint savers, MLflow
 logging ...), the FLOP rate of the step (counted once with torch's FlopCounterMode) against the
 device's dense bf16 peak where it is known, and the projected time of the full recipe. Asserts nothing.
 
@@ -97,6 +98,21 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer = parser.get_parsed_content("train#trainer")  # builds the data sets: caching happens here
     caching = time.perf_counter() - t0
+    prepare = trainer.prepare_batch  # the batch stage (to the device, batch augmentation) runs inside the step
+    prepare_seconds = [0.0]
+
+    def timed_prepare(*args, **kwargs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        out = prepare(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        prepare_seconds[0] += time.perf_counter() - t
+        return out
+
+    device = torch.device(parser.get_parsed_content("device"))
+    trainer.prepare_batch = timed_prepare
     profiler = HandlersTimeProfiler()
     profiler.attach(trainer)
     t0 = time.perf_counter()
@@ -107,6 +123,8 @@ def main() -> None:
     by_name = {str(r[0]): r for r in rows}
     n = int(trainer.state.iteration)
     data, step = float(by_name["Dataflow"][2]), float(by_name["Processing"][2])
+    batch_stage = prepare_seconds[0]
+    step -= batch_stage
     handlers: dict[str, float] = defaultdict(float)
     by_kind: dict[str, float] = defaultdict(float)  # per iteration, per period (epoch), once a run
     for r in rows:
@@ -129,15 +147,16 @@ def main() -> None:
     print(f"  caching the data sets (before the first step): {caching:7.1f} s")
     print(f"  wall time of the run:                          {wall:7.1f} s")
     print(f"  {'part':<22} {'total s':>9} {'per iteration s':>16} {'share':>7}")
-    total = data + step + sum(handlers.values())
-    for label, seconds in [("data (wait for batch)", data), ("step", step), *sorted(handlers.items())]:
+    total = data + batch_stage + step + sum(handlers.values())
+    parts = [("data (wait for batch)", data), ("batch stage", batch_stage), ("step", step)]
+    for label, seconds in [*parts, *sorted(handlers.items())]:
         print(f"  {label:<22} {seconds:9.2f} {seconds / max(n, 1):16.4f} {100 * seconds / total:6.1f}%")
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     peak_text = f", {100 * rate / peak:.1f} % of the {peak:g} TFLOP/s dense bf16 peak" if peak else ""
     print(f"  step: {flops / 1e9:.1f} GFLOP, {rate:.3f} TFLOP/s{peak_text}; {batch / step_mean:.1f} slices/s")
     periods = budget["iterations"] // budget["epoch_length"]
     per_period = by_kind["period"] / max(n // args.epoch_length, 1)  # validation, checkpoints, epoch logs
-    per_iteration = (data + step + by_kind["iteration"]) / max(n, 1)
+    per_iteration = (data + batch_stage + step + by_kind["iteration"]) / max(n, 1)
     projected = budget["iterations"] * per_iteration + periods * per_period + by_kind["once"]
     print(
         f"  the recipe ({budget['iterations']} iterations of {per_iteration:.3f} s, {periods} periods' "

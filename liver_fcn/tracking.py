@@ -156,7 +156,9 @@ def training_params(engine: Engine) -> dict:
         iterations=engine.state.max_epochs * engine.state.epoch_length,
         epoch_length=engine.state.epoch_length,
         loss=str(engine.loss_function),
-        augmentation=describe_augmentation(getattr(dataset, "transform", None)),
+        augmentation=describe_augmentation(
+            getattr(dataset, "transform", None), getattr(engine.prepare_batch, "augmentation", None)
+        ),
         train_patients=len(getattr(dataset, "volumes", ())),
         train_slices=len(dataset),
         val_patients=validation_patients(engine),

@@ -7,6 +7,8 @@
   warm-up, then cosine or polynomial decay), stepped by MONAI's ``LrScheduleHandler`` every
   iteration; :func:`check_schedule` and :func:`check_world_size` refuse budgets and process counts
   that cannot work, before any run starts.
+* :class:`AugmentedBatch` is the trainer's ``prepare_batch``: the collated batch goes to the device
+  and the batch augmentations (:mod:`liver_fcn.transforms.batch`) run there.
 * :func:`describe_augmentation` reads the augmentation summary logged to MLflow from the transforms.
 
 The handlers the trainer attaches (atomic checkpoints, the final model, clean termination on
@@ -26,11 +28,14 @@ import os
 
 import torch
 import torch.distributed as dist
+from monai.engines import PrepareBatch
+from monai.transforms import Randomizable
 
 from liver_fcn.checkpoint import load_model_state
 from liver_fcn.errors import InputError, reported
 
 __all__ = [
+    "AugmentedBatch",
     "check_schedule",
     "describe_augmentation",
     "augmentation_summary",
@@ -135,19 +140,25 @@ _AUGMENTATIONS = {
     "RandAffined": ("translate", lambda t: f"{t.rand_affine.rand_affine_grid.translate_range[0]:g} px"),
     "Rand2DElasticd": ("elastic", lambda t: None),
     "RandFlipd": ("flip", lambda t: None),
+    "BatchRandFlipd": ("flip", lambda t: None),
     "RandAdjustContrastd": ("gamma", lambda t: list(t.adjuster.gamma)),
+    "BatchRandAdjustContrastd": ("gamma", lambda t: list(t.gamma)),
 }
 
 
-def describe_augmentation(transform) -> str:
-    """:func:`augmentation_summary` of the random transforms in ``transform`` (a ``Compose``, nested or
-    not), read from the transforms themselves; others count by class name and probability."""
+def describe_augmentation(*transforms) -> str:
+    """:func:`augmentation_summary` of the random transforms in ``transforms`` (``Compose``, nested or
+    not, in the order they run), read from the transforms themselves; others count by class name and
+    probability."""
     found = {}
-    pending = [transform]
+    pending = list(transforms)
     while pending:
         t = pending.pop(0)
         if hasattr(t, "transforms") and not hasattr(t, "prob"):
             pending[:0] = list(t.transforms)
+            continue
+        if hasattr(t, "transform") and not hasattr(t, "prob"):  # PerSampled
+            pending.insert(0, t.transform)
             continue
         if hasattr(t, "augmentation_parts"):  # one transform, several augmentations
             found.update(t.augmentation_parts())
@@ -157,6 +168,33 @@ def describe_augmentation(transform) -> str:
         name, magnitude = _AUGMENTATIONS.get(type(t).__name__, (type(t).__name__, lambda t: None))
         found[name] = (t.prob, magnitude(t))
     return augmentation_summary(found)
+
+
+class AugmentedBatch(PrepareBatch):
+    """The trainer's ``prepare_batch``: the collated batch to the device, then ``augmentation`` (the
+    batch transforms of :mod:`liver_fcn.transforms.batch`, each sample drawn on its own, and any
+    deterministic ones) applied there; returns ``(image, label)``.
+
+    On a GPU the augmentation runs where the batch already is, so the loader's workers only cut and
+    collate slices; on a CPU one call a batch replaces one a slice. Its random transforms are seeded
+    from torch's generator when it is built (as MONAI's ``DataLoader`` seeds a data set's), so
+    ``set_determinism`` before building it makes a training repeatable.
+    """
+
+    def __init__(self, augmentation=None, image_key: str = "image", label_key: str = "label") -> None:
+        self.augmentation, self.image_key, self.label_key = augmentation, image_key, label_key
+        if isinstance(augmentation, Randomizable):
+            seed = int(torch.empty((), dtype=torch.int64).random_().item()) % (2**32)
+            augmentation.set_random_state(seed)
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        batch = {
+            k: v.to(device=device, non_blocking=non_blocking, **kwargs) if isinstance(v, torch.Tensor) else v
+            for k, v in batchdata.items()
+        }
+        if self.augmentation is not None:
+            batch = self.augmentation(batch)
+        return batch[self.image_key], batch[self.label_key]
 
 
 @reported

@@ -157,7 +157,10 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
 def test_the_recipe_learns_the_phantom_liver(prepared, tmp_path):
     """Training as users run it, long enough to learn: 400 iterations of a 1/16-width FCN-8s at
     3.2 mm pixels (128 x 128) on three phantom patients reach a validation liver IoU of at least
-    0.8 on the fourth (0.31, 0.81, 0.84, 0.84 at iterations 100-400 when this test was written)."""
+    0.75 on the fourth (0.31, 0.81, 0.84, 0.84 at iterations 100-400 when this test was written).
+    The augmentation's random draws move the best figure: over seeds 0-4 it was 0.78-0.88 with the
+    per-slice augmentation and 0.79-0.84 with the batch stage, one seed stalling at 0.38; a recipe
+    that does not learn stays at 0.1-0.4."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     r = train(
         prepared,
@@ -179,7 +182,7 @@ def test_the_recipe_learns_the_phantom_liver(prepared, tmp_path):
     history = client.get_metric_history(run.info.run_id, "val_iou_liver")
     assert [m.step for m in history] == list(range(100, 401, 100))
     best = max(m.value for m in history)
-    assert best >= 0.8, [round(m.value, 3) for m in history]
+    assert best >= 0.75, [round(m.value, 3) for m in history]
     # model.pt is the best validation's
     ckpt = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert ckpt["settings"]["pixel_spacing"] == 3.2 and ckpt["settings"]["image_size"] == 128

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,3 +355,106 @@ def test_rand_in_plane_affine_draws_each_part_with_its_own_probability():
     assert describe_augmentation(Compose([t])) == summary
     with pytest.raises(ValueError, match="zoom_range"):
         RandInPlaneAffined(keys="image", zoom_range=(0.0, 1.2))
+
+
+def _batch(n: int = 6, size: int = 48, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.rand(n, 1, size, size, generator=gen)
+    label = (image > 0.5).to(torch.uint8) + (image > 0.8).to(torch.uint8)
+    annotated = torch.ones(n, 4, dtype=torch.bool)
+    annotated[::2, 2:] = False  # painted slices: bone and kidney unannotated
+    return {"image": image, "label": label, "annotated": annotated}
+
+
+def _per_slice(transform, batch: dict, keys=("image", "label")) -> dict:
+    items = [transform({**{k: batch[k][i] for k in keys}, "annotated": batch["annotated"][i]}) for i in range(6)]
+    return {k: torch.stack([torch.as_tensor(o[k]).float() for o in items]) for k in keys}
+
+
+def test_batch_augmentations_are_their_slice_transforms_sample_by_sample():
+    """Seeded alike, each batch transform draws and applies, sample by sample, what its slice transform
+    draws and applies slice by slice (the same random stream), so the batch stage changes where the
+    work runs, not what the network sees."""
+    from monai.transforms import AdjustContrast, RandFlipd
+
+    from liver_fcn.transforms import (
+        BatchRandAdjustContrastd,
+        BatchRandFlipd,
+        BatchRandInPlaneAffined,
+        ElasticWhenDrawnd,
+        PerSampled,
+        RandInPlaneAffined,
+    )
+
+    kw = dict(keys=["image", "label"], rotate_prob=0.3, rotate_range=0.3, zoom_prob=0.3, zoom_range=(0.8, 1.2))
+    kw.update(translate_prob=0.3, translate_range=6.0)
+    elastic = dict(keys=["image", "label"], spacing=(16, 16), magnitude_range=(1.0, 3.0), mode=["bilinear", "nearest"])
+    pairs = [
+        (BatchRandInPlaneAffined(**kw), RandInPlaneAffined(**kw)),
+        (
+            BatchRandFlipd(keys=["image", "label"], prob=0.5),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+        ),
+        (
+            PerSampled(ElasticWhenDrawnd(prob=0.5, **elastic), keys=["image", "label"]),
+            ElasticWhenDrawnd(prob=0.5, **elastic),
+        ),
+    ]
+    for batch_t, slice_t in pairs:
+        batch = _batch()
+        batch_t.set_random_state(7)
+        slice_t.set_random_state(7)
+        ours, theirs = batch_t(dict(batch)), _per_slice(slice_t, batch)
+        changed = [not torch.equal(ours["image"][i], batch["image"][i]) for i in range(6)]
+        assert 0 < sum(changed) < 6, type(batch_t).__name__  # some samples drawn, some not
+        assert torch.allclose(ours["image"].float(), theirs["image"], atol=1e-5), type(batch_t).__name__
+        assert ours["label"].dtype == torch.uint8 and torch.equal(ours["label"].float(), theirs["label"])
+    # MONAI's RandAdjustContrastd draws its gamma from a second random stream: the same distribution,
+    # checked as MONAI's AdjustContrast with each sample's drawn gamma
+    gamma, batch = BatchRandAdjustContrastd(keys="image", prob=0.5, gamma=(0.7, 1.5)), _batch()
+    gamma.set_random_state(2)
+    out = gamma(dict(batch))["image"]
+    assert 0 < sum(g is not None for g in gamma.gammas) < 6
+    for i, g in enumerate(gamma.gammas):
+        expected = batch["image"][i] if g is None else torch.as_tensor(AdjustContrast(g)(batch["image"][i]))
+        assert 0.7 <= (g or 0.7) <= 1.5 and torch.allclose(out[i], expected, atol=1e-6)
+
+
+def test_partial_label_encoding_of_a_batch_is_each_samples_own():
+    from liver_fcn.transforms import EncodePartialLabeld
+
+    batch, encode = _batch(), EncodePartialLabeld(keys="label", num_classes=4)
+    items = [encode({"label": batch["label"][i], "annotated": batch["annotated"][i]})["label"] for i in range(6)]
+    assert torch.equal(encode(dict(batch))["label"], torch.stack(items))
+    encoded = encode(dict(batch))["label"]
+    assert encoded[1].max() <= 3 and (encoded[0] == 4 * 0b1100).any()  # background or bone or kidney
+
+
+def test_the_bundles_batch_stage_seeded_by_torch_and_plain_when_nothing_is_drawn():
+    """train.json's batch stage (``AugmentedBatch`` as the trainer's ``prepare_batch``): with every
+    random part off it gives what the slice chain's centring, encoding and types gave each slice;
+    with them on, two trainers seeded alike draw alike."""
+    from monai.bundle import ConfigParser
+
+    train_json = str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json")
+    parser = ConfigParser()
+    parser.read_config(train_json)
+    for key in ("rotate_prob", "zoom_prob", "translate_prob", "elastic_prob", "flip_prob", "gamma_prob"):
+        parser[key] = 0.0
+    prepare = parser.get_parsed_content("train#prepare_batch", instantiate=True)
+    batch = _batch()
+    image, label = prepare(dict(batch), torch.device("cpu"))
+    centre, encode = parser.get_parsed_content("train#centre"), parser.get_parsed_content("train#encode_label")
+    for i in range(6):
+        item = encode(
+            centre({"image": batch["image"][i], "label": batch["label"][i], "annotated": batch["annotated"][i]})
+        )
+        assert torch.equal(image[i], torch.as_tensor(item["image"]).float()) and torch.equal(label[i], item["label"])
+    assert image.dtype == torch.float32 and label.dtype == torch.long and type(image) is torch.Tensor
+    drawn = []
+    for _ in range(2):
+        parser = ConfigParser()
+        parser.read_config(train_json)
+        torch.manual_seed(3)
+        drawn.append(parser.get_parsed_content("train#prepare_batch", instantiate=True)(dict(batch), "cpu")[0])
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], image)

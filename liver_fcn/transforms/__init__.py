@@ -15,6 +15,10 @@
   ``RandRotated``, ``RandZoomd`` and ``RandAffined``, each with its own probability, in one
   resampling: :func:`inplane_affine`); :class:`ElasticWhenDrawnd`, MONAI's ``Rand2DElasticd``
   without its identity resampling of the slices it does not deform.
+* :mod:`~liver_fcn.transforms.batch` - the training batch's own augmentations, on its device, each
+  sample drawn as the slice transform it stands for draws a slice: :class:`BatchRandInPlaneAffined`,
+  :class:`BatchRandFlipd`, :class:`BatchRandAdjustContrastd`, and :class:`PerSampled` (any slice
+  transform, sample by sample).
 * :mod:`~liver_fcn.transforms.inversion` - :func:`class_map_on_input_grid` / :class:`ResampleToInputd`:
   network logits back onto the input's own grid as a uint8 class map, chunk by chunk, from the two
   affines (what ``Invertd`` would do with full-resolution float probabilities, without holding them).
@@ -34,6 +38,7 @@ Each dictionary transform is a thin wrapper over a function on arrays (:func:`ad
 """
 
 from liver_fcn.data.ct import load_ct
+from liver_fcn.transforms.batch import BatchRandAdjustContrastd, BatchRandFlipd, BatchRandInPlaneAffined, PerSampled
 from liver_fcn.transforms.geometry import (
     AdjacentSlicesd,
     ElasticWhenDrawnd,
@@ -71,6 +76,9 @@ from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
 __all__ = [
     "UNENHANCED_HU",
     "AdjacentSlicesd",
+    "BatchRandAdjustContrastd",
+    "BatchRandFlipd",
+    "BatchRandInPlaneAffined",
     "ElasticWhenDrawnd",
     "CountComponentsd",
     "EncodePartialLabeld",
@@ -79,6 +87,7 @@ __all__ = [
     "KeepLargestComponentsd",
     "LoadCTd",
     "LoadOrganMasksd",
+    "PerSampled",
     "RandContrastPhased",
     "RandInPlaneAffined",
     "ResampleToInputd",

@@ -239,21 +239,29 @@ def inplane_affine_matrix(angle: float = 0.0, zoom: float = 1.0, shift: Sequence
 def inplane_affine(img: torch.Tensor, matrix: np.ndarray, mode: str = "bilinear") -> torch.Tensor:
     """``img`` (channels, rows, columns) resampled once through ``matrix`` (from
     :func:`inplane_affine_matrix`): each output pixel takes the input at the mapped position, by
-    ``mode`` (``bilinear`` or ``nearest``), zero outside the input. Returns a plain tensor of the
-    input's dtype (a class map sampled ``nearest`` keeps its values)."""
+    ``mode`` (``bilinear`` or ``nearest``), zero outside the input. A batch ``(B, channels, rows,
+    columns)`` takes one matrix a sample, ``(B, 3, 3)``. Returns a plain tensor of the input's dtype
+    (a class map sampled ``nearest`` keeps its values)."""
     data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+    matrices = np.asarray(matrix, dtype=float)
+    batched = matrices.ndim == 3
+    if batched != (data.ndim == 4):
+        raise ValueError(f"a {data.ndim}D input takes {'one matrix a sample' if data.ndim == 4 else 'one matrix'}")
+    work = data if batched else data[None]
+    matrices = matrices if batched else matrices[None]
     rows, cols = data.shape[-2:]
     # grid_sample's normalised coordinates (x = column, y = row; align_corners=False): u pixels from
     # the centre is 2 u / n, so theta = D P A P D^-1 with P swapping rows and columns
     swap = np.array([[0.0, 1.0], [1.0, 0.0]])
     scale = np.diag([2.0 / cols, 2.0 / rows])
-    theta = np.empty((2, 3))
-    theta[:, :2] = scale @ swap @ matrix[:2, :2] @ swap @ np.linalg.inv(scale)
-    theta[:, 2] = scale @ swap @ matrix[:2, 2]
-    work = data.float() if data.dtype != torch.float32 else data
-    theta_t = torch.as_tensor(theta, dtype=torch.float32, device=data.device)[None]
-    grid = F.affine_grid(theta_t, [1, work.shape[0], rows, cols], align_corners=False)
-    out = F.grid_sample(work[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+    theta = np.empty((len(matrices), 2, 3))
+    theta[:, :, :2] = scale @ swap @ matrices[:, :2, :2] @ swap @ np.linalg.inv(scale)
+    theta[:, :, 2] = (scale @ swap @ matrices[:, :2, 2:])[..., 0]
+    work = work.float() if work.dtype != torch.float32 else work
+    theta_t = torch.as_tensor(theta, dtype=torch.float32, device=data.device)
+    grid = F.affine_grid(theta_t, list(work.shape), align_corners=False)
+    out = F.grid_sample(work, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    out = out if batched else out[0]
     return out.to(data.dtype) if out.dtype != data.dtype else out
 
 

@@ -21,7 +21,8 @@ class EncodePartialLabeld(MapTransform):
     or kidney". The encoded label is ``c + num_classes * m`` where ``c`` is the class and ``m`` the
     bitmask of classes not annotated for this patient, set on background pixels only (annotated
     pixels are certain). Fully annotated patients are left unchanged, so with complete labels the
-    loss is plain cross-entropy.
+    loss is plain cross-entropy. A collated batch (``annotated`` of shape ``(B, num_classes)``) is
+    encoded sample by sample.
     """
 
     def __init__(self, keys: KeysCollection = "label", annotated_key: str = "annotated", num_classes: int = 4) -> None:
@@ -32,6 +33,14 @@ class EncodePartialLabeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         annotated = torch.as_tensor(d[self.annotated_key]).bool()
+        if annotated.ndim == 2:  # a collated batch: one vector a sample
+            bits = torch.tensor([0] + [1 << c for c in range(1, self.num_classes)], device=annotated.device)
+            missing = ((~annotated[:, : self.num_classes]).long() * bits).sum(dim=1)
+            for key in self.key_iterator(d):
+                lab = torch.as_tensor(d[key]).long()
+                code = (self.num_classes * missing).to(lab.device).view(-1, *([1] * (lab.ndim - 1)))
+                d[key] = torch.where(lab == 0, code, lab)
+            return d
         missing = sum(1 << c for c in range(1, self.num_classes) if not annotated[c])
         for key in self.key_iterator(d):
             lab = torch.as_tensor(d[key]).long()

@@ -1,0 +1,144 @@
+"""Random transforms of a collated training batch, on the batch's device, each sample drawn on its own.
+
+A training batch is a dictionary of ``(B, C, H, W)`` tensors (``image``, ``label``) and the
+per-sample ``annotated`` vectors ``(B, num_classes)``. The transforms here draw their random
+parameters for every sample exactly as the slice transforms they stand for draw them for one slice
+(:class:`~liver_fcn.transforms.RandInPlaneAffined`, MONAI's ``RandFlipd`` and
+``RandAdjustContrastd``), and apply them to the whole batch at once: one ``grid_sample`` for the
+slices that move, one gamma curve over the batch. On a GPU that is where the batch already is; on a
+CPU it saves the per-slice calls. :class:`PerSampled` runs any slice transform sample by sample, for
+those without a batch form (an elastic deformation, drawn rarely).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable, RandomizableTransform
+
+from liver_fcn.transforms.geometry import RandInPlaneAffined, inplane_affine
+
+__all__ = ["BatchRandAdjustContrastd", "BatchRandFlipd", "BatchRandInPlaneAffined", "PerSampled"]
+
+
+def _plain(x) -> torch.Tensor:
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def _batch_size(d: Mapping, keys: Sequence[Hashable]) -> int:
+    return int(next(d[k] for k in keys if k in d).shape[0])
+
+
+class BatchRandInPlaneAffined(RandInPlaneAffined):
+    """:class:`~liver_fcn.transforms.RandInPlaneAffined` for a batch ``(B, C, H, W)``: every sample draws
+    its own rotation, zoom and shift (each part with its own probability), and the samples that draw
+    any are resampled together, once; the others are left as they are."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        matrices = []
+        for _ in range(_batch_size(d, self.keys)):
+            self.randomize()
+            matrices.append(self.matrix)
+        drawn = [i for i, m in enumerate(matrices) if m is not None]
+        if not drawn:
+            return d
+        stacked = np.stack([matrices[i] for i in drawn])
+        for key, mode in self.key_iterator(d, self.mode):
+            x = d[key]
+            index = torch.as_tensor(drawn, device=x.device)
+            moved = inplane_affine(x.index_select(0, index), stacked, mode)
+            d[key] = x.index_copy(0, index, moved)
+        return d
+
+
+class BatchRandFlipd(RandomizableTransform, MapTransform):
+    """MONAI's ``RandFlipd`` for a batch: each sample flipped along ``spatial_axis`` (of its own
+    spatial axes) with probability ``prob``."""
+
+    def __init__(
+        self, keys: KeysCollection, prob: float = 0.1, spatial_axis: int = 0, allow_missing_keys: bool = False
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.spatial_axis = int(spatial_axis)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        flips = [self.R.rand() < self.prob for _ in range(_batch_size(d, self.keys))]
+        if not any(flips):
+            return d
+        for key in self.key_iterator(d):
+            x = d[key]
+            which = torch.as_tensor(flips, device=x.device).view(-1, *([1] * (x.ndim - 1)))
+            d[key] = torch.where(which, x.flip(2 + self.spatial_axis), x)
+        return d
+
+
+class BatchRandAdjustContrastd(RandomizableTransform, MapTransform):
+    """MONAI's ``RandAdjustContrastd`` (gamma) for a batch: with probability ``prob`` a sample gets its
+    own gamma, uniform in ``gamma``, applied between its own minimum and maximum as MONAI's
+    ``AdjustContrast`` does: ``((x - min) / (range + 1e-7)) ** gamma * range + min``."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.1,
+        gamma: Sequence[float] = (0.5, 4.5),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        low, high = (float(v) for v in gamma)
+        self.gamma = (min(low, high), max(low, high))
+        self.gammas: list[float | None] = []
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        gammas = []
+        for _ in range(_batch_size(d, self.keys)):
+            gammas.append(float(self.R.uniform(*self.gamma)) if self.R.rand() < self.prob else None)
+        self.gammas = gammas  # each sample's gamma, None where not drawn
+        drawn = [i for i, g in enumerate(gammas) if g is not None]
+        if not drawn:
+            return d
+        for key in self.key_iterator(d):
+            x = d[key]
+            index = torch.as_tensor(drawn, device=x.device)
+            part = x.index_select(0, index)
+            flat = part.flatten(1)
+            low = flat.min(dim=1).values.view(-1, *([1] * (x.ndim - 1)))
+            span = flat.max(dim=1).values.view_as(low) - low
+            g = torch.tensor([gammas[i] for i in drawn], dtype=x.dtype, device=x.device).view_as(low)
+            d[key] = x.index_copy(0, index, ((part - low) / (span + 1e-7)) ** g * span + low)
+        return d
+
+
+class PerSampled(Randomizable, MapTransform):
+    """A slice transform run on each sample of a batch in turn: ``keys`` are split along the batch
+    axis, each sample's dictionary (with the other keys' per-sample values where they are batched
+    alike) goes through ``transform``, and the results are stacked again."""
+
+    def __init__(self, transform: Callable, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.transform = transform
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> PerSampled:
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: object = None) -> None:  # the wrapped transform draws its own
+        pass
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        outputs = [self.transform({k: d[k][i] for k in keys}) for i in range(_batch_size(d, keys))]
+        for k in keys:  # each sample back in the batch's dtype (a resampled class map comes back float)
+            d[k] = torch.stack([_plain(o[k]).to(device=d[k].device, dtype=d[k].dtype) for o in outputs])
+        return d
