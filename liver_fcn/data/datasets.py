@@ -197,7 +197,7 @@ class SliceDataset(Dataset):
 
     The volumes' ``keys`` arrays are stored again with the slicing axis outermost in memory
     (:func:`slices_outermost`; same shapes and values, in the cache itself), so a slice is drawn by
-    one contiguous copy: 0.4 ms against 0.02 ms for a 256 x 256 slice of a 151-slice volume.
+    one contiguous copy: 0.03 ms against 0.4 ms for a 256 x 256 slice of a 151-slice volume.
     """
 
     def __init__(
