@@ -98,6 +98,7 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer = parser.get_parsed_content("train#trainer")  # builds the data sets: caching happens here
     caching = time.perf_counter() - t0
+    device = torch.device(parser.get_parsed_content("device"))
     prepare = trainer.prepare_batch  # the batch stage (to the device, batch augmentation) runs inside the step
     prepare_seconds = [0.0]
 
@@ -111,7 +112,6 @@ def main() -> None:
         prepare_seconds[0] += time.perf_counter() - t
         return out
 
-    device = torch.device(parser.get_parsed_content("device"))
     trainer.prepare_batch = timed_prepare
     profiler = HandlersTimeProfiler()
     profiler.attach(trainer)

@@ -17,16 +17,12 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, RandomizableTransform
+from monai.utils import convert_to_tensor
 
 from liver_fcn.transforms.geometry import RandInPlaneAffined, inplane_affine
 
 __all__ = ["BatchRandAdjustContrastd", "BatchRandFlipd", "BatchRandInPlaneAffined", "PerSampled"]
-
-
-def _plain(x) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 def _batch_size(d: Mapping, keys: Sequence[Hashable]) -> int:
@@ -140,5 +136,6 @@ class PerSampled(Randomizable, MapTransform):
         keys = list(self.key_iterator(d))
         outputs = [self.transform({k: d[k][i] for k in keys}) for i in range(_batch_size(d, keys))]
         for k in keys:  # each sample back in the batch's dtype (a resampled class map comes back float)
-            d[k] = torch.stack([_plain(o[k]).to(device=d[k].device, dtype=d[k].dtype) for o in outputs])
+            samples = [convert_to_tensor(o[k], track_meta=False) for o in outputs]
+            d[k] = torch.stack([x.to(device=d[k].device, dtype=d[k].dtype) for x in samples])
         return d

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Rand2DElasticd, RandomizableTransform
-from monai.utils import ensure_tuple_rep
+from monai.utils import convert_to_tensor, ensure_tuple_rep
 from scipy import ndimage
 
 from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
@@ -242,7 +242,7 @@ def inplane_affine(img: torch.Tensor, matrix: np.ndarray, mode: str = "bilinear"
     ``mode`` (``bilinear`` or ``nearest``), zero outside the input. A batch ``(B, channels, rows,
     columns)`` takes one matrix a sample, ``(B, 3, 3)``. Returns a plain tensor of the input's dtype
     (a class map sampled ``nearest`` keeps its values)."""
-    data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+    data = convert_to_tensor(img, track_meta=False)
     matrices = np.asarray(matrix, dtype=float)
     batched = matrices.ndim == 3
     if batched != (data.ndim == 4):

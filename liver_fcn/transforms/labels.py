@@ -33,20 +33,15 @@ class EncodePartialLabeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         annotated = torch.as_tensor(d[self.annotated_key]).bool()
-        if annotated.ndim == 2:  # a collated batch: one vector a sample
-            bits = torch.tensor([0] + [1 << c for c in range(1, self.num_classes)], device=annotated.device)
-            missing = ((~annotated[:, : self.num_classes]).long() * bits).sum(dim=1)
-            for key in self.key_iterator(d):
-                lab = torch.as_tensor(d[key]).long()
-                code = (self.num_classes * missing).to(lab.device).view(-1, *([1] * (lab.ndim - 1)))
-                d[key] = torch.where(lab == 0, code, lab)
-            return d
-        missing = sum(1 << c for c in range(1, self.num_classes) if not annotated[c])
+        batched = annotated.ndim == 2  # a collated batch: one vector a sample
+        annotated = annotated if batched else annotated[None]
+        bits = torch.tensor([0] + [1 << c for c in range(1, self.num_classes)], device=annotated.device)
+        missing = ((~annotated[:, : self.num_classes]).long() * bits).sum(dim=1)
         for key in self.key_iterator(d):
             lab = torch.as_tensor(d[key]).long()
-            if missing:
-                lab = torch.where(lab == 0, lab + self.num_classes * missing, lab)
-            d[key] = lab
+            code = self.num_classes * missing.to(lab.device)
+            code = code.view(-1, *([1] * (lab.ndim - 1))) if batched else code[0]
+            d[key] = torch.where(lab == 0, code, lab)
         return d
 
 
