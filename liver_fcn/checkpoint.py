@@ -12,7 +12,10 @@ Inference and evaluation take, as ``--checkpoint``:
 * a TorchScript file written by ``python -m monai.bundle ckpt_export`` - the network carries its
   settings as its ``settings`` attribute (JSON), which TorchScript saves with the module;
 * an MLflow model URI, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``, from the tracking store
-  of ``MLFLOW_TRACKING_URI`` (see :mod:`liver_fcn.registry`).
+  of ``MLFLOW_TRACKING_URI`` (see :mod:`liver_fcn.registry`);
+* a list of any of these: an ensemble (:class:`~liver_fcn.networks.Ensemble`, the members' class
+  probabilities averaged), whose members must agree on the settings that define the input and the
+  classes (:data:`ENSEMBLE_SETTINGS`).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import torch
 
 from liver_fcn import versions
 from liver_fcn.errors import InputError, reported
-from liver_fcn.networks import FCN
+from liver_fcn.networks import FCN, Ensemble
 
 __all__ = [
+    "ENSEMBLE_SETTINGS",
     "EPOCH_CKPT",
     "OPTIONAL_SETTINGS",
     "REQUIRED_SETTINGS",
@@ -63,6 +67,16 @@ REQUIRED_SETTINGS = (
 )
 #: settings with a default when a checkpoint leaves them out
 OPTIONAL_SETTINGS: dict = {"padding": "aligned", "slice_distance": None}
+#: settings every member of an ensemble must share: they define its input and its output classes
+ENSEMBLE_SETTINGS = (
+    "in_channels",
+    "class_names",
+    "pixel_spacing",
+    "image_size",
+    "hu_window",
+    "intensity_mean",
+    "slice_distance",
+)
 #: per-period training checkpoints, ``<run>_checkpoint_epoch=N.pt``
 EPOCH_CKPT = re.compile(r"^(?P<run>.+)_checkpoint_epoch=(?P<epoch>\d+)\.pt$")
 
@@ -100,10 +114,23 @@ class RunIdentity:
         self.run_name, self.experiment_name = state["run_name"], state["experiment_name"]
 
 
-def local_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str | None = None) -> Path:
+def _members(checkpoint) -> list | None:
+    """The members of an ensemble checkpoint (a list or tuple), None for a single one."""
+    if not isinstance(checkpoint, (list, tuple)):
+        return None
+    if not checkpoint:
+        raise InputError("checkpoint: an ensemble needs at least one checkpoint, got an empty list")
+    return list(checkpoint)
+
+
+def local_checkpoint(checkpoint, tracking_uri: str | None = None) -> Path | list[Path]:
     """The local file of ``checkpoint``: the path itself, or the checkpoint of an MLflow model URI
     (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) in the registry of ``tracking_uri`` (default
-    ``MLFLOW_TRACKING_URI``), downloaded once per process."""
+    ``MLFLOW_TRACKING_URI``), downloaded once per process. For an ensemble (a list), the list of
+    its members' files."""
+    members = _members(checkpoint)
+    if members is not None:
+        return [local_checkpoint(m, tracking_uri) for m in members]
     text = str(checkpoint)
     if text.startswith("models:/"):
         return download_checkpoint(text, tracking_uri)
@@ -199,14 +226,28 @@ def _script_settings(module, path: Path) -> dict:
 
 
 @reported
-def checkpoint_settings(checkpoint: str | os.PathLike, overrides: Mapping | None = None) -> dict:
+def checkpoint_settings(checkpoint, overrides: Mapping | None = None) -> dict:
     """Settings stored in a checkpoint (with :data:`OPTIONAL_SETTINGS` filled in), under ``overrides``
     (their not-None values).
+
+    For an ensemble (a list of checkpoints): the first member's settings plus ``ensemble``, the
+    list of every member's settings; a member that differs from the first in one of
+    :data:`ENSEMBLE_SETTINGS` is refused, named with the setting.
 
     A checkpoint without the settings that define the network and its physical-space preprocessing
     (:data:`REQUIRED_SETTINGS`) - a bare state dict, or one written before pixel spacing was recorded -
     is refused with one line rather than run with guessed preprocessing.
     """
+    members = _members(checkpoint)
+    if members is not None:
+        each = [checkpoint_settings(m, overrides) for m in members]
+        for member, other in zip(members[1:], each[1:]):
+            differ = [k for k in ENSEMBLE_SETTINGS if other.get(k) != each[0].get(k)]
+            if differ:
+                raise InputError(
+                    f"{member}: cannot join an ensemble with {members[0]}: they differ in {', '.join(differ)}"
+                )
+        return {**each[0], "ensemble": each}
     _, stored = load_model_state(checkpoint)
     settings = dict(OPTIONAL_SETTINGS)
     settings.update(stored)
@@ -221,25 +262,39 @@ def checkpoint_settings(checkpoint: str | os.PathLike, overrides: Mapping | None
     return settings
 
 
-def model_identity(checkpoint: str | os.PathLike, model_file: str | os.PathLike, settings: Mapping) -> dict:
-    """Which model made a mask: the checkpoint as the user named it (a path or ``models:/NAME@ALIAS``),
-    the SHA-256 of its local file, the package and bundle versions, and the model settings."""
+def _sha256(path) -> str:
     digest = hashlib.sha256()
-    with open(model_file, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(checkpoint, model_file, settings: Mapping) -> dict:
+    """Which model made a mask: the checkpoint as the user named it (a path or ``models:/NAME@ALIAS``),
+    the SHA-256 of its local file, the package and bundle versions, and the model settings. For an
+    ensemble, the lists of its members' names and digests."""
+    members = _members(checkpoint)
     return {
-        "checkpoint": str(checkpoint),
-        "sha256": digest.hexdigest(),
+        "checkpoint": [str(m) for m in members] if members is not None else str(checkpoint),
+        "sha256": [_sha256(f) for f in model_file] if members is not None else _sha256(model_file),
         **{f"{name}_version": version for name, version in versions().items()},
         "settings": {k: settings[k] for k in sorted(settings)},
     }
 
 
 @reported
-def load_model(checkpoint: str | os.PathLike, network: torch.nn.Module, device="cpu") -> torch.nn.Module:
+def load_model(checkpoint, network: torch.nn.Module, device="cpu") -> torch.nn.Module:
     """The network to run: ``network`` (built from the checkpoint's settings) with the checkpoint's
-    weights, or - for a TorchScript export - the exported module itself. On ``device``, in eval mode."""
+    weights, or - for a TorchScript export - the exported module itself. On ``device``, in eval mode.
+
+    For an ensemble (a list of checkpoints), an :class:`~liver_fcn.networks.Ensemble`: ``network``
+    takes the first member's weights, each further member is built from its own settings."""
+    members = _members(checkpoint)
+    if members is not None:
+        nets = [load_model(members[0], network, device)]
+        nets += [load_model(m, network_from_settings(checkpoint_settings(m)), device) for m in members[1:]]
+        return Ensemble(nets).to(device).eval()
     path = local_checkpoint(checkpoint)
     if path.is_file() and is_torchscript(path):
         return _load_torchscript(path, device).eval()

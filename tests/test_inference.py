@@ -1081,3 +1081,59 @@ def test_dicom_seg_passes_the_standards_checker(tmp_path, variant):
         overlay=False,
     )
     assert dciodvfy_errors(tmp_path / "out" / "ct_seg.dcm") == []
+
+
+# ---- an ensemble of checkpoints ----
+
+
+def test_an_ensemble_averages_its_members_probabilities_and_refuses_members_of_other_input(small_fcn, tmp_path):
+    from liver_fcn.checkpoint import checkpoint_settings, load_model, model_identity, network_from_settings
+    from liver_fcn.networks import Ensemble
+
+    settings = checkpoint_settings(small_fcn)
+    torch.manual_seed(1)
+    members = []
+    for variant, width in (("8s", 1 / 16), ("4s", 1 / 8)):  # another variant and width may join
+        net = FCN(variant, in_channels=1, out_channels=4, width=width)
+        for p in net.parameters():  # the score layers start at zero: give every member an output of its own
+            p.data.normal_(0.0, 0.2)
+        members.append(tmp_path / f"{variant}.pt")
+        torch.save(
+            {"model": net.state_dict(), "settings": {**settings, "variant": variant, "width": width}}, members[-1]
+        )
+    both = checkpoint_settings(members)
+    assert both["variant"] == "8s" and [s["variant"] for s in both["ensemble"]] == ["8s", "4s"]
+    ens = load_model(members, network_from_settings(both))
+    assert isinstance(ens, Ensemble) and len(ens.members) == 2
+    x = torch.randn(2, 1, 64, 96)
+    with torch.no_grad():
+        first, second = (torch.softmax(m(x), 1) for m in ens.members)
+        assert not torch.equal(first.argmax(1), second.argmax(1))
+        torch.testing.assert_close(torch.softmax(ens(x), 1), (first + second) / 2, atol=1e-6, rtol=1e-5)
+    identity = model_identity([str(m) for m in members], members, both)
+    assert identity["checkpoint"] == [str(m) for m in members] and len(set(identity["sha256"])) == 2
+
+    torch.save({"model": {}, "settings": {**settings, "pixel_spacing": 1.0}}, tmp_path / "other.pt")
+    with pytest.raises(
+        InputError, match=r"other\.pt: cannot join an ensemble with .*8s\.pt: they differ in pixel_spacing"
+    ):
+        checkpoint_settings([members[0], tmp_path / "other.pt"])
+    with pytest.raises(InputError, match="at least one checkpoint"):
+        checkpoint_settings([])
+
+
+def test_an_ensemble_runs_through_the_bundle_and_one_model_twice_gives_that_model_s_mask(small_fcn, tmp_path):
+    src = nifti_case(tmp_path / "x.nii.gz")
+    ensemble = f"['{small_fcn}','{small_fcn}']"
+    masks = {}
+    for name, ckpt in (("single", str(small_fcn)), ("twice", ensemble)):
+        r = bundle_cli(
+            "--input", str(src), "--checkpoint", ckpt, "--output_dir", str(tmp_path / name), "--overlay", "false"
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        masks[name] = np.asarray(nib.load(str(tmp_path / name / "x_seg.nii.gz")).dataobj)
+    np.testing.assert_array_equal(masks["single"], masks["twice"])
+    model = json.loads((tmp_path / "twice" / "x_report.json").read_text())["model"]
+    assert model["checkpoint"] == [str(small_fcn)] * 2 and len(model["sha256"]) == 2
+    row = next(csv.DictReader((tmp_path / "twice" / "summary.csv").open()))
+    assert row["checkpoint"] == f"{small_fcn}; {small_fcn}"

@@ -143,7 +143,12 @@ def summary_line(report: dict, mask_path: str | os.PathLike) -> str:
 
 def summary_rows(reports: Sequence[Mapping]) -> list[dict]:
     """One row per case for ``summary.csv``: input and series, volumes (mL) and mean and median HU of each class, the
-    liver's extent and slices, the QC flags (joined by ``; ``) and the model (checkpoint and SHA-256)."""
+    liver's extent and slices, the QC flags (joined by ``; ``) and the model (checkpoint and SHA-256; an
+    ensemble's members joined by ``; ``)."""
+
+    def joined(value) -> str:
+        return "; ".join(map(str, value)) if isinstance(value, list) else value
+
     rows = []
     for r in reports:
         extent, slices = r.get("liver_extent_mm") or {}, r.get("liver_slices") or [None, None]
@@ -164,8 +169,8 @@ def summary_rows(reports: Sequence[Mapping]) -> list[dict]:
         model = r.get("model") or {}
         row |= {
             "qc_flags": "; ".join((r.get("qc") or {}).get("flags") or []),
-            "checkpoint": model.get("checkpoint", ""),
-            "checkpoint_sha256": model.get("sha256", ""),
+            "checkpoint": joined(model.get("checkpoint", "")),
+            "checkpoint_sha256": joined(model.get("sha256", "")),
             "liver_fcn_version": model.get("liver_fcn_version", ""),
         }
         rows.append(row)
