@@ -29,7 +29,7 @@ import os
 import torch
 import torch.distributed as dist
 from monai.engines import PrepareBatch
-from monai.transforms import Randomizable
+from monai.transforms import Randomizable, RandSpatialCropd
 
 from liver_fcn.checkpoint import load_model_state
 from liver_fcn.errors import InputError, reported
@@ -162,6 +162,9 @@ def describe_augmentation(*transforms) -> str:
             continue
         if hasattr(t, "augmentation_parts"):  # one transform, several augmentations
             found.update(t.augmentation_parts())
+            continue
+        if isinstance(t, RandSpatialCropd):  # a window of every sample, not drawn by a probability
+            found["crop"] = (1.0, " x ".join(map(str, t.cropper.roi_size)) + " px")
             continue
         if not hasattr(t, "prob"):
             continue

@@ -458,3 +458,41 @@ def test_the_bundles_batch_stage_seeded_by_torch_and_plain_when_nothing_is_drawn
         torch.manual_seed(3)
         drawn.append(parser.get_parsed_content("train#prepare_batch", instantiate=True)(dict(batch), "cpu")[0])
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], image)
+
+
+def test_the_training_crop_takes_a_window_of_each_sample_and_is_in_the_run_summary():
+    """``train_crop`` [X, Y]: after the geometric augmentation each sample of the batch keeps a window
+    of that size at its own random place (the network is fully convolutional: inference still runs on
+    the whole grid); null (the default) keeps the whole field. The run's augmentation summary names it."""
+    from monai.bundle import ConfigParser
+
+    from liver_fcn.training import describe_augmentation
+
+    train_json = str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json")
+    batch = _batch()
+    outputs = {}
+    for crop in (None, [32, 24]):
+        parser = ConfigParser()
+        parser.read_config(train_json)
+        for key in ("rotate_prob", "zoom_prob", "translate_prob", "elastic_prob", "flip_prob", "gamma_prob"):
+            parser[key] = 0.0
+        parser["train_crop"] = crop
+        torch.manual_seed(0)
+        prepare = parser.get_parsed_content("train#prepare_batch", instantiate=True)
+        outputs[str(crop)] = prepare(dict(batch), torch.device("cpu"))
+        summary = describe_augmentation(prepare.augmentation)
+        assert ("crop p=1 (32 x 24 px)" in summary) == (crop is not None), summary
+    (full, full_label), (cut, cut_label) = outputs["None"], outputs["[32, 24]"]
+    assert cut.shape == (*full.shape[:2], 32, 24) and cut_label.shape == (*full_label.shape[:2], 32, 24)
+    places = set()
+    for i in range(full.shape[0]):  # each sample's window is a window of that sample, image and label alike
+        hits = [
+            (x, y)
+            for x in range(full.shape[2] - 31)
+            for y in range(full.shape[3] - 23)
+            if torch.equal(full[i, :, x : x + 32, y : y + 24], cut[i])
+            and torch.equal(full_label[i, :, x : x + 32, y : y + 24], cut_label[i])
+        ]
+        assert hits, f"sample {i}: its crop is no window of it"
+        places.add(hits[0])
+    assert len(places) > 1  # drawn sample by sample
