@@ -24,3 +24,35 @@ def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
             raise ValueError("failed half-way")
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
     assert (tmp_path / "mask.nii.gz").read_bytes() == b"previous"
+
+
+def test_the_overlay_draws_contours_and_tints_in_the_class_colours_in_radiological_view(tmp_path):
+    """A liver block at the patient's right front shows at the picture's top left (radiological view),
+    as a ring of the liver's colour around an untouched inside; a reference kidney is tinted; the
+    picture is written whole under its name."""
+    import numpy as np
+    from PIL import Image
+
+    from liver_fcn.visualize import GAP, PANEL, SLICE_ROW, TITLE_ROW, class_rgb, overlay_montage
+
+    image = np.zeros((64, 64, 5), np.float32)  # RAS: x to the patient's right, y to the front
+    image[:, :, :] = 100.0
+    pred = np.zeros(image.shape, np.uint8)
+    pred[40:60, 40:60, :] = 1  # right, front
+    truth = np.zeros(image.shape, np.uint8)
+    truth[5:20, 5:20, :] = 3  # left, back
+    out = overlay_montage(image, tmp_path / "o.png", pred=pred, truth=truth, slices=[2], window=(-100, 300), title="t")
+    picture = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    panel = picture[TITLE_ROW + SLICE_ROW :, GAP:][:PANEL, :PANEL]
+    assert (panel[0] != 255).all() and (picture[TITLE_ROW + SLICE_ROW - 1, GAP : GAP + PANEL] == 255).all()
+    liver = (panel == class_rgb(1)).all(axis=2)
+    rows, cols = np.nonzero(liver)
+    assert liver.sum() > 100 and rows.mean() < PANEL / 2 and cols.mean() < PANEL / 2  # top left
+    inside = panel[int(rows.mean()), int(cols.mean())]
+    assert (inside == inside[0]).all()  # the ring's inside keeps the CT's grey
+    grey = (100 - -100) / 400 * 255  # 100 HU in the window [-100, 300]
+    tint = np.round(0.65 * grey + 0.35 * np.array(class_rgb(3))).astype(int)
+    kidney = (np.abs(panel - tint) <= 1).all(axis=2)
+    k_rows, k_cols = np.nonzero(kidney)
+    assert kidney.sum() > 1000 and k_rows.mean() > PANEL / 2 and k_cols.mean() > PANEL / 2  # bottom right
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
