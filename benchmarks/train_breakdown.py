@@ -30,11 +30,11 @@ CONFIGS = REPO / "bundle" / "configs"
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "T4": 65.0}
 
 
-def step_flops(network: torch.nn.Module, batch: int, size: int, channels: int, device) -> float:
-    """FLOPs of one training step's forward and backward at ``batch`` x ``size`` x ``size``."""
+def step_flops(network: torch.nn.Module, batch: int, size: tuple[int, int], channels: int, device) -> float:
+    """FLOPs of one training step's forward and backward at ``batch`` x ``size``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.randn(batch, channels, size, size, device=device)
+    x = torch.randn(batch, channels, *size, device=device)
     counter = FlopCounterMode(display=False)
     with counter:
         network(x).float().sum().backward()
@@ -136,6 +136,8 @@ def main() -> None:
         by_kind[kind] += float(r[2])
     network = parser.get_parsed_content("network")
     batch, size = int(parser.get_parsed_content("batch_size")), int(parser.get_parsed_content("image_size"))
+    crop = parser.get_parsed_content("train_crop")  # the window each sample is cut to, if any
+    size = tuple(int(c) for c in crop) if crop else (size, size)
     device = next(network.parameters()).device
     channels = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
     flops = step_flops(network, batch, size, channels, device)
@@ -143,7 +145,7 @@ def main() -> None:
     rate = flops / step_mean / 1e12
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"bundle training breakdown: {args.config}, {n} iterations of batch {batch} at {size} x {size}, {name}")
+    print(f"bundle training breakdown: {args.config}, {n} iterations of batch {batch} at {size[0]} x {size[1]}, {name}")
     print(f"  caching the data sets (before the first step): {caching:7.1f} s")
     print(f"  wall time of the run:                          {wall:7.1f} s")
     print(f"  {'part':<22} {'total s':>9} {'per iteration s':>16} {'share':>7}")
