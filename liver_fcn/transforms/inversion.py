@@ -71,6 +71,26 @@ def _span(coords: torch.Tensor, size: int) -> tuple[int, int]:
     return (int(inside.min()), int(inside.max()) + 1) if inside.numel() else (0, 0)
 
 
+def _foreground_rows(prob: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> tuple | None:
+    """The ranges of output rows and columns (indices into ``xs``, ``ys``: their coordinates on the
+    network's grid) that can come out as foreground when the foreground probabilities ``prob``
+    (C-1, X', Y', k) are interpolated bilinearly: those with a network pixel of foreground above
+    one half (background below it) among their neighbours. Elsewhere every interpolated background
+    probability is at least one half, which no foreground class beats. None: no such pixel."""
+    maybe = (prob.sum(dim=0) > 0.5 - 1e-4).any(dim=-1)  # (X', Y'), a hair wider than the exact test
+    if not bool(maybe.any()):
+        return None
+    spans = []
+    for axis, c in ((0, xs), (1, ys)):
+        hit = torch.nonzero(maybe.any(dim=1 - axis)).flatten()
+        lo, hi = int(hit.min()), int(hit.max())
+        near = torch.nonzero((c > lo - 1) & (c < hi + 1)).flatten()
+        if not near.numel():
+            return None
+        spans.append((int(near.min()), int(near.max()) + 1))
+    return tuple(spans)
+
+
 def _entropy_sums(fg: torch.Tensor, h_sum: torch.Tensor, h_count: torch.Tensor) -> None:
     """Add, per class label, the entropy (nats) of the class probabilities and the voxel count, given
     the foreground probabilities ``fg`` (C-1, ...); background is one minus their sum."""
@@ -138,12 +158,17 @@ def class_map_on_input_grid(
             prob = _lerp_along(prob, zs - lo, 3)  # (C-1, X', Y', k) on the input's slices
             if entropy is not None and u1 > u0 and v1 > v0:
                 _entropy_sums(prob[:, u0:u1, v0:v1], h_sum, h_count)
+            # only where some network pixel of these slices is more likely foreground than background
+            # can an input voxel be (bilinear weights are convex): the rest stays background
+            rows = _foreground_rows(prob, coords[0][x0:x1], coords[1][y0:y1])
+            if rows is None:
+                continue
+            (i0, i1), (j0, j1) = rows
             prob = prob.permute(3, 0, 1, 2).contiguous()  # slices as the batch of a 2D resampling
-            prob = F.grid_sample(
-                prob, grid.expand(prob.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True
-            )
+            sub = grid[:, i0:i1, j0:j1].expand(prob.shape[0], -1, -1, -1)
+            prob = F.grid_sample(prob, sub, mode="bilinear", padding_mode="border", align_corners=True)
             labels = _argmax_with_background(prob.transpose(0, 1))  # (k, x, y)
-            out[x0:x1, y0:y1, k0 : k0 + chunk] = labels.permute(1, 2, 0)
+            out[x0 + i0 : x0 + i1, y0 + j0 : y0 + j1, k0 : k0 + chunk] = labels.permute(1, 2, 0)
     if entropy is not None:
         for c in range(1, n_classes):
             if h_count[c] > 0:
