@@ -491,3 +491,33 @@ def test_cpu_and_quick_recipes_change_the_budget_not_the_method():
         parser = ConfigParser()
         parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / name)])
         assert parser.get_parsed_content("image_size") == 256  # 409.6 mm at 1.6 mm
+
+
+def test_class_map_is_the_argmax_of_the_interpolated_probabilities_where_foreground_is_sparse():
+    """Foreground in a few blobs of a few slices (most of the volume certainly background, which
+    ``class_map_on_input_grid`` does not interpolate): every input voxel still gets the argmax of
+    the probabilities interpolated (trilinear, border) at its place on the network's grid, computed
+    here independently with scipy."""
+    from scipy.ndimage import map_coordinates
+
+    torch.manual_seed(1)
+    shape = (30, 26, 10)
+    logits = torch.zeros(4, *shape)
+    logits[0] = 6.0  # background everywhere ...
+    for c, (x, y, z) in zip((1, 2, 3), ((5, 6, 2), (22, 18, 5), (14, 3, 8))):
+        logits[c, x - 3 : x + 4, y - 3 : y + 4, z - 1 : z + 2] = 9.0 + 3 * torch.rand(7, 7, 3)  # ... but blobs
+    pre = torch.tensor([[2.0, 0, 0, -3.0], [0, 2.0, 0, 4.0], [0, 0, 3.0, 1.5], [0, 0, 0, 1]], dtype=torch.float64)
+    inp = torch.diag(torch.tensor([0.8, 0.9, 1.5, 1.0], dtype=torch.float64))
+    in_shape = (80, 64, 24)
+    ours = class_map_on_input_grid(logits, pre, inp, in_shape, chunk=4).numpy()
+
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in in_shape], indexing="ij"), 0).reshape(3, -1)
+    where = (np.linalg.inv(pre.numpy()) @ inp.numpy() @ np.vstack([index, np.ones(index.shape[1])]))[:3]
+    prob = torch.softmax(logits, 0).numpy()
+    fg = np.stack([map_coordinates(prob[c], where, order=1, mode="nearest") for c in (1, 2, 3)])
+    expected = np.argmax(np.vstack([1 - fg.sum(0, keepdims=True), fg]), 0)
+    outside = ((where <= -0.5) | (where >= np.array(shape)[:, None] - 0.5)).any(0)  # a half voxel beyond the ends
+    expected[outside] = 0
+    expected = expected.reshape(in_shape)
+    assert {1, 2, 3} <= set(np.unique(ours)) and (ours == 0).mean() > 0.9
+    assert (ours == expected).mean() > 0.9999, np.argwhere(ours != expected)[:5]
