@@ -482,6 +482,7 @@ def test_cpu_and_quick_recipes_change_the_budget_not_the_method():
             "epoch_length",
             "warmup_iterations",
             "batch_size",
+            "train_crop",
             "learning_rate",
             "num_workers",
             "cache_workers",
