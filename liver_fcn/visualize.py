@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy.ndimage import binary_erosion
 
 from liver_fcn import CLASS_NAMES
 from liver_fcn.outputs import atomic_path
@@ -60,8 +62,6 @@ PANEL, GAP, TITLE_ROW, SLICE_ROW, LEGEND_ROW = 320, 16, 34, 22, 30
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     return ImageFont.load_default(size=size)
 
 
@@ -73,15 +73,11 @@ def _screen(a: np.ndarray, k: int) -> np.ndarray:
 
 def _classes_on_screen(label: np.ndarray, k: int, size: tuple[int, int]) -> np.ndarray:
     """Slice ``k`` of a class map on screen, scaled to ``size`` (width, height) by nearest neighbour."""
-    from PIL import Image
-
     return np.asarray(Image.fromarray(_screen(label, k).astype(np.uint8)).resize(size, Image.NEAREST))
 
 
 def _edges(mask: np.ndarray, width: int = 2) -> np.ndarray:
     """The inner band, ``width`` pixels wide, along the border of a boolean mask: its contour as drawn."""
-    from scipy.ndimage import binary_erosion
-
     return mask & ~binary_erosion(mask, iterations=width, border_value=0)
 
 
@@ -103,8 +99,6 @@ def overlay_montage(
     pixels (bilinear; the class maps nearest), the contours drawn two pixels wide inside each
     predicted region, in :data:`CLASS_COLOURS`. Drawn with Pillow straight into the picture's pixels.
     """
-    from PIL import Image, ImageDraw
-
     ref = pred if pred is not None else truth
     slices = list(slices) if slices is not None else pick_slices(ref if ref is not None else np.zeros(image.shape), 1)
     lo, hi = window if window is not None else np.percentile(np.asarray(image)[:, :, slices], [1, 99])
