@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from liver_fcn.transforms.utils import bounding_box
+
 __all__ = ["case_report", "hu_statistics", "quality_flags", "summary_line", "summary_rows"]
 
 
@@ -33,10 +35,10 @@ def case_report(seg: np.ndarray, affine: np.ndarray, class_names: Sequence[str],
         n = int(np.count_nonzero(seg == c))
         report["voxels"][name] = n
         report["volumes_ml"][name] = n * voxel_ml
-    liver = np.argwhere(seg == 1)
-    if liver.size:
+    box = bounding_box(seg == 1)
+    if box is not None:
         # the corners of the voxels at both ends of each voxel axis, in world (RAS) mm
-        lo, hi = liver.min(axis=0), liver.max(axis=0)
+        lo, hi = [b.start for b in box], [b.stop - 1 for b in box]
         corners = np.array(
             [
                 [a, b, c, 1.0]
