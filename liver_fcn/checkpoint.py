@@ -54,29 +54,14 @@ __all__ = [
     "resume_state",
 ]
 
+#: required settings that define what the network takes in and the classes it scores
+_INPUT_SETTINGS = ("in_channels", "class_names", "pixel_spacing", "image_size", "hu_window", "intensity_mean")
 #: settings a checkpoint must carry: they rebuild the network and its preprocessing
-REQUIRED_SETTINGS = (
-    "variant",
-    "width",
-    "in_channels",
-    "class_names",
-    "pixel_spacing",
-    "image_size",
-    "hu_window",
-    "intensity_mean",
-)
+REQUIRED_SETTINGS = ("variant", "width", *_INPUT_SETTINGS)
 #: settings with a default when a checkpoint leaves them out
 OPTIONAL_SETTINGS: dict = {"padding": "aligned", "slice_distance": None}
 #: settings every member of an ensemble must share: they define its input and its output classes
-ENSEMBLE_SETTINGS = (
-    "in_channels",
-    "class_names",
-    "pixel_spacing",
-    "image_size",
-    "hu_window",
-    "intensity_mean",
-    "slice_distance",
-)
+ENSEMBLE_SETTINGS = (*_INPUT_SETTINGS, "slice_distance")
 #: per-period training checkpoints, ``<run>_checkpoint_epoch=N.pt``
 EPOCH_CKPT = re.compile(r"^(?P<run>.+)_checkpoint_epoch=(?P<epoch>\d+)\.pt$")
 
