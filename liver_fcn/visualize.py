@@ -106,6 +106,7 @@ def overlay_montage(
     canvas = Image.new("RGB", (len(slices) * (PANEL + GAP) + GAP, top + PANEL + LEGEND_ROW + GAP), "white")
     draw = ImageDraw.Draw(canvas)
     colours = {c: np.array(class_rgb(c), dtype=np.float32) for c in range(1, len(class_names))}
+    font = _font(13)
     for i, k in enumerate(slices):
         grey = np.clip((_screen(image, k).astype(np.float32) - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0) * 255.0
         scale = PANEL / max(grey.shape)
@@ -115,7 +116,8 @@ def overlay_montage(
         if truth is not None:
             sl = _classes_on_screen(truth, k, size)
             for c, colour in colours.items():
-                rgb[sl == c] = 0.65 * rgb[sl == c] + 0.35 * colour
+                inside = sl == c
+                rgb[inside] = 0.65 * rgb[inside] + 0.35 * colour
         if pred is not None:
             sl = _classes_on_screen(pred, k, size)
             for c, colour in colours.items():
@@ -124,13 +126,12 @@ def overlay_montage(
         canvas.paste(
             Image.fromarray(rgb.round().astype(np.uint8)), (left + (PANEL - size[0]) // 2, top + (PANEL - size[1]) // 2)
         )
-        draw.text((left + PANEL // 2, top - 4), f"slice {k}", fill="black", font=_font(13), anchor="md")
+        draw.text((left + PANEL // 2, top - 4), f"slice {k}", fill="black", font=font, anchor="md")
     if title:
         draw.text((canvas.width // 2, 8), title, fill="black", font=_font(15), anchor="mt")
     entries = [(class_names[c], class_rgb(c), "line") for c in colours]
     if pred is not None and truth is not None:
         entries += [("prediction (line)", (0, 0, 0), "line"), ("reference (tint)", (166, 166, 166), "area")]
-    font = _font(13)
     widths = [34 + draw.textlength(name, font=font) + 18 for name, _, _ in entries]
     x, y = (canvas.width - sum(widths)) / 2, top + PANEL + GAP + 8
     for (name, colour, kind), width in zip(entries, widths):
