@@ -527,3 +527,21 @@ def test_configs_wire_with_short_expressions_and_literal_handler_lists():
     assert {"mlflow_params", "augmentation_summary"}.isdisjoint(train)
     multi = json.loads((CONFIGS / "multi_gpu_train.json").read_text())
     assert "training" not in multi and "initialize" not in multi  # it layers on train.json's sequences
+
+
+def test_torchrun_processes_seed_their_generators_with_their_rank(monkeypatch):
+    """Under multi_gpu_train.json each process seeds with seed + rank: the loaders' workers and the
+    batch augmentation draw from those generators, so the processes do not draw the same transforms."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    parser["seed"] = 5
+    first = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        parser.parse(reset=True)
+        parser.get_parsed_content("initialize#0", lazy=False)
+        assert torch.initial_seed() == 5 + int(rank)
+        first.append(torch.rand(3))
+    assert not torch.equal(first[0], first[1])
