@@ -1047,13 +1047,18 @@ def test_largest_liver_component_kept_by_default_and_both_without_postprocessing
     ct[2:10, 45:55, 60:70] = 100  # a separate, smaller blob the threshold network also calls liver
     src = tmp_path / "two.nii.gz"
     nib.save(nib.Nifti1Image(np.transpose(ct, (2, 1, 0)), np.eye(4)), str(src))
-    sizes = {}
+    sizes, pieces = {}, {}
     for post in (True, False):
-        infer(threshold_ckpt, src, tmp_path / f"out{post}", overlay=False, postprocess=post)
+        infer(threshold_ckpt, src, tmp_path / f"out{post}", overlay=False, postprocess=post, qc_component_ml=0.5)
         seg = np.asarray(nib.load(str(tmp_path / f"out{post}" / "two_seg.nii.gz")).dataobj)
         sizes[post] = int((seg == 1).sum())
+        pieces[post] = json.loads((tmp_path / f"out{post}" / "two_report.json").read_text())["qc"][
+            "liver_components_ml"
+        ]
     assert sizes[True] == pytest.approx(8 * 30 * 30, rel=0.05)  # the blob is gone
     assert sizes[False] == pytest.approx(8 * 30 * 30 + 8 * 10 * 10, rel=0.05)  # kept when switched off
+    # the report counts the liver's pieces before the clean-up either way (1 mm voxels: 7.2 and 0.8 mL)
+    assert pieces[True] == pieces[False] and pieces[True] == pytest.approx([7.2, 0.8], rel=0.1)
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -15,6 +15,7 @@ from liver_fcn.losses import PartialLabelCrossEntropyLoss, PartialLabelDiceCELos
 from liver_fcn.training import augmentation_summary, warmup_decay_schedule
 from liver_fcn.transforms import (
     AdjacentSlicesd,
+    CountComponentsd,
     FillHolesSlicewised,
     InPlaneResampled,
     KeepLargestComponentsd,
@@ -209,9 +210,17 @@ def test_keep_largest_components_matches_monai_on_the_bounding_box():
     for labels, n in (([1], 1), ([3], 2)):
         ours = KeepLargestComponentsd("pred", applied_labels=labels, num_components=n)({"pred": t})["pred"]
         theirs = KeepLargestConnectedComponentd("pred", applied_labels=labels, independent=True, num_components=n)(
-            {"pred": t}
+            {"pred": t.clone()}  # MONAI's changes its input in place
         )["pred"]
         assert torch.equal(torch.as_tensor(ours), torch.as_tensor(theirs))
+    # asked to, it records the components' sizes before the clean-up, as CountComponentsd does
+    recorded = KeepLargestComponentsd("pred", applied_labels=[1, 3], sizes_key="sizes", min_ml=0.01)({"pred": t})
+    for label in (1, 3):
+        counted = CountComponentsd("pred", label=label, min_ml=0.01, out_key="sizes")({"pred": t})["sizes"]
+        assert recorded["sizes"][str(label)] == counted[str(label)]
+    assert recorded["sizes"]["1"] == pytest.approx([5.964, 0.05])  # 1 mm voxels: the block less kidney, the piece
+    assert recorded["sizes"]["3"] == pytest.approx([0.018] * 20)  # twenty 3 x 3 x 2 kidney blocks
+    assert torch.equal(t, torch.as_tensor(lab))  # the input is not changed
 
 
 def test_clean_up_functions_work_on_plain_arrays_of_any_dimension():

@@ -10,7 +10,6 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-from monai.transforms.utils import get_largest_connected_component_mask
 from scipy import ndimage
 
 from liver_fcn.transforms.labels import _like_class_map, class_map_array
@@ -26,48 +25,78 @@ __all__ = [
 ]
 
 
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The connected components (full connectivity) of a boolean ``mask`` numbered from 1, and the
+    voxel count of each number (index 0, the rest of the array, counted as 0)."""
+    components, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    counts = np.bincount(components.ravel())
+    counts[0] = 0
+    return components, counts
+
+
+def _keep_largest(classes: np.ndarray, label: int, num_components: int) -> np.ndarray:
+    """Keep the ``num_components`` largest components of ``label`` in ``classes`` (changed in place),
+    labelled on the label's bounding box; return the voxel counts of all of its components as found."""
+    mask = classes == label
+    box = bounding_box(mask)
+    if box is None:
+        return np.zeros(0, np.int64)
+    sub = mask[box]
+    components, counts = _components(sub)
+    if counts.size - 1 > num_components:
+        keep = np.zeros(counts.size, bool)
+        keep[np.argsort(counts)[::-1][:num_components]] = True  # MONAI's ranking
+        region = classes[box]
+        region[sub & ~keep[components]] = 0
+    return counts[1:]
+
+
+def _sizes_ml(counts: np.ndarray, spacing: Sequence[float], min_ml: float) -> list[float]:
+    """Component voxel ``counts`` as volumes (mL) for voxels of ``spacing`` (mm), those of at least
+    ``min_ml``, largest first."""
+    sizes = counts * (float(np.prod(spacing)) / 1000.0)
+    return sorted((float(c) for c in sizes if c >= min_ml), reverse=True)
+
+
 def keep_largest_components(classes: np.ndarray, labels: Sequence[int] = (1,), num_components: int = 1) -> np.ndarray:
     """A copy of the class map ``classes`` (any dimensions) keeping only the ``num_components``
     largest connected components (full connectivity) of each of ``labels``; the voxels of smaller
     ones become background. Computed on each label's bounding box."""
     out = np.array(classes)  # a copy, changed in place
     for label in labels:
-        mask = out == label
-        box = bounding_box(mask)
-        if box is None:
-            continue
-        sub = mask[box]
-        keep = np.asarray(get_largest_connected_component_mask(sub, num_components=num_components))
-        region = out[box]
-        region[sub & ~keep] = 0
+        _keep_largest(out, label, num_components)
     return out
 
 
 def component_sizes_ml(classes: np.ndarray, label: int, spacing: Sequence[float], min_ml: float = 0.0) -> list[float]:
-    """Sizes (mL) of the 3D connected components (26-connectivity) of ``label`` in the class map
-    ``classes`` (X, Y, Z) of voxel ``spacing`` (mm), those of at least ``min_ml``, largest first."""
+    """Sizes (mL) of the connected components (full connectivity) of ``label`` in the class map
+    ``classes`` of voxel ``spacing`` (mm), those of at least ``min_ml``, largest first."""
     mask = classes == label
     box = bounding_box(mask)
     if box is None:
         return []
-    components, _ = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, bool))
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(components.ravel())[1:] * voxel_ml
-    return sorted((float(c) for c in counts if c >= min_ml), reverse=True)
+    return _sizes_ml(_components(mask[box])[1][1:], spacing, min_ml)
 
 
 def fill_holes_slicewise(classes: np.ndarray, labels: Sequence[int] = (1,), axis: int = -1) -> np.ndarray:
     """A copy of the class map ``classes`` whose background voxels enclosed by one of ``labels``
     within a slice along ``axis`` take that label; voxels of other classes never change."""
     out = np.array(classes, copy=True)
-    moved, result = np.moveaxis(classes, axis, 0), np.moveaxis(out, axis, 0)
+    axis = axis % classes.ndim
+    # one fill of the label's bounding box whose structure links pixels within a slice only: every
+    # slice is filled on its own, in one call
+    structure = np.zeros((3,) * classes.ndim, bool)
+    structure[(slice(None),) * axis + (1,)] = ndimage.generate_binary_structure(classes.ndim - 1, 1)
+    margin = [1] * classes.ndim
+    margin[axis] = 0
     for label in labels:
-        present = (moved == label).reshape(moved.shape[0], -1).any(axis=1)
-        for k in np.flatnonzero(present):
-            box = bounding_box(moved[k] == label, margin=1)  # a hole lies inside its label's box
-            sl, res = moved[k][box], result[k][box]
-            filled = ndimage.binary_fill_holes(sl == label)
-            res[filled & (sl == 0)] = label
+        mask = classes == label
+        box = bounding_box(mask, margin=margin)  # a hole lies inside its label's box
+        if box is None:
+            continue
+        filled = ndimage.binary_fill_holes(mask[box], structure=structure)
+        region = out[box]
+        region[filled & (classes[box] == 0)] = label
     return out
 
 
@@ -75,9 +104,13 @@ class KeepLargestComponentsd(MapTransform):
     """Keep the ``num_components`` largest 3D connected components of each of ``applied_labels`` in a
     class map (1, X, Y, Z); the voxels of smaller components become background.
 
-    MONAI's ``KeepLargestConnectedComponentd`` (independent labels) with the same result, computed by
-    MONAI's ``get_largest_connected_component_mask`` on the label's bounding box instead of the whole
-    volume: on a 512 x 512 CT the organs fill a small part of it. Full (26-) connectivity.
+    MONAI's ``KeepLargestConnectedComponentd`` (independent labels) with the same result, labelled on
+    the label's bounding box instead of the whole volume: on a 512 x 512 CT the organs fill a small
+    part of it. Full (26-) connectivity.
+
+    With ``sizes_key``, the sizes (mL) of each applied label's components before the clean-up, those
+    of at least ``min_ml``, are recorded as :class:`CountComponentsd` records them (``{"<label>":
+    [sizes, largest first]}``, merged into an existing dict), from the same labelling.
     """
 
     def __init__(
@@ -85,17 +118,25 @@ class KeepLargestComponentsd(MapTransform):
         keys: KeysCollection,
         applied_labels: Sequence[int] = (1,),
         num_components: int = 1,
+        sizes_key: str | None = None,
+        min_ml: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.applied_labels = [int(v) for v in applied_labels]
         self.num_components = int(num_components)
+        self.sizes_key, self.min_ml = sizes_key, float(min_ml)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            arr = class_map_array(d[key], key, "KeepLargestComponentsd")
-            d[key] = _like_class_map(d[key], keep_largest_components(arr, self.applied_labels, self.num_components))
+            out = np.array(class_map_array(d[key], key, "KeepLargestComponentsd"))  # a copy, changed in place
+            counts = {label: _keep_largest(out, label, self.num_components) for label in self.applied_labels}
+            d[key] = _like_class_map(d[key], out)
+            if self.sizes_key is not None:
+                spacing = voxel_spacing(d[key])
+                sizes = {str(label): _sizes_ml(c, spacing, self.min_ml) for label, c in counts.items()}
+                d[self.sizes_key] = {**dict(d.get(self.sizes_key) or {}), **sizes}
         return d
 
 
