@@ -82,21 +82,14 @@ def fill_holes_slicewise(classes: np.ndarray, labels: Sequence[int] = (1,), axis
     """A copy of the class map ``classes`` whose background voxels enclosed by one of ``labels``
     within a slice along ``axis`` take that label; voxels of other classes never change."""
     out = np.array(classes, copy=True)
-    axis = axis % classes.ndim
-    # one fill of the label's bounding box whose structure links pixels within a slice only: every
-    # slice is filled on its own, in one call
-    structure = np.zeros((3,) * classes.ndim, bool)
-    structure[(slice(None),) * axis + (1,)] = ndimage.generate_binary_structure(classes.ndim - 1, 1)
-    margin = [1] * classes.ndim
-    margin[axis] = 0
+    moved, result = np.moveaxis(classes, axis, 0), np.moveaxis(out, axis, 0)
     for label in labels:
-        mask = classes == label
-        box = bounding_box(mask, margin=margin)  # a hole lies inside its label's box
-        if box is None:
-            continue
-        filled = ndimage.binary_fill_holes(mask[box], structure=structure)
-        region = out[box]
-        region[filled & (classes[box] == 0)] = label
+        present = (moved == label).reshape(moved.shape[0], -1).any(axis=1)
+        for k in np.flatnonzero(present):
+            box = bounding_box(moved[k] == label, margin=1)  # a hole lies inside its label's box
+            sl, res = moved[k][box], result[k][box]
+            filled = ndimage.binary_fill_holes(sl == label)
+            res[filled & (sl == 0)] = label
     return out
 
 
