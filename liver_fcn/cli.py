@@ -113,6 +113,7 @@ def _warp(args: argparse.Namespace) -> int:
         spacing_mm=args.spacing,
         mapping=args.mapping,
         overwrite=args.overwrite,
+        source_labels=args.source_labels,
     )
     print(f"done in {time.time() - t0:.0f} s")
     return 0
@@ -415,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wa.add_argument("--spacing", type=float, default=3.0, help="registration grid in mm (default 3)")
     wa.add_argument("--mapping", help="JSON file mapping organ folders to classes (default: liver, bone, kidney)")
+    wa.add_argument(
+        "--source_labels",
+        nargs="*",
+        default=[],
+        help="classes annotated with the source patient's own masks warped with its CT (they lie exactly on the "
+        "warped tissue) instead of the target's (default: none, the target's masks for every class)",
+    )
     wa.add_argument("--overwrite", action="store_true", help="replace an earlier warp in --out")
     wa.set_defaults(func=_warp)
 

@@ -201,3 +201,41 @@ def test_warp_refuses_a_target_without_body_outline(prepared, phantom_root, tmp_
         str(tmp_path / "out2"),
     )
     assert r.returncode == 2 and "datalist not found" in r.stderr and not (tmp_path / "out2").exists()
+
+
+def test_warp_can_label_classes_with_the_sources_own_masks_warped_with_its_ct(warped, phantom_root, prepared, tmp_path):
+    """``--source_labels liver bone``: those classes' labels are the source's masks carried by the same
+    warp as the CT, so their Dice against the target's is the pair's warped-label Dice; the others
+    stay the target's own."""
+    from liver_fcn.data.warp import warp_patients
+
+    data = json.loads((prepared / "datalist.json").read_text())
+    source = data["training"][0]["patient"]
+    masks = _masks_only(phantom_root, tmp_path / "masks_only", numbers=(4,))
+    with pytest.raises(InputError, match="--source_labels spleen: not a class that is registered"):
+        warp_patients(prepared, masks, tmp_path / "bad", sources=[source], source_labels=["spleen"])
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    out = warp_patients(
+        prepared,
+        masks,
+        tmp_path / "out",
+        sources=[source],
+        spacing_mm=6.0,
+        min_liver_dice=0.5,
+        source_labels=["liver", "bone"],
+        log=lambda s: None,
+    ).parent
+    (e,) = load_datalist(out / "datalist.json")
+    assert e["labels_from"] == {"liver": "source", "bone": "source", "kidney": "target"}
+    row = next(csv.DictReader(open(out / "warp_report.csv")))
+    # the same pair under the target's masks (the module's warp): the CT is the same, the labels differ
+    (theirs,) = [t for t in load_datalist(warped / "datalist.json") if t["patient"] == e["patient"]]
+    hu = [np.asarray(nib.load(x["image"]).dataobj, dtype=np.float32) for x in (e, theirs)]
+    assert np.abs(hu[0] - hu[1]).mean() < 1.0
+    for c in ("liver", "bone", "kidney"):
+        ours = np.asarray(nib.load(e["masks"][c][0]).dataobj) > 0
+        target = np.asarray(nib.load(theirs["masks"][c][0]).dataobj) > 0
+        if c == "kidney":
+            assert np.array_equal(ours, target)
+        else:
+            assert dice(ours, target) == pytest.approx(float(row[f"dice_{c}"]), abs=1e-3) and dice(ours, target) < 1

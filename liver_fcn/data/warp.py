@@ -6,7 +6,8 @@ tissue: a real patient's organ label map (body outline, liver, bone, kidneys, sp
 as both patients have them) is registered onto the mask-only patient's, affine and then deformable,
 driven by the labels alone, and the real CT - nothing else - is warped with the result. The warped
 volume is annotated with the *target's own* masks, for every class both patients have, so the
-network sees real tissue under real outlines of another anatomy. How far the warped tissue agrees
+network sees real tissue under real outlines of another anatomy (or, for the classes asked for, with
+the source's own masks carried by the same warp, which lie exactly on the warped tissue). How far the warped tissue agrees
 with those outlines is measured per pair (Dice of the warped source labels against the target's);
 pairs whose liver falls below a bar are dropped (or kept at a lower weight).
 
@@ -312,14 +313,25 @@ def warp_patients(
     spacing_mm: float = 3.0,
     mapping: str | os.PathLike | None = None,
     overwrite: bool = False,
+    source_labels: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> Path:
     """Warp every real patient of a prepared data set onto every mask-only patient; returns the datalist.
 
     ``min_liver_dice``: a pair whose warped liver agrees less with the target's is dropped, or kept
     at ``low_weight`` when that is positive. ``sampling_weight``: the weight of each kept volume.
+    ``source_labels``: classes annotated with the source's own masks, warped with the CT (nearest
+    neighbour), instead of the target's: they lie exactly on the warped tissue, where the target's
+    outline of a thin or variable organ (bone) may not.
     """
     classes, organ_map = load_class_mapping(mapping)
+    registration_names = {name for name, _, _ in REGISTRATION_LABELS}
+    for c in source_labels:
+        if c not in classes[1:] or c not in registration_names:
+            raise InputError(
+                f"--source_labels {c}: not a class that is registered (those are "
+                f"{', '.join(c for c in classes[1:] if c in registration_names)})"
+            )
     if sampling_weight <= 0:
         raise InputError(f"sampling weight must be positive, got {sampling_weight}")
     if not 0 <= min_liver_dice <= 1:
@@ -379,7 +391,13 @@ def warp_patients(
                 result = warp_patient(ct, labels, target, spacing_mm=spacing_mm)
                 liver = result.dice["liver"]
                 weight = sampling_weight if liver >= min_liver_dice else low_weight
-                annotate = [c for c in classes[1:] if c in class_masks and c in source_classes]
+                labels = {
+                    c: result.warped_labels.get(c) if c in source_labels else class_masks.get(c)
+                    for c in classes[1:]
+                    if c in source_classes
+                }
+                labels = {c: m for c, m in labels.items() if m is not None}
+                annotate = list(labels)
                 row = {
                     "case": case,
                     "source": source_name,
@@ -405,16 +423,16 @@ def warp_patients(
                 img.set_sform(t_affine, code=1)
                 nib.save(img, str(stage / "ct.nii.gz"))
                 for c in annotate:
-                    nib.save(nib.Nifti1Image(class_masks[c].astype(np.uint8), t_affine), str(stage / f"{c}.nii.gz"))
+                    nib.save(nib.Nifti1Image(labels[c].astype(np.uint8), t_affine), str(stage / f"{c}.nii.gz"))
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(stage, final)
                 _overlay_png(
                     out / "overlays" / f"{case}.png",
                     result.ct,
-                    {c: class_masks[c] for c in annotate},
+                    labels,
                     spacing,
-                    f"{source_name} CT warped onto {target_name}: target's contours (warped liver Dice {liver:.2f})",
+                    f"{source_name} CT warped onto {target_name}: the labels' contours (warped liver Dice {liver:.2f})",
                 )
                 entries.append(
                     {
@@ -426,6 +444,7 @@ def warp_patients(
                         "spacing": [round(float(s), 6) for s in spacing],
                         "source_patients": [source_name],
                         "anatomy_from": target_name,
+                        "labels_from": {c: "source" if c in source_labels else "target" for c in annotate},
                         "warp_dice": result.dice,
                         "sampling_weight": weight,
                     }
