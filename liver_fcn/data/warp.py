@@ -7,9 +7,9 @@ as both patients have them) is registered onto the mask-only patient's, affine a
 driven by the labels alone, and the real CT - nothing else - is warped with the result. The warped
 volume is annotated with the *target's own* masks, for every class both patients have, so the
 network sees real tissue under real outlines of another anatomy (or, for the classes asked for, with
-the source's own masks carried by the same warp, which lie exactly on the warped tissue). How far the warped tissue agrees
-with those outlines is measured per pair (Dice of the warped source labels against the target's);
-pairs whose liver falls below a bar are dropped (or kept at a lower weight).
+the source's own masks carried by the same warp, which lie exactly on the warped tissue). How far
+the warped tissue agrees with those outlines is measured per pair (Dice of the warped source labels
+against the target's); pairs whose liver falls below a bar are dropped (or kept at a lower weight).
 
 Registration is SimpleITK's (ITK): a label-coded, smoothed image at a few millimetres, an affine
 transform fitted by mean squares (liver centroids aligned first, multi-resolution), then
