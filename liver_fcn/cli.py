@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         help="classes annotated with the source patient's own masks warped with its CT (they lie exactly on the "
-        "warped tissue) instead of the target's (default: none, the target's masks for every class)",
+        "warped tissue) instead of the target's, also on targets without a mask of that class (default: none, the "
+        "target's masks for every class)",
     )
     wa.add_argument("--overwrite", action="store_true", help="replace an earlier warp in --out")
     wa.set_defaults(func=_warp)

@@ -239,3 +239,39 @@ def test_warp_can_label_classes_with_the_sources_own_masks_warped_with_its_ct(wa
             assert np.array_equal(ours, target)
         else:
             assert dice(ours, target) == pytest.approx(float(row[f"dice_{c}"]), abs=1e-3) and dice(ours, target) < 1
+
+
+def test_source_labels_also_label_targets_without_that_organs_mask(phantom_root, prepared, tmp_path):
+    """A target without kidney masks: with ``--source_labels kidney`` the warped volume still gets a
+    kidney label - the source's kidney, carried by the warp onto the source's own kidney tissue."""
+    import zipfile
+
+    from liver_fcn.data.ct import load_ct
+    from liver_fcn.data.synth import _read_masks
+    from liver_fcn.data.warp import warp_patients
+
+    target = tmp_path / "masks" / "3Dircadb1.4"
+    target.mkdir(parents=True)
+    with (
+        zipfile.ZipFile(phantom_root / "3Dircadb1.4" / "MASKS_DICOM.zip") as zin,
+        zipfile.ZipFile(target / "MASKS_DICOM.zip", "w") as zout,
+    ):
+        for info in zin.infolist():
+            if "kidney" not in info.filename.lower():
+                zout.writestr(info, zin.read(info))
+    (e,) = load_datalist(prepared / "datalist.json")[:1]
+    kw = dict(sources=[e["patient"]], spacing_mm=6.0, min_liver_dice=0.5, log=lambda s: None)
+    carried = warp_patients(prepared, tmp_path / "masks", tmp_path / "carried", source_labels=["kidney"], **kw)
+    (with_,) = load_datalist(carried)
+    assert with_["labels_from"] == {"liver": "target", "bone": "target", "kidney": "source"}
+    (row,) = csv.DictReader(open(carried.parent / "warp_report.csv"))
+    assert row["dice_kidney"] == ""  # the target has no kidney: not registered, labelled from the source
+    kidney = np.asarray(nib.load(with_["masks"]["kidney"][0]).dataobj) > 0
+    hu = np.asarray(nib.load(with_["image"]).dataobj)
+    organs, _ = _read_masks(Path(e["masks"]["kidney"][0]).parent)
+    source_kidney = np.any([m for k, m in organs.items() if "kidney" in k], axis=0)
+    source = load_ct(e["image"])
+    ml = kidney.sum() * np.prod(nib.load(with_["image"]).header.get_zooms())
+    source_ml = source_kidney.sum() * np.prod(np.abs(np.diag(np.asarray(source.affine))[:3]))
+    assert 0.5 < ml / source_ml < 2  # the warp moves and reshapes it, it does not lose it
+    assert (hu[kidney] > -500).mean() > 0.9  # on the warped body's tissue, not in the air

@@ -231,9 +231,18 @@ class WarpResult:
 
 
 def warp_patient(
-    ct: np.ndarray, source: RegistrationLabels, target: RegistrationLabels, spacing_mm: float = 3.0, **kw
+    ct: np.ndarray,
+    source: RegistrationLabels,
+    target: RegistrationLabels,
+    spacing_mm: float = 3.0,
+    carry: Sequence[str] = (),
+    **kw,
 ) -> WarpResult:
-    """Register ``source``'s labels onto ``target``'s and warp the source ``ct`` (on ``source.affine``)."""
+    """Register ``source``'s labels onto ``target``'s and warp the source ``ct`` (on ``source.affine``).
+
+    ``warped_labels`` holds the source's labels the registration used, carried by the warp, and
+    those of ``carry`` the source has though the target does not (they are not registered, but lie
+    on the warped tissue all the same)."""
     t0 = time.time()
     transform, names = register_labels(source, target, spacing_mm=spacing_mm, **kw)
     shape = next(iter(target.masks.values())).shape
@@ -245,6 +254,10 @@ def warp_patient(
     warped = {name: warped_codes == i for i, name in enumerate(names, 1)}
     if "body" in warped:
         warped["body"] = warped_codes > 0
+    for name in carry:
+        if name not in warped and name in source.masks:
+            mask = source.masks[name].astype(np.uint8)
+            warped[name] = warp_image(mask, source.affine, transform, shape, target.affine, linear=False, default=0) > 0
     scores = {name: round(dice(warped[name], target.masks[name]), 4) for name in names}
     return WarpResult(warped_ct, scores, names, time.time() - t0, warped)
 
@@ -322,7 +335,8 @@ def warp_patients(
     at ``low_weight`` when that is positive. ``sampling_weight``: the weight of each kept volume.
     ``source_labels``: classes annotated with the source's own masks, warped with the CT (nearest
     neighbour), instead of the target's: they lie exactly on the warped tissue, where the target's
-    outline of a thin or variable organ (bone) may not.
+    outline of a thin or variable organ (bone) may not; a class the target has no mask of is then
+    labelled too, from the source.
     """
     classes, organ_map = load_class_mapping(mapping)
     registration_names = {name for name, _, _ in REGISTRATION_LABELS}
@@ -388,7 +402,7 @@ def warp_patients(
             spacing = np.sqrt((t_affine[:3, :3] ** 2).sum(axis=0))
             for source_name, ct, labels, source_classes in sources_loaded:
                 case = f"warp-{source_name}-to-{target_name}"
-                result = warp_patient(ct, labels, target, spacing_mm=spacing_mm)
+                result = warp_patient(ct, labels, target, spacing_mm=spacing_mm, carry=source_labels)
                 liver = result.dice["liver"]
                 weight = sampling_weight if liver >= min_liver_dice else low_weight
                 labels = {
