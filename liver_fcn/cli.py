@@ -114,6 +114,7 @@ def _warp(args: argparse.Namespace) -> int:
         mapping=args.mapping,
         overwrite=args.overwrite,
         source_labels=args.source_labels,
+        carry_missing=args.carry_missing,
     )
     print(f"done in {time.time() - t0:.0f} s")
     return 0
@@ -421,8 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         help="classes annotated with the source patient's own masks warped with its CT (they lie exactly on the "
-        "warped tissue) instead of the target's, also on targets without a mask of that class (default: none, the "
-        "target's masks for every class)",
+        "warped tissue) instead of the target's (default: none, the target's masks for every class)",
+    )
+    wa.add_argument(
+        "--carry_missing",
+        action="store_true",
+        help="label targets without a mask of a --source_labels class with the source's too (default: that class "
+        "stays unannotated there)",
     )
     wa.add_argument("--overwrite", action="store_true", help="replace an earlier warp in --out")
     wa.set_defaults(func=_warp)

@@ -242,8 +242,8 @@ def test_warp_can_label_classes_with_the_sources_own_masks_warped_with_its_ct(wa
 
 
 def test_source_labels_also_label_targets_without_that_organs_mask(phantom_root, prepared, tmp_path):
-    """A target without kidney masks: with ``--source_labels kidney`` the warped volume still gets a
-    kidney label - the source's kidney, carried by the warp onto the source's own kidney tissue."""
+    """A target without kidney masks: with ``--source_labels kidney --carry_missing`` the warped volume
+    still gets a kidney label - the source's kidney, carried by the warp with the source's tissue."""
     import zipfile
 
     from liver_fcn.data.ct import load_ct
@@ -261,8 +261,11 @@ def test_source_labels_also_label_targets_without_that_organs_mask(phantom_root,
                 zout.writestr(info, zin.read(info))
     (e,) = load_datalist(prepared / "datalist.json")[:1]
     kw = dict(sources=[e["patient"]], spacing_mm=6.0, min_liver_dice=0.5, log=lambda s: None)
-    carried = warp_patients(prepared, tmp_path / "masks", tmp_path / "carried", source_labels=["kidney"], **kw)
-    (with_,) = load_datalist(carried)
+    kw["source_labels"] = ["kidney"]
+    plain = warp_patients(prepared, tmp_path / "masks", tmp_path / "plain", **kw)
+    carried = warp_patients(prepared, tmp_path / "masks", tmp_path / "carried", carry_missing=True, **kw)
+    (without,), (with_,) = load_datalist(plain), load_datalist(carried)
+    assert "kidney" not in without["masks"]  # unless asked, the class stays unannotated where the target lacks it
     assert with_["labels_from"] == {"liver": "target", "bone": "target", "kidney": "source"}
     (row,) = csv.DictReader(open(carried.parent / "warp_report.csv"))
     assert row["dice_kidney"] == ""  # the target has no kidney: not registered, labelled from the source

@@ -327,6 +327,7 @@ def warp_patients(
     mapping: str | os.PathLike | None = None,
     overwrite: bool = False,
     source_labels: Sequence[str] = (),
+    carry_missing: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Warp every real patient of a prepared data set onto every mask-only patient; returns the datalist.
@@ -335,8 +336,8 @@ def warp_patients(
     at ``low_weight`` when that is positive. ``sampling_weight``: the weight of each kept volume.
     ``source_labels``: classes annotated with the source's own masks, warped with the CT (nearest
     neighbour), instead of the target's: they lie exactly on the warped tissue, where the target's
-    outline of a thin or variable organ (bone) may not; a class the target has no mask of is then
-    labelled too, from the source.
+    outline of a thin or variable organ (bone) may not. ``carry_missing``: a target without a mask of
+    one of those classes is labelled with the source's too (else that class stays unannotated there).
     """
     classes, organ_map = load_class_mapping(mapping)
     registration_names = {name for name, _, _ in REGISTRATION_LABELS}
@@ -402,7 +403,9 @@ def warp_patients(
             spacing = np.sqrt((t_affine[:3, :3] ** 2).sum(axis=0))
             for source_name, ct, labels, source_classes in sources_loaded:
                 case = f"warp-{source_name}-to-{target_name}"
-                result = warp_patient(ct, labels, target, spacing_mm=spacing_mm, carry=source_labels)
+                result = warp_patient(
+                    ct, labels, target, spacing_mm=spacing_mm, carry=source_labels if carry_missing else ()
+                )
                 liver = result.dice["liver"]
                 weight = sampling_weight if liver >= min_liver_dice else low_weight
                 labels = {
