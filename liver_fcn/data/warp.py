@@ -408,13 +408,13 @@ def warp_patients(
                 )
                 liver = result.dice["liver"]
                 weight = sampling_weight if liver >= min_liver_dice else low_weight
-                labels = {
+                found_labels = {
                     c: result.warped_labels.get(c) if c in source_labels else class_masks.get(c)
                     for c in classes[1:]
                     if c in source_classes
                 }
-                labels = {c: m for c, m in labels.items() if m is not None}
-                annotate = list(labels)
+                class_labels = {c: m for c, m in found_labels.items() if m is not None}
+                annotate = list(class_labels)
                 row = {
                     "case": case,
                     "source": source_name,
@@ -440,14 +440,14 @@ def warp_patients(
                 img.set_sform(t_affine, code=1)
                 nib.save(img, str(stage / "ct.nii.gz"))
                 for c in annotate:
-                    nib.save(nib.Nifti1Image(labels[c].astype(np.uint8), t_affine), str(stage / f"{c}.nii.gz"))
+                    nib.save(nib.Nifti1Image(class_labels[c].astype(np.uint8), t_affine), str(stage / f"{c}.nii.gz"))
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(stage, final)
                 _overlay_png(
                     out / "overlays" / f"{case}.png",
                     result.ct,
-                    labels,
+                    class_labels,
                     spacing,
                     f"{source_name} CT warped onto {target_name}: the labels' contours (warped liver Dice {liver:.2f})",
                 )
