@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,19 @@ def tree_snapshot(path: Path) -> list[str]:
     if not path.exists():
         return []
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def masks_without(phantom_root: Path, patient: str, dest_root: Path, organ: str) -> Path:
+    """``dest_root/<patient>/MASKS_DICOM.zip``: a phantom patient's mask zip less every organ series
+    whose folder name holds ``organ`` (a partial download); returns ``dest_root``."""
+    folder = dest_root / patient
+    folder.mkdir(parents=True)
+    with (
+        zipfile.ZipFile(phantom_root / patient / "MASKS_DICOM.zip") as zin,
+        zipfile.ZipFile(folder / "MASKS_DICOM.zip", "w") as zout,
+    ):
+        for info in zin.infolist():
+            parts = info.filename.split("/")
+            if len(parts) < 3 or organ not in parts[1].lower():
+                zout.writestr(info, zin.read(info))
+    return dest_root

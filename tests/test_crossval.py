@@ -23,6 +23,7 @@ from liver_fcn.data.synth import _read_masks, _series_fast, synthesize
 from liver_fcn.errors import InputError
 
 from .commands import warm_module
+from .conftest import masks_without
 from .test_bundle import CONFIGS, TINY
 
 
@@ -158,15 +159,7 @@ def test_synthetic_volumes_can_leave_classes_to_real_ct(phantom_root, tmp_path):
 
 
 def test_mask_folder_without_body_outline_is_refused(phantom_root, tmp_path):
-    src = tmp_path / "in" / "3Dircadb1.1"
-    src.mkdir(parents=True)
-    with (
-        zipfile.ZipFile(phantom_root / "3Dircadb1.1" / "MASKS_DICOM.zip") as zin,
-        zipfile.ZipFile(src / "MASKS_DICOM.zip", "w") as zout,
-    ):
-        for info in zin.infolist():
-            if "/skin/" not in info.filename:
-                zout.writestr(info, zin.read(info))
+    masks_without(phantom_root, "3Dircadb1.1", tmp_path / "in", "skin")
     with pytest.raises(InputError, match=r"no 'skin' \(body outline\) mask"):
         synthesize(tmp_path / "in", tmp_path / "out", log=lambda s: None)
     assert not (tmp_path / "out" / "datalist.json").exists()

@@ -17,7 +17,7 @@ from liver_fcn.data.warp import RegistrationLabels, dice, warp_image, warp_patie
 from liver_fcn.errors import InputError
 
 from .commands import warm_module
-from .conftest import REPO
+from .conftest import REPO, masks_without
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -169,17 +169,7 @@ def test_training_leaves_out_volumes_derived_from_held_out_patients(warped, prep
 
 
 def test_warp_refuses_a_target_without_body_outline(prepared, phantom_root, tmp_path):
-    import zipfile
-
-    src = tmp_path / "in" / "3Dircadb1.4"
-    src.mkdir(parents=True)
-    with (
-        zipfile.ZipFile(phantom_root / "3Dircadb1.4" / "MASKS_DICOM.zip") as zin,
-        zipfile.ZipFile(src / "MASKS_DICOM.zip", "w") as zout,
-    ):
-        for info in zin.infolist():
-            if "/skin/" not in info.filename:
-                zout.writestr(info, zin.read(info))
+    masks_without(phantom_root, "3Dircadb1.4", tmp_path / "in", "skin")
     r = warp_cli(
         "--dataset_dir",
         str(prepared),
@@ -244,21 +234,11 @@ def test_warp_can_label_classes_with_the_sources_own_masks_warped_with_its_ct(wa
 def test_source_labels_also_label_targets_without_that_organs_mask(phantom_root, prepared, tmp_path):
     """A target without kidney masks: with ``--source_labels kidney --carry_missing`` the warped volume
     still gets a kidney label - the source's kidney, carried by the warp with the source's tissue."""
-    import zipfile
-
     from liver_fcn.data.ct import load_ct
     from liver_fcn.data.synth import _read_masks
     from liver_fcn.data.warp import warp_patients
 
-    target = tmp_path / "masks" / "3Dircadb1.4"
-    target.mkdir(parents=True)
-    with (
-        zipfile.ZipFile(phantom_root / "3Dircadb1.4" / "MASKS_DICOM.zip") as zin,
-        zipfile.ZipFile(target / "MASKS_DICOM.zip", "w") as zout,
-    ):
-        for info in zin.infolist():
-            if "kidney" not in info.filename.lower():
-                zout.writestr(info, zin.read(info))
+    masks_without(phantom_root, "3Dircadb1.4", tmp_path / "masks", "kidney")
     (e,) = load_datalist(prepared / "datalist.json")[:1]
     kw = dict(sources=[e["patient"]], spacing_mm=6.0, min_liver_dice=0.5, log=lambda s: None)
     kw["source_labels"] = ["kidney"]
