@@ -11,7 +11,8 @@ difference is the time a volume takes once the process is up) in bf16 and fp32, 
 masks. Configs are read and run through MONAI's ConfigParser; only the MLflow handlers are left out
 (``--keep-mlflow`` keeps them), for machines without an MLflow install.
 
-    python benchmarks/paper_gpu.py --dataset DIR [--train-seconds 360] [--out OUT]
+    python benchmarks/paper_gpu.py --dataset DIR [--train-seconds 360 | --iterations N] [--out OUT]
+        [--overrides '{"extra_training": ["data/synth"]}']
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlflow_free import mlflow_free_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 
@@ -35,12 +38,9 @@ def parser_for(files: list[str], overrides: dict, keep_mlflow: bool):
     p.read_config([str(CONFIGS / f) for f in files])
     for k, v in overrides.items():
         p[k] = v
-    if not keep_mlflow:  # leave the MLflow handlers out of the engines' handler lists
-        for path in ("train#handlers", "validate#handlers"):
-            if path in p:
-                p[path] = [h for h in p[path] if "mlflow" not in str(h).lower()]
-        if "training" in p:
-            p["training"] = [x for x in p["training"] if "tracking." not in str(x) and "reporting." not in str(x)]
+    if not keep_mlflow:
+        for k, v in mlflow_free_overrides(p).items():
+            p[k] = v
     return p
 
 
@@ -54,7 +54,7 @@ def train(dataset: Path, datalist: Path, out: Path, iterations: int, args) -> fl
         "epoch_length": iterations,
         "warmup_iterations": min(200, max(1, iterations // 10)),
         "num_workers": args.workers,
-        "cache_workers": 4,
+        "cache_workers": args.cache_workers,
         "run_name": out.name,
         "log_every": 25,
     }
@@ -63,6 +63,7 @@ def train(dataset: Path, datalist: Path, out: Path, iterations: int, args) -> fl
     overrides.update(json.loads(args.overrides))
     p = parser_for(["train.json"], overrides, args.keep_mlflow)
     t0 = time.perf_counter()
+    p.get_parsed_content("initialize")  # seeds, schedule check, signal handling
     p.get_parsed_content("training")
     return time.perf_counter() - t0
 
@@ -137,9 +138,13 @@ def main() -> None:
     ap.add_argument("--train-seconds", type=float, default=360.0, help="training time for all folds together")
     ap.add_argument("--max-iterations", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=0, help="batch size (default: train.json's)")
+    ap.add_argument("--iterations", type=int, default=0, help="iterations a fold (default: fitted to --train-seconds)")
     ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--cache-workers", type=int, default=8, help="processes caching the training volumes")
     ap.add_argument("--overrides", default="{}", help="JSON of further train.json overrides")
-    ap.add_argument("--repeat", type=int, default=4, help="copies of each held-out CT in the timed inference run")
+    ap.add_argument(
+        "--repeat", type=int, default=4, help="copies of each held-out CT in the timed inference run (0: no timing)"
+    )
     ap.add_argument("--keep-mlflow", action="store_true")
     args = ap.parse_args()
     import torch
@@ -165,17 +170,18 @@ def main() -> None:
         path.write_text(json.dumps(fold))
         folds.append((held, path))
 
-    # calibrate: a short run of the same configuration gives the time of one iteration
-    probe = 30
-    t_probe = train(dataset, folds[0][1], args.out / "probe", probe, args)
-    t_probe2 = train(dataset, folds[0][1], args.out / "probe2", 2 * probe, args)
-    per_it = max((t_probe2 - t_probe) / probe, 1e-3)
-    fixed = max(t_probe - per_it * probe, 0.0)
-    iterations = int(min(args.max_iterations, max(50, (args.train_seconds / len(folds) - fixed) / per_it)))
-    print(
-        f"calibration: {per_it:.3f} s an iteration, {fixed:.0f} s fixed per run -> {iterations} iterations per fold",
-        flush=True,
-    )
+    iterations = args.iterations
+    if not iterations:  # calibrate: a short run of the same configuration gives the time of one iteration
+        probe = 30
+        t_probe = train(dataset, folds[0][1], args.out / "probe", probe, args)
+        t_probe2 = train(dataset, folds[0][1], args.out / "probe2", 2 * probe, args)
+        per_it = max((t_probe2 - t_probe) / probe, 1e-3)
+        fixed = max(t_probe - per_it * probe, 0.0)
+        iterations = int(min(args.max_iterations, max(50, (args.train_seconds / len(folds) - fixed) / per_it)))
+        print(
+            f"calibration: {per_it:.3f} s an iteration, {fixed:.0f} s fixed per run -> {iterations} iterations a fold",
+            flush=True,
+        )
 
     rows = []
     for i, (held, path) in enumerate(folds):
@@ -190,11 +196,11 @@ def main() -> None:
                 flush=True,
             )
         rows += metrics
-        if i == 0:
+        if i == 0 and args.repeat > 0:
             time_inference(dataset, patients, out / "models" / "model.pt", args)
     import statistics as st
 
-    for cond in ("clean", "shifted"):
+    for cond in dict.fromkeys(r["condition"] for r in rows):
         for cls in ("liver", "bone", "kidney"):
             v = [float(r["iou"]) for r in rows if r["condition"] == cond and r["class"] == cls]
             d = [float(r["dice"]) for r in rows if r["condition"] == cond and r["class"] == cls]

@@ -10,6 +10,7 @@ device's dense bf16 peak where it is known, and the projected time of the full r
 
     python benchmarks/train_breakdown.py --dataset_dir data/ircadb                  # cpu.json, 100 iterations
     python benchmarks/train_breakdown.py --dataset_dir data/ircadb --config paper   # train.json (a GPU)
+    python benchmarks/train_breakdown.py --dataset_dir data/ircadb --no_mlflow      # without MLflow
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from mlflow_free import mlflow_free_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -31,15 +33,16 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 def step_flops(network: torch.nn.Module, batch: int, size: tuple[int, int], channels: int, device) -> float:
-    """FLOPs of one training step's forward and backward at ``batch`` x ``size``."""
+    """FLOPs of one training step's forward and backward at ``batch`` x ``size`` (counted on one
+    sample: they grow linearly with the batch, and one sample keeps the count's memory small)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.randn(batch, channels, *size, device=device)
+    x = torch.randn(1, channels, *size, device=device)
     counter = FlopCounterMode(display=False)
     with counter:
         network(x).float().sum().backward()
     network.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()) * batch
 
 
 def group(name: str) -> str:
@@ -64,6 +67,7 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--epoch_length", type=int, default=50, help="iterations between two validations")
     p.add_argument("--out", help="output folder (default: a temporary one)")
+    p.add_argument("--no_mlflow", action="store_true", help="leave the MLflow handlers out (no MLflow install)")
     p.add_argument("overrides", nargs="*", help="more bundle overrides, key=value (e.g. batch_size=8)")
     args = p.parse_args()
 
@@ -88,11 +92,13 @@ def main() -> None:
             overrides[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):  # a plain string
             overrides[key] = value
+    recipe = ConfigParser()  # the recipe's own budget and validation period, before the overrides above
+    recipe.read_config(files)
+    if args.no_mlflow:
+        overrides.update(mlflow_free_overrides(recipe))
     workflow = ConfigWorkflow(config_file=files, workflow_type="train", **overrides)
     workflow.initialize()
     parser = workflow.parser
-    recipe = ConfigParser()  # the recipe's own budget and validation period, before the overrides above
-    recipe.read_config(files)
     budget = {k: int(recipe[k]) for k in ("iterations", "epoch_length")}
 
     t0 = time.perf_counter()

@@ -95,6 +95,18 @@ def test_mask_series_read_fast_are_the_checked_reader_s_voxels_and_a_short_one_i
         _read_masks(folder)
 
 
+def test_mask_series_without_simpleitk_are_read_by_the_checked_reader(phantom_root, tmp_path, monkeypatch):
+    with zipfile.ZipFile(phantom_root / "3Dircadb1.4" / "MASKS_DICOM.zip") as z:
+        z.extractall(tmp_path)
+    folder = tmp_path / "MASKS_DICOM"
+    organs, affine = _read_masks(folder)
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)  # as on a machine without it: import fails
+    assert _series_fast(next(iter(_organ_folders(folder).values()))) is None
+    slow, slow_affine = _read_masks(folder)
+    assert slow.keys() == organs.keys() and np.allclose(slow_affine, affine)
+    assert all(np.array_equal(slow[k], organs[k]) for k in organs)
+
+
 @pytest.mark.parametrize("phase", ["unenhanced", "arterial", "portal", "excretory"])
 def test_painted_kidneys_follow_the_contrast_phase(phase):
     from scipy import ndimage
