@@ -6,7 +6,9 @@ split into data (loading, slice augmentation, collation: what the trainer waits 
 the batch stage (``prepare_batch``: transfer to the device, batch augmentation there) and the step
 (forward, backward, Adam), each handler's time (validation, checkpoint savers, MLflow
 logging ...), the FLOP rate of the step (counted once with torch's FlopCounterMode) against the
-device's dense bf16 peak where it is known, and the projected time of the full recipe. Asserts nothing.
+device's dense bf16 peak where it is known, the same split after the first period (workers started,
+device warm), the loader's own rate with no step waiting on it, and the projected time of the full
+recipe. Asserts nothing.
 
     python benchmarks/train_breakdown.py --dataset_dir data/ircadb                  # cpu.json, 100 iterations
     python benchmarks/train_breakdown.py --dataset_dir data/ircadb --config paper   # train.json (a GPU)
@@ -22,6 +24,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from mlflow_free import mlflow_free_overrides
 
@@ -43,6 +46,25 @@ def step_flops(network: torch.nn.Module, batch: int, size: tuple[int, int], chan
         network(x).float().sum().backward()
     network.zero_grad(set_to_none=True)
     return float(counter.get_total_flops()) * batch
+
+
+def loader_rate(loader, batches: int, batch: int, workers: int) -> None:
+    """Batches a second the training loader gives alone (no step waiting on it)."""
+    it = iter(loader)
+    next(it)  # the workers are up (persistent) or started here
+    t, drawn = time.perf_counter(), 0
+    while drawn < batches:
+        try:
+            next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        drawn += 1
+    seconds = time.perf_counter() - t
+    print(
+        f"  the loader alone ({workers} workers): {drawn / seconds:.1f} batches/s, "
+        f"{drawn * batch / seconds:.0f} slices/s"
+    )
 
 
 def group(name: str) -> str:
@@ -67,6 +89,9 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--epoch_length", type=int, default=50, help="iterations between two validations")
     p.add_argument("--out", help="output folder (default: a temporary one)")
+    p.add_argument(
+        "--loader_batches", type=int, default=30, help="batches drawn from the loader alone after the run (0: none)"
+    )
     p.add_argument("--no_mlflow", action="store_true", help="leave the MLflow handlers out (no MLflow install)")
     p.add_argument("overrides", nargs="*", help="more bundle overrides, key=value (e.g. batch_size=8)")
     args = p.parse_args()
@@ -106,7 +131,7 @@ def main() -> None:
     caching = time.perf_counter() - t0
     device = torch.device(parser.get_parsed_content("device"))
     prepare = trainer.prepare_batch  # the batch stage (to the device, batch augmentation) runs inside the step
-    prepare_seconds = [0.0]
+    prepare_times: list[float] = []  # the batch stage's seconds, iteration by iteration
 
     def timed_prepare(*args, **kwargs):
         if device.type == "cuda":
@@ -115,7 +140,7 @@ def main() -> None:
         out = prepare(*args, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        prepare_seconds[0] += time.perf_counter() - t
+        prepare_times.append(time.perf_counter() - t)
         return out
 
     trainer.prepare_batch = timed_prepare
@@ -129,7 +154,7 @@ def main() -> None:
     by_name = {str(r[0]): r for r in rows}
     n = int(trainer.state.iteration)
     data, step = float(by_name["Dataflow"][2]), float(by_name["Processing"][2])
-    batch_stage = prepare_seconds[0]
+    batch_stage = sum(prepare_times)
     step -= batch_stage
     handlers: dict[str, float] = defaultdict(float)
     by_kind: dict[str, float] = defaultdict(float)  # per iteration, per period (epoch), once a run
@@ -162,6 +187,18 @@ def main() -> None:
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     peak_text = f", {100 * rate / peak:.1f} % of the {peak:g} TFLOP/s dense bf16 peak" if peak else ""
     print(f"  step: {flops / 1e9:.1f} GFLOP, {rate:.3f} TFLOP/s{peak_text}; {batch / step_mean:.1f} slices/s")
+    skip = min(args.epoch_length, n // 2)  # the first period: workers starting, device warming up
+    size_ok = min(len(profiler.dataflow_times), len(profiler.processing_times), len(prepare_times))
+    if size_ok > skip:
+        flows, procs, preps = (
+            np.asarray(x[skip:size_ok]) for x in (profiler.dataflow_times, profiler.processing_times, prepare_times)
+        )
+        print(
+            f"  after the first {skip} iterations, an iteration: data {flows.mean():.4f} s, batch stage "
+            f"{preps.mean():.4f} s, step {(procs - preps).mean():.4f} s"
+        )
+    if args.loader_batches:
+        loader_rate(trainer.data_loader, args.loader_batches, batch, int(parser.get_parsed_content("num_workers")))
     periods = budget["iterations"] // budget["epoch_length"]
     per_period = by_kind["period"] / max(n // args.epoch_length, 1)  # validation, checkpoints, epoch logs
     per_iteration = (data + batch_stage + step + by_kind["iteration"]) / max(n, 1)
