@@ -33,6 +33,7 @@ from monai.transforms import Randomizable, RandSpatialCropd
 
 from liver_fcn.checkpoint import load_model_state
 from liver_fcn.errors import InputError, reported
+from liver_fcn.options import flag
 
 __all__ = [
     "AugmentedBatch",
@@ -198,6 +199,17 @@ class AugmentedBatch(PrepareBatch):
         if self.augmentation is not None:
             batch = self.augmentation(batch)
         return batch[self.image_key], batch[self.label_key]
+
+
+@reported
+def choose_cudnn(benchmark: bool) -> None:
+    """cuDNN's choice of convolution algorithms for a training on a GPU. MONAI's ``set_determinism``
+    asks for deterministic algorithms and no benchmarking (repeatable runs, at some cost in speed);
+    with ``benchmark`` true cuDNN times the candidates for the training's fixed slice size and keeps
+    the fastest, deterministic or not, so a run is no longer repeatable bit for bit. No effect on a CPU."""
+    if flag(benchmark, "cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
 
 
 @reported

@@ -545,3 +545,21 @@ def test_torchrun_processes_seed_their_generators_with_their_rank(monkeypatch):
         assert torch.initial_seed() == 5 + int(rank)
         first.append(torch.rand(3))
     assert not torch.equal(first[0], first[1])
+
+
+@pytest.mark.parametrize("benchmark", [False, True, "true"])
+def test_cudnn_benchmark_option_follows_set_determinism(benchmark):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser["cudnn_benchmark"] = benchmark
+    flags = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        parser.get_parsed_content("initialize#0", lazy=False)  # MONAI's set_determinism: deterministic cuDNN
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        parser.get_parsed_content("initialize#1", lazy=False)
+        fast = benchmark in (True, "true")
+        assert torch.backends.cudnn.benchmark == fast and torch.backends.cudnn.deterministic == (not fast)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
