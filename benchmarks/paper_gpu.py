@@ -4,8 +4,9 @@ For each patient of the datalist's ``training`` + ``validation`` splits, trains 
 ``train.json`` as shipped (full-width FCN-8s, 0.8 mm pixels, 512 x 512 field, batch 32, Adam 3e-4)
 on the other patients for a fixed number of iterations with no validation patient (the last weights
 are the model, as ``liver-fcn crossval`` does), and scores the held-out patient with
-``evaluate.json`` (3D, on the patient's own grid, clean and scanner-shifted). The iteration count is
-fitted to ``--train-seconds`` from a short timed run of the same configuration. Then it times
+``evaluate.json`` (3D, on the patient's own grid: clean, scanner-shifted and another contrast phase).
+The iteration count is ``--iterations`` or else fitted to ``--train-seconds`` from a short timed run
+of the same configuration; ``--overrides`` adds extra training sets or other settings. Then it times
 ``python -m monai.bundle run inference`` on the held-out patients (one case, then several: the
 difference is the time a volume takes once the process is up) in bf16 and fp32, and compares the two
 masks. Configs are read and run through MONAI's ConfigParser; only the MLflow handlers are left out

@@ -38,6 +38,7 @@ from liver_fcn.options import flag
 __all__ = [
     "AugmentedBatch",
     "check_schedule",
+    "choose_cudnn",
     "describe_augmentation",
     "augmentation_summary",
     "warmup_decay_schedule",
