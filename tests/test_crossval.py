@@ -76,10 +76,16 @@ def test_patients_painted_side_by_side_give_the_same_volumes(synthetic, tmp_path
             assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.allclose(a.affine, b.affine)
 
 
-def test_mask_series_read_fast_are_the_checked_reader_s_voxels_and_a_short_one_is_named(phantom_root, tmp_path):
+@pytest.fixture
+def mask_folder(phantom_root, tmp_path) -> Path:
+    """A phantom patient's extracted MASKS_DICOM folder (one series folder an organ)."""
     with zipfile.ZipFile(phantom_root / "3Dircadb1.4" / "MASKS_DICOM.zip") as z:
         z.extractall(tmp_path)
-    folder = tmp_path / "MASKS_DICOM"
+    return tmp_path / "MASKS_DICOM"
+
+
+def test_mask_series_read_fast_are_the_checked_reader_s_voxels_and_a_short_one_is_named(mask_folder):
+    folder = mask_folder
     organs, affine = _read_masks(folder)
     assert len(organs) > 3
     for name, path in _organ_folders(folder).items():
@@ -95,10 +101,8 @@ def test_mask_series_read_fast_are_the_checked_reader_s_voxels_and_a_short_one_i
         _read_masks(folder)
 
 
-def test_mask_series_without_simpleitk_are_read_by_the_checked_reader(phantom_root, tmp_path, monkeypatch):
-    with zipfile.ZipFile(phantom_root / "3Dircadb1.4" / "MASKS_DICOM.zip") as z:
-        z.extractall(tmp_path)
-    folder = tmp_path / "MASKS_DICOM"
+def test_mask_series_without_simpleitk_are_read_by_the_checked_reader(mask_folder, monkeypatch):
+    folder = mask_folder
     organs, affine = _read_masks(folder)
     monkeypatch.setitem(sys.modules, "SimpleITK", None)  # as on a machine without it: import fails
     assert _series_fast(next(iter(_organ_folders(folder).values()))) is None

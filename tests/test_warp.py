@@ -240,8 +240,7 @@ def test_source_labels_also_label_targets_without_that_organs_mask(phantom_root,
 
     masks_without(phantom_root, "3Dircadb1.4", tmp_path / "masks", "kidney")
     (e,) = load_datalist(prepared / "datalist.json")[:1]
-    kw = dict(sources=[e["patient"]], spacing_mm=6.0, min_liver_dice=0.5, log=lambda s: None)
-    kw["source_labels"] = ["kidney"]
+    kw = dict(sources=[e["patient"]], spacing_mm=6.0, min_liver_dice=0.5, source_labels=["kidney"], log=lambda s: None)
     plain = warp_patients(prepared, tmp_path / "masks", tmp_path / "plain", **kw)
     carried = warp_patients(prepared, tmp_path / "masks", tmp_path / "carried", carry_missing=True, **kw)
     (without,), (with_,) = load_datalist(plain), load_datalist(carried)
