@@ -238,6 +238,31 @@ def test_clean_up_functions_work_on_plain_arrays_of_any_dimension():
     assert filled[5, 5] == 1 and slice_[5, 5] == 0
 
 
+def test_slicewise_hole_filling_on_the_box_equals_filling_every_whole_slice():
+    """Blobby class maps with holes, labels touching the array's edges, every axis: the box-wise
+    filling is scipy's filling of each whole slice, voxels of other classes left alone."""
+    from scipy import ndimage
+
+    from liver_fcn.transforms import fill_holes_slicewise
+
+    rng = np.random.default_rng(5)
+    for trial in range(4):
+        noise = ndimage.gaussian_filter(rng.normal(size=(30, 26, 22)), 2.0)
+        classes = np.digitize(noise, np.quantile(noise, [0.45, 0.75, 0.9])).astype(np.uint8)  # 0..3
+        classes[rng.random(classes.shape) < 0.03] = 0  # pinholes
+        for axis in range(3):
+            want = classes.copy()
+            for label in (1, 3):
+                for k in range(classes.shape[axis]):
+                    sl = np.take(classes, k, axis=axis)
+                    filled = ndimage.binary_fill_holes(sl == label) & (sl == 0)
+                    target = np.moveaxis(want, axis, 0)[k]
+                    target[filled] = label
+            got = fill_holes_slicewise(classes, [1, 3], axis=axis - 3 if trial % 2 else axis)
+            assert np.array_equal(got, want), (trial, axis)
+            assert (got != classes).any()  # holes were there to fill
+
+
 def test_adjacent_slices_at_a_distance_in_mm_whatever_the_slice_spacing():
     def volume(spacing):
         z = torch.arange(12, dtype=torch.float32) * spacing  # each slice holds its height in mm

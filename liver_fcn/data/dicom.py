@@ -5,8 +5,9 @@ and skips files it cannot read or that lack InstanceNumber, and stacks several s
 a folder holds them. For a clinical input that must be an error, so :class:`CTSeriesReader`
 complements it: it checks the whole folder first (every file DICOM and complete, one series or
 the one asked for, the expected modality, one geometry, slices evenly spaced with none missing),
-orders the slices by ImagePositionPatient along the slice normal, and then hands the ordered
-slices to PydicomReader's own pixel, rescale and affine code (LPS -> RAS as in MONAI and ITK).
+orders the slices by ImagePositionPatient along the slice normal, reads and decodes them in
+threads to PydicomReader's own values (pydicom's decoders, PydicomReader's rescale), and hands the
+volume to PydicomReader's metadata and affine code (LPS -> RAS as in MONAI and ITK).
 
 :func:`inspect_series` runs the same checks from the headers alone (pixel data is not decoded),
 which is what ``liver-fcn prepare`` uses to vet a whole database quickly.
@@ -30,6 +31,7 @@ import tempfile
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ AUTO_RULE = "the axial CT series with the most slices, then the thinnest slice s
 
 #: relative tolerance on the spacing between consecutive slices
 SPACING_TOLERANCE = 0.05
+BLOCK = 16  # slices decoded and stored together (one cache line of float32 along the slice axis)
 _UNCOMPRESSED = {
     pydicom.uid.ImplicitVRLittleEndian,
     pydicom.uid.ExplicitVRLittleEndian,
@@ -181,6 +184,19 @@ def series_files(folder: str | os.PathLike) -> list[Path]:
     if not files:
         raise InputError(f"{folder}: folder is empty, expected the files of a DICOM series")
     return sorted(files)
+
+
+def _threads() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def _read_all(files: list[Path], pixels: bool) -> list[pydicom.Dataset]:
+    """Every file read in threads (file reads release the GIL); the first unreadable file in path
+    order raises."""
+    if len(files) < 2 * BLOCK:
+        return [_read(f, pixels) for f in files]
+    with ThreadPoolExecutor(_threads()) as pool:
+        return list(pool.map(lambda f: _read(f, pixels), files))
 
 
 def _read(path: Path, pixels: bool) -> pydicom.Dataset:
@@ -423,7 +439,7 @@ def list_series(folder: str | os.PathLike) -> tuple[list[SeriesEntry], SeriesEnt
     """The series of a DICOM folder (or zip) from their headers, and the one ``"auto"`` would take."""
     with dicom_folder(folder) as root:
         files = series_files(root)
-        datasets = [_read(f, pixels=False) for f in files]
+        datasets = _read_all(files, pixels=False)
         entries = [_entry(k, [datasets[i] for i in idx]) for k, idx in _group(datasets, files).items()]
     return entries, _auto_choice(entries)
 
@@ -437,7 +453,7 @@ def inspect_series(folder: str | os.PathLike, series_uid: str | None = None, mod
     :func:`dicom_folder` (the files of the returned info exist only there)."""
     folder = Path(folder)
     files = series_files(folder)
-    datasets = [_read(f, pixels=False) for f in files]
+    datasets = _read_all(files, pixels=False)
     datasets, files, info = _order(datasets, files, folder, series_uid, modality)
     for ds, f in zip(datasets, files):
         if _transfer_syntax(ds) not in _UNCOMPRESSED:
@@ -475,6 +491,27 @@ def _decode(path: Path) -> None:
         raise _undecodable(path, e) from None
 
 
+def _decode_into(out: np.ndarray, ds: pydicom.Dataset, path) -> None:
+    """One slice's pixels, rescaled to HU as MONAI's PydicomReader rescales them, into ``out``."""
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:
+        raise _undecodable(path, e) from None
+    if pixels.shape != out.shape:
+        raise InputError(f"{path}: slice of {pixels.shape} pixels in a series of {out.shape}")
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope in (None, "") and intercept in (None, ""):
+        out[...] = pixels
+        return
+    # in float64, then stored as float32: PydicomReader's values exactly (its DS scalars promote)
+    scaled = pixels.astype(np.float64)
+    if slope not in (None, ""):
+        scaled *= float(slope)
+    if intercept not in (None, ""):
+        scaled += float(intercept)
+    out[...] = scaled
+
+
 class DropMessages(logging.Filter):
     def __init__(self, prefix: str) -> None:
         super().__init__()
@@ -496,6 +533,8 @@ class CTSeriesReader(PydicomReader):
     """
 
     def __init__(self, series_uid: str | None = None, modality: str | None = "CT", **kwargs) -> None:
+        if kwargs.get("to_gpu"):
+            raise ValueError("CTSeriesReader decodes on the CPU (to_gpu is not supported)")
         super().__init__(**kwargs)
         self.series_uid = series_uid or None
         self.modality = modality
@@ -515,7 +554,7 @@ class CTSeriesReader(PydicomReader):
         source = Path(names[0])
         with dicom_folder(source) as folder:  # a zip's files are read whole before its folder goes
             files = series_files(folder)
-            datasets = [_read(f, pixels=True) for f in files]
+            datasets = _read_all(files, pixels=True)
             datasets, files, info = _order(datasets, files, folder, self.series_uid, self.modality)
         if folder != source:  # name the files as the user knows them
             files = [Path(str(source) + str(f)[len(str(folder)) :]) for f in files]
@@ -528,25 +567,35 @@ class CTSeriesReader(PydicomReader):
     def _combine_dicom_series(self, data, filenames):
         """Stack slices already ordered along the normal (PydicomReader re-sorts by InstanceNumber).
 
-        The volume is float32 from the start and filled slice by slice; each slice's encoded and
-        decoded pixels are dropped from its dataset once copied (pydicom keeps the decoded array,
-        and MONAI's rescale makes it float64): the peak is one volume, not four."""
-        volume = None
-        for i, (ds, name) in enumerate(zip(data, filenames)):
-            try:
-                arr = self._get_array_data(ds, name)
-            except InputError:
-                raise
-            except Exception as e:
-                raise _undecodable(name, e) from None
-            if volume is None:
-                volume = np.empty(arr.shape + (len(data),), dtype=np.float32)
-            elif arr.shape != volume.shape[:-1]:
-                raise InputError(f"{name}: slice of {arr.shape} pixels in a series of {volume.shape[:-1]}")
-            volume[..., i] = arr
-            del arr
-            if i not in (0, len(data) - 1):  # the first and last headers are read below
-                _release_pixels(ds)
+        The volume is float32 from the start, stored in the layout MONAI's ``get_data`` hands on (so
+        its ``ascontiguousarray`` copies nothing), and filled in blocks of :data:`BLOCK` slices in
+        threads: each block is decoded and rescaled slice by slice (to PydicomReader's values), then
+        written along the slice axis at once, where writing one slice at a time touches a cache line
+        per voxel. Each slice's encoded and decoded pixels are dropped from its dataset once copied
+        (pydicom keeps the decoded array): the peak is one volume and a block, not four volumes."""
+        count = len(data)
+        rows, columns = int(data[0].Rows), int(data[0].Columns)
+        if self.swap_ij:  # get_data swaps i and j back into this buffer's own order
+            volume = np.empty((columns, rows, count), dtype=np.float32).swapaxes(0, 1)
+        else:
+            volume = np.empty((rows, columns, count), dtype=np.float32)
+
+        def fill(start: int) -> None:
+            stop = min(start + BLOCK, count)
+            block = np.empty((stop - start, rows, columns), dtype=np.float32)
+            for k, i in enumerate(range(start, stop)):
+                _decode_into(block[k], data[i], filenames[i])
+                if i not in (0, count - 1):  # the first and last headers are read below
+                    _release_pixels(data[i])
+            volume[..., start:stop] = np.moveaxis(block, 0, -1)
+
+        starts = range(0, count, BLOCK)
+        if count <= BLOCK:
+            fill(0)
+        else:
+            with ThreadPoolExecutor(_threads()) as pool:
+                for done in [pool.submit(fill, s) for s in starts]:
+                    done.result()  # the first failing block in slice order raises
         first = data[0]
         # MONAI turns the header into metadata through pydicom's JSON conversion, which drops decimal
         # strings longer than DICOM's 16 characters (3D-IRCADb-01's SliceThickness, for one) and logs
