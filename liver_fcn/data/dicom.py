@@ -5,9 +5,9 @@ and skips files it cannot read or that lack InstanceNumber, and stacks several s
 a folder holds them. For a clinical input that must be an error, so :class:`CTSeriesReader`
 complements it: it checks the whole folder first (every file DICOM and complete, one series or
 the one asked for, the expected modality, one geometry, slices evenly spaced with none missing),
-orders the slices by ImagePositionPatient along the slice normal, reads and decodes them in
-threads to PydicomReader's own values (pydicom's decoders, PydicomReader's rescale), and hands the
-volume to PydicomReader's metadata and affine code (LPS -> RAS as in MONAI and ITK).
+orders the slices by ImagePositionPatient along the slice normal, reads them in threads, and hands
+them to PydicomReader's own pixel, rescale and affine code (LPS -> RAS as in MONAI and ITK), its
+slices decoded in threads too.
 
 :func:`inspect_series` runs the same checks from the headers alone (pixel data is not decoded),
 which is what ``liver-fcn prepare`` uses to vet a whole database quickly.
@@ -491,27 +491,6 @@ def _decode(path: Path) -> None:
         raise _undecodable(path, e) from None
 
 
-def _decode_into(out: np.ndarray, ds: pydicom.Dataset, path) -> None:
-    """One slice's pixels, rescaled to HU as MONAI's PydicomReader rescales them, into ``out``."""
-    try:
-        pixels = ds.pixel_array
-    except Exception as e:
-        raise _undecodable(path, e) from None
-    if pixels.shape != out.shape:
-        raise InputError(f"{path}: slice of {pixels.shape} pixels in a series of {out.shape}")
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    if slope in (None, "") and intercept in (None, ""):
-        out[...] = pixels
-        return
-    # in float64, then stored as float32: PydicomReader's values exactly (its DS scalars promote)
-    scaled = pixels.astype(np.float64)
-    if slope not in (None, ""):
-        scaled *= float(slope)
-    if intercept not in (None, ""):
-        scaled += float(intercept)
-    out[...] = scaled
-
-
 class DropMessages(logging.Filter):
     def __init__(self, prefix: str) -> None:
         super().__init__()
@@ -569,7 +548,7 @@ class CTSeriesReader(PydicomReader):
 
         The volume is float32 from the start, stored in the layout MONAI's ``get_data`` hands on (so
         its ``ascontiguousarray`` copies nothing), and filled in blocks of :data:`BLOCK` slices in
-        threads: each block is decoded and rescaled slice by slice (to PydicomReader's values), then
+        threads: each block is decoded and rescaled slice by slice by PydicomReader's own code, then
         written along the slice axis at once, where writing one slice at a time touches a cache line
         per voxel. Each slice's encoded and decoded pixels are dropped from its dataset once copied
         (pydicom keeps the decoded array): the peak is one volume and a block, not four volumes."""
@@ -584,17 +563,23 @@ class CTSeriesReader(PydicomReader):
             stop = min(start + BLOCK, count)
             block = np.empty((stop - start, rows, columns), dtype=np.float32)
             for k, i in enumerate(range(start, stop)):
-                _decode_into(block[k], data[i], filenames[i])
+                try:  # PydicomReader's own decoding and rescale
+                    pixels = self._get_array_data(data[i], filenames[i])
+                except Exception as e:
+                    raise _undecodable(filenames[i], e) from None
+                if pixels.shape != block.shape[1:]:
+                    raise InputError(f"{filenames[i]}: slice of {pixels.shape} pixels in a series of {block.shape[1:]}")
+                block[k] = pixels
+                del pixels
                 if i not in (0, count - 1):  # the first and last headers are read below
                     _release_pixels(data[i])
             volume[..., start:stop] = np.moveaxis(block, 0, -1)
 
-        starts = range(0, count, BLOCK)
         if count <= BLOCK:
             fill(0)
         else:
             with ThreadPoolExecutor(_threads()) as pool:
-                for done in [pool.submit(fill, s) for s in starts]:
+                for done in [pool.submit(fill, s) for s in range(0, count, BLOCK)]:
                     done.result()  # the first failing block in slice order raises
         first = data[0]
         # MONAI turns the header into metadata through pydicom's JSON conversion, which drops decimal
