@@ -528,6 +528,21 @@ def test_cpu_and_quick_recipes_change_the_budget_not_the_method():
         assert parser.get_parsed_content("image_size") == 256  # 409.6 mm at 1.6 mm
 
 
+def test_interpolation_along_the_slices_picks_whole_indices_and_mixes_fractional_ones():
+    """Whole slice indices (the pipeline's native slices, in either direction) pick the slices
+    themselves; fractional ones mix the two neighbours; beyond half a slice past the ends: zero."""
+    from liver_fcn.transforms.inversion import _lerp_along
+
+    t = torch.rand(2, 3, 4, 7)
+    assert torch.equal(_lerp_along(t, torch.arange(2, 6, dtype=torch.float64), 3), t[..., 2:6])
+    assert torch.equal(_lerp_along(t, torch.arange(6, -1, -1, dtype=torch.float64), 3), t.flip(3))
+    assert torch.equal(_lerp_along(t, torch.tensor([1.0, 1.0, 4.0], dtype=torch.float64), 3), t[..., [1, 1, 4]])
+    out = _lerp_along(t, torch.tensor([0.25, 5.5, -0.4, 6.6], dtype=torch.float64), 3)
+    assert torch.allclose(out[..., 0], 0.75 * t[..., 0] + 0.25 * t[..., 1])
+    assert torch.allclose(out[..., 1], 0.5 * t[..., 5] + 0.5 * t[..., 6])
+    assert torch.equal(out[..., 2], t[..., 0]) and not out[..., 3].any()  # the end slice's half; beyond it
+
+
 def test_class_map_is_the_argmax_of_the_interpolated_probabilities_where_foreground_is_sparse():
     """Foreground in a few blobs of a few slices (most of the volume certainly background, which
     ``class_map_on_input_grid`` does not interpolate): every input voxel still gets the argmax of

@@ -37,9 +37,17 @@ def _axis_map(pre_affine, in_affine, tol: float = 1e-3):
 
 
 def _lerp_along(t: torch.Tensor, coords: torch.Tensor, dim: int) -> torch.Tensor:
-    """Linear interpolation of ``t`` along ``dim`` at fractional indices ``coords``; zero outside."""
+    """Linear interpolation of ``t`` along ``dim`` at fractional indices ``coords``; zero outside.
+    Whole indices inside (the input's own slices, as the pipeline keeps them) are picked, not mixed:
+    a view where they run in steps of one."""
     size = t.shape[dim]
     valid = (coords > -0.5) & (coords < size - 0.5)  # half a voxel beyond the end voxels: edge value
+    whole = torch.round(coords)
+    if bool(valid.all()) and bool(((coords - whole).abs() < 1e-6).all()):
+        idx = whole.long().clamp(0, size - 1)
+        if bool((idx.diff() == 1).all()):
+            return t.narrow(dim, int(idx[0]), idx.numel())
+        return t.index_select(dim, idx.to(t.device))
     c = coords.clamp(0, size - 1)
     lo = torch.floor(c).long()
     hi = (lo + 1).clamp(max=size - 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import cc3d
 import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
@@ -25,14 +26,17 @@ __all__ = [
 ]
 
 
-#: 4-connectivity within each slice of a (slices, rows, columns) array, none across slices
-_IN_SLICE = np.stack([np.zeros((3, 3), bool), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3), bool)])
-
-
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The connected components (full connectivity) of a boolean ``mask`` numbered from 1, and the
-    voxel count of each number (index 0, the rest of the array, counted as 0)."""
-    components, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    voxel count of each number (index 0, the rest of the array, counted as 0).
+
+    2D and 3D masks are labelled by ``connected-components-3d``, several times faster than scipy's
+    ``ndimage.label``; on a C-ordered array it numbers the components as scipy does (in raster
+    order of their first voxel), so the ranking of equal sizes is scipy's too."""
+    if mask.ndim in (2, 3):
+        components = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=3**mask.ndim - 1)
+    else:
+        components, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
     counts = np.bincount(components.ravel())
     counts[0] = 0
     return components, counts
@@ -97,8 +101,13 @@ def fill_holes_slicewise(classes: np.ndarray, labels: Sequence[int] = (1,), axis
             continue
         sub = np.ascontiguousarray(np.moveaxis(classes[box], axis, 0))
         # scipy's binary_fill_holes of each slice at once: the 4-connected pieces of each slice's
-        # outside (labelled with no link across slices) that do not reach the box's edge are holes
-        pieces, count = ndimage.label(sub != label, structure=_IN_SLICE)
+        # outside that do not reach the box's edge are holes. The slices are labelled stacked as one
+        # 2D image: a piece that runs from one slice's last row into the next one's first row
+        # touches the edge in both, where it is outside anyway, so no hole is joined to anything.
+        n, rows, cols = sub.shape
+        pieces = cc3d.connected_components((sub != label).reshape(n * rows, cols), connectivity=4)
+        pieces = pieces.reshape(n, rows, cols)
+        count = int(pieces.max())
         outside = np.zeros(count + 1, bool)
         outside[0] = True  # the label itself
         for edge in (pieces[:, [0, -1], :], pieces[:, :, [0, -1]]):
