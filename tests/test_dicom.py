@@ -70,6 +70,44 @@ def test_a_long_series_read_in_blocks_matches_monai_pydicom_reader(tmp_path):
     np.testing.assert_allclose(ours.affine.numpy(), theirs.affine.numpy())
 
 
+def test_the_reader_takes_the_headers_a_kept_check_read_unless_the_files_changed(tmp_path, monkeypatch):
+    """Inference checks every input before it reads one; the reader then takes the checked headers
+    (the same volume and metadata, no second ordering pass) - but only while the folder's files are
+    those checked, and only for the series the check picked."""
+    from liver_fcn.data import dicom
+
+    orderings = []
+    order = dicom._order
+    monkeypatch.setattr(dicom, "_order", lambda *a: orderings.append(1) or order(*a))
+    n = 2 * BLOCK_SIZE + 3
+    folder = write_series(tmp_path / "kept", volume(n=n, rows=24, cols=20, seed=2), SeriesGeometry(), SeriesTags())
+    fresh = load_ct(folder)
+    info = inspect_series(folder, keep=True)
+    assert len(orderings) == 2
+    for uid in (info.series_uid, None):  # the UID the check found, or none as it was asked
+        kept = load_ct(folder, series_uid=uid)
+        assert len(orderings) == 2 and not dicom._CHECKED  # taken, once
+        assert torch.equal(kept.as_tensor(), fresh.as_tensor()) and torch.equal(kept.affine, fresh.affine)
+        assert {k: str(v) for k, v in kept.meta.items()} == {k: str(v) for k, v in fresh.meta.items()}
+        inspect_series(folder, keep=True)
+        orderings.clear()
+        orderings += [1, 1]
+    with pytest.raises(InputError, match="no series with SeriesInstanceUID 1.2.3"):
+        load_ct(folder, series_uid="1.2.3")  # another series asked for: not taken, the folder read anew
+    assert len(orderings) == 3 and not dicom._CHECKED
+    with pytest.raises(InputError, match="image_3: missing slice"):
+        inspect_series(folder, keep=True)
+        (folder / "image_2").unlink()  # the folder changed after the check
+        load_ct(folder)
+    write_series(folder, volume(n=n, rows=24, cols=20, seed=3), SeriesGeometry(), SeriesTags())
+    inspect_series(folder, keep=True)
+    ds = pydicom.dcmread(folder / "image_5")
+    ds.RescaleIntercept = -1000
+    ds.save_as(folder / "image_5")  # a header changed after the check: read anew, the new intercept applies
+    expected = ds.pixel_array.T * float(ds.RescaleSlope) - 1000.0
+    np.testing.assert_array_equal(load_ct(folder)[0, ..., 5].numpy(), expected.astype(np.float32))
+
+
 def test_the_first_undecodable_slice_in_order_is_named(tmp_path):
     """Blocks decode side by side; of two broken slices the error names the one nearer the start."""
     n = 3 * BLOCK_SIZE

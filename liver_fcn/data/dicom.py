@@ -199,6 +199,42 @@ def _read_all(files: list[Path], pixels: bool) -> list[pydicom.Dataset]:
         return list(pool.map(lambda f: _read(f, pixels), files))
 
 
+#: the headers of the series :func:`inspect_series` last checked with ``keep``, for the reader
+#: to take in place of reading and checking them again: {(folder, modality): entry}
+_CHECKED: dict[tuple, tuple] = {}
+#: at most this many slices' headers are kept (a long datalist is checked whole before any is read)
+KEEP_SLICES = 4096
+
+
+def _stamp(files: list[Path]) -> tuple:
+    """What tells a folder's files apart from a later state of them: path, size, modification time."""
+    return tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
+
+
+def _keep_checked(key: tuple, asked: str | None, all_files: list[Path], datasets, files, info) -> None:
+    _CHECKED.pop(key, None)
+    if sum(len(entry[3]) for entry in _CHECKED.values()) + len(files) <= KEEP_SLICES:
+        _CHECKED[key] = (asked, _stamp(all_files), datasets, files, info)
+
+
+def _take_checked(key: tuple, series_uid: str | None, all_files: list[Path]):
+    """The series checked in the folder of ``key`` (taken once) when ``series_uid`` picks it as the
+    check did (the UID it was asked for, or the one it found) and the folder's files are those
+    checked; else None."""
+    entry = _CHECKED.pop(key, None)
+    if entry is None:
+        return None
+    asked, stamp, datasets, files, info = entry
+    if series_uid != asked and not (series_uid and series_uid == info.series_uid):
+        return None
+    try:
+        if _stamp(all_files) != stamp:
+            return None
+    except OSError:
+        return None
+    return datasets, files, info
+
+
 def _read(path: Path, pixels: bool) -> pydicom.Dataset:
     try:
         if pixels:
@@ -444,20 +480,30 @@ def list_series(folder: str | os.PathLike) -> tuple[list[SeriesEntry], SeriesEnt
     return entries, _auto_choice(entries)
 
 
-def inspect_series(folder: str | os.PathLike, series_uid: str | None = None, modality: str | None = "CT") -> SeriesInfo:
+def inspect_series(
+    folder: str | os.PathLike, series_uid: str | None = None, modality: str | None = "CT", keep: bool = False
+) -> SeriesInfo:
     """Check a series folder from its headers. Uncompressed pixel data is located and its length
     checked; compressed pixel data (JPEG, JPEG-LS, JPEG 2000, RLE) is decoded, so that a corrupt
     slice is found here, before any output, and not halfway through a run.
 
     ``folder`` is a folder on disk (sub-folders included); for a zip, call it inside
-    :func:`dicom_folder` (the files of the returned info exist only there)."""
+    :func:`dicom_folder` (the files of the returned info exist only there).
+
+    ``keep``: the checked headers are kept (up to :data:`KEEP_SLICES` slices in all), and a
+    :class:`CTSeriesReader` of this process reading the same folder with the same ``series_uid``
+    and ``modality`` takes them instead of reading and checking every header again, if the folder
+    still holds the same files, of the same sizes and modification times. Only for a folder that
+    outlives the call (not a zip's temporary one)."""
     folder = Path(folder)
-    files = series_files(folder)
-    datasets = _read_all(files, pixels=False)
-    datasets, files, info = _order(datasets, files, folder, series_uid, modality)
+    all_files = series_files(folder)
+    datasets = _read_all(all_files, pixels=False)
+    datasets, files, info = _order(datasets, all_files, folder, series_uid, modality)
     for ds, f in zip(datasets, files):
         if _transfer_syntax(ds) not in _UNCOMPRESSED:
             _decode(f)
+    if keep:
+        _keep_checked((str(folder.resolve()), modality), series_uid or None, all_files, datasets, files, info)
     return info
 
 
@@ -533,8 +579,14 @@ class CTSeriesReader(PydicomReader):
         source = Path(names[0])
         with dicom_folder(source) as folder:  # a zip's files are read whole before its folder goes
             files = series_files(folder)
-            datasets = _read_all(files, pixels=True)
-            datasets, files, info = _order(datasets, files, folder, self.series_uid, self.modality)
+            checked = None
+            if folder == source:  # headers that inspect_series(keep=True) has just read and checked
+                checked = _take_checked((str(folder.resolve()), self.modality), self.series_uid, files)
+            if checked is not None:  # their pixel data is read from the files where it is decoded
+                datasets, files, info = checked
+            else:
+                datasets = _read_all(files, pixels=True)
+                datasets, files, info = _order(datasets, files, folder, self.series_uid, self.modality)
         if folder != source:  # name the files as the user knows them
             files = [Path(str(source) + str(f)[len(str(folder)) :]) for f in files]
             info.folder, info.files = source, files

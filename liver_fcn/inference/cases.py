@@ -141,8 +141,8 @@ def _check_one(path: Path, series_uid: str | None) -> dict:
     if not path.exists():
         raise InputError(f"{path}: input does not exist")
     if path.is_dir() or is_zip(path):
-        with dicom_folder(path) as folder:
-            info = inspect_series(folder, series_uid=series_uid, modality="CT")
+        with dicom_folder(path) as folder:  # the reader takes a folder's checked headers
+            info = inspect_series(folder, series_uid=series_uid, modality="CT", keep=folder == path)
         return {
             "image": str(path),
             "kind": "dicom",

@@ -101,12 +101,15 @@ def _foreground_rows(prob: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> 
 
 def _entropy_sums(fg: torch.Tensor, h_sum: torch.Tensor, h_count: torch.Tensor) -> None:
     """Add, per class label, the entropy (nats) of the class probabilities and the voxel count, given
-    the foreground probabilities ``fg`` (C-1, ...); background is one minus their sum."""
+    the foreground probabilities ``fg`` (C-1, ...); background is one minus their sum. Only the
+    foreground labels' sums are read, so the entropy is computed where the label is not background."""
     fg = fg.clamp_min(0)
+    lab = _argmax_with_background(fg)
+    where = lab > 0
+    fg, lab = fg[:, where], lab[where].long()
     bg = (1.0 - fg.sum(0)).clamp_min(0)
     h = -torch.special.xlogy(bg, bg) - torch.special.xlogy(fg, fg).sum(0)
-    lab = _argmax_with_background(fg).flatten().long()
-    h_sum += torch.bincount(lab, weights=h.flatten().double(), minlength=h_sum.numel()).to(h_sum)
+    h_sum += torch.bincount(lab, weights=h.double(), minlength=h_sum.numel()).to(h_sum)
     h_count += torch.bincount(lab, minlength=h_count.numel()).to(h_count)
 
 
