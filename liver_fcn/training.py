@@ -137,6 +137,7 @@ _AUGMENTATIONS = {
     "RandGaussianSmoothd": ("blur", lambda t: list(t.rand_smooth.sigma_x)),
     "RandSimulateLowResolutiond": ("lowres", lambda t: list(t.zoom_range)),
     "RandGaussianNoised": ("noise", lambda t: t.rand_gaussian_noise.std),
+    "RandGaussianNoiseTorchd": ("noise", lambda t: t.rand_gaussian_noise.std),
     "RandRotated": ("rotate", lambda t: round(math.degrees(t.rand_rotate.range_x[1]), 6)),
     "RandZoomd": ("zoom", lambda t: [t.rand_zoom.min_zoom[0], t.rand_zoom.max_zoom[0]]),
     "RandAffined": ("translate", lambda t: f"{t.rand_affine.rand_affine_grid.translate_range[0]:g} px"),

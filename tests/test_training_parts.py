@@ -125,6 +125,47 @@ def test_slice_dataset_visits_every_slice_without_copying_the_cache(volumes):
         SliceDataset(CacheDataset([], Compose([]), copy_cache=True))
 
 
+def test_slice_transforms_run_on_plain_tensors_and_the_metadata_switch_is_restored(volumes):
+    """MONAI's intensity transforms would wrap every slice in a MetaTensor (most of a CPU batch's
+    cost); the slices carry no geometry, so they run without, and the global switch comes back."""
+    from monai.data import MetaTensor, get_track_meta
+    from monai.transforms import RandScaleIntensityd
+
+    _, ds = volumes
+    seen = []
+    slices = SliceDataset(ds, transform=Compose([RandScaleIntensityd("image", factors=0.1, prob=1.0), seen.append]))
+    slices[3]
+    assert seen and type(seen[0]["image"]) is torch.Tensor and not isinstance(seen[0]["image"], MetaTensor)
+    assert get_track_meta()
+
+    def fail(_):
+        raise RuntimeError("a failing transform")
+
+    with pytest.raises(RuntimeError, match="failing"):
+        SliceDataset(ds, transform=fail)[0]
+    assert get_track_meta()
+
+
+def test_torch_gaussian_noise_is_reproducible_and_has_the_spread_asked():
+    from liver_fcn.transforms import RandGaussianNoiseTorchd
+
+    img = torch.full((3, 128, 128), 40.0)
+    draws = []
+    for _ in range(2):
+        t = RandGaussianNoiseTorchd("image", prob=1.0, std=25.0, sample_std=False).set_random_state(7)
+        draws.append([t({"image": img})["image"] for _ in range(2)])
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])  # seeded
+    assert not torch.equal(draws[0][0], draws[0][1])  # a new draw each item
+    noise = draws[0][0] - 40.0
+    assert draws[0][0].dtype == torch.float32 and abs(noise.mean().item()) < 0.5
+    assert noise.std().item() == pytest.approx(25.0, rel=0.02)
+    sampled = RandGaussianNoiseTorchd("image", prob=1.0, std=25.0).set_random_state(1)  # std drawn in [0, 25]
+    spreads = [(sampled({"image": img})["image"] - 40.0).std().item() for _ in range(20)]
+    assert 0 <= min(spreads) < 12 < max(spreads) <= 25.5
+    never = RandGaussianNoiseTorchd("image", prob=0.0, std=25.0)
+    assert torch.equal(never({"image": img})["image"], img)
+
+
 def test_adjacent_slices_become_channels():
     vol = torch.arange(5.0).view(1, 1, 1, 5).expand(1, 2, 2, 5).clone()
     out = AdjacentSlicesd(keys="image", channels=3)({"image": vol})["image"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
+from monai.data import CacheDataset, get_track_meta, set_track_meta
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from liver_fcn import CLASS_NAMES
@@ -198,6 +198,8 @@ class SliceDataset(Dataset):
     The volumes' ``keys`` arrays are stored again with the slicing axis outermost in memory
     (:func:`slices_outermost`; same shapes and values, in the cache itself), so a slice is drawn by
     one contiguous copy: 0.03 ms against 0.4 ms for a 256 x 256 slice of a 151-slice volume.
+    Slices are plain tensors, and ``transform`` runs with MONAI's metadata tracking off: wrapping
+    each slice in a MetaTensor took about a third of a CPU batch's loading time.
     """
 
     def __init__(
@@ -267,4 +269,12 @@ class SliceDataset(Dataset):
                 item[key] = vol[key]
         item["slice_index"] = k
         item["volume_index"] = v
-        return self.transform(item) if self.transform is not None else item
+        if self.transform is None:
+            return item
+        # MONAI's transforms would wrap each slice in a MetaTensor; a slice carries no geometry
+        was = get_track_meta()
+        set_track_meta(False)
+        try:
+            return self.transform(item)
+        finally:
+            set_track_meta(was)

@@ -28,7 +28,8 @@
 * :mod:`~liver_fcn.transforms.simulation` - :class:`SimulateScannerd` (thicker slabs, coarser pixels,
   more noise, a HU offset) and :class:`SimulateContrastPhased` (enhancement scaled toward unenhanced
   densities), for the scanner-shift and contrast-phase evaluations; :class:`RandContrastPhased`, each
-  organ's enhancement scaled by its own random factor, as a training augmentation.
+  organ's enhancement scaled by its own random factor, as a training augmentation;
+  :class:`RandGaussianNoiseTorchd`, MONAI's ``RandGaussianNoised`` drawing its noise with torch.
 
 Each dictionary transform is a thin wrapper over a function on arrays (:func:`adjacent_slices`,
 :func:`keep_largest_components`, :func:`fill_holes_slicewise`, :func:`component_sizes_ml`,
@@ -64,6 +65,7 @@ from liver_fcn.transforms.postprocessing import (
 from liver_fcn.transforms.simulation import (
     UNENHANCED_HU,
     RandContrastPhased,
+    RandGaussianNoiseTorchd,
     SimulateContrastPhased,
     SimulateScannerd,
     class_map_by_majority,
@@ -89,6 +91,7 @@ __all__ = [
     "LoadOrganMasksd",
     "PerSampled",
     "RandContrastPhased",
+    "RandGaussianNoiseTorchd",
     "RandInPlaneAffined",
     "ResampleToInputd",
     "SimulateContrastPhased",

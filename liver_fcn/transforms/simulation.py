@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform
+from monai.transforms import MapTransform, RandGaussianNoise, RandGaussianNoised, RandomizableTransform
 from scipy import ndimage
 
 from liver_fcn import CLASS_NAMES
@@ -19,8 +19,10 @@ from liver_fcn.transforms.utils import as_numpy, bounding_box, like, voxel_spaci
 
 __all__ = [
     "RandContrastPhased",
+    "RandGaussianNoiseTorchd",
     "SimulateContrastPhased",
     "SimulateScannerd",
+    "TorchGaussianNoise",
     "UNENHANCED_HU",
     "class_map_by_majority",
     "coarser_grid",
@@ -261,3 +263,30 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         new = scale_enhancement(hu, classes, self.class_names, self.keep, spacing, self.unenhanced, self.edge_mm)
         d[image_key] = like(img, torch.as_tensor(new, device=img.device)) if isinstance(img, torch.Tensor) else new
         return d
+
+
+class TorchGaussianNoise(RandGaussianNoise):
+    """MONAI's ``RandGaussianNoise``, its noise drawn by torch in float32 rather than by NumPy in
+    float64 (a 3 x 256 x 256 slice: about 0.2 ms against 1.2 ms, a training batch's largest
+    augmentation cost on the CPU). The draw is seeded from the transform's own random state, so
+    ``set_random_state`` makes it reproducible as before; the values differ from MONAI's."""
+
+    def randomize(self, img, mean: float | None = None) -> None:
+        RandomizableTransform.randomize(self, None)
+        if not self._do_transform:
+            return None
+        std = self.R.uniform(0, self.std) if self.sample_std else self.std
+        generator = torch.Generator().manual_seed(int(self.R.randint(2**31)))
+        noise = torch.randn(tuple(img.shape), generator=generator, dtype=torch.float32)
+        self.noise = noise.mul_(float(std)).add_(float(self.mean if mean is None else mean))
+
+
+class RandGaussianNoiseTorchd(RandGaussianNoised):
+    """``RandGaussianNoised`` (same arguments, same draw per item) with :class:`TorchGaussianNoise`."""
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.1, mean: float = 0.0, std: float = 0.1, **kwargs) -> None:
+        super().__init__(keys, prob=prob, mean=mean, std=std, **kwargs)
+        noise = self.rand_gaussian_noise
+        self.rand_gaussian_noise = TorchGaussianNoise(
+            mean=noise.mean, std=noise.std, prob=1.0, dtype=noise.dtype, sample_std=noise.sample_std
+        )
