@@ -199,9 +199,21 @@ def _read_all(files: list[Path], pixels: bool) -> list[pydicom.Dataset]:
         return list(pool.map(lambda f: _read(f, pixels), files))
 
 
-#: the headers of the series :func:`inspect_series` last checked with ``keep``, for the reader
-#: to take in place of reading and checking them again: {(folder, modality): entry}
-_CHECKED: dict[tuple, tuple] = {}
+@dataclass
+class _Checked:
+    """A series :func:`inspect_series` checked with ``keep``: the UID it was asked for, the stamp of
+    the folder's files, and the ordered headers, files and info of the series it picked."""
+
+    asked: str | None
+    stamp: tuple
+    datasets: list
+    files: list[Path]
+    info: SeriesInfo
+
+
+#: the series last checked with ``keep``, by (folder, modality), for the reader to take in place of
+#: reading and checking them again
+_CHECKED: dict[tuple[str, str | None], _Checked] = {}
 #: at most this many slices' headers are kept (a long datalist is checked whole before any is read)
 KEEP_SLICES = 4096
 
@@ -211,28 +223,28 @@ def _stamp(files: list[Path]) -> tuple:
     return tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
 
 
-def _keep_checked(key: tuple, asked: str | None, all_files: list[Path], datasets, files, info) -> None:
+def _keep_checked(folder: Path, modality: str | None, asked: str | None, all_files: list[Path], datasets, files, info):
+    key = (str(folder.resolve()), modality)
     _CHECKED.pop(key, None)
-    if sum(len(entry[3]) for entry in _CHECKED.values()) + len(files) <= KEEP_SLICES:
-        _CHECKED[key] = (asked, _stamp(all_files), datasets, files, info)
+    if sum(len(entry.files) for entry in _CHECKED.values()) + len(files) <= KEEP_SLICES:
+        _CHECKED[key] = _Checked(asked, _stamp(all_files), datasets, files, info)
 
 
-def _take_checked(key: tuple, series_uid: str | None, all_files: list[Path]):
-    """The series checked in the folder of ``key`` (taken once) when ``series_uid`` picks it as the
-    check did (the UID it was asked for, or the one it found) and the folder's files are those
-    checked; else None."""
-    entry = _CHECKED.pop(key, None)
+def _take_checked(folder: Path, modality: str | None, series_uid: str | None, all_files: list[Path]):
+    """The series checked in ``folder`` for ``modality`` (taken once) when ``series_uid`` picks it as
+    the check did (the UID it was asked for, or the one it found) and the folder's files are those
+    checked: (datasets, files, info); else None."""
+    entry = _CHECKED.pop((str(folder.resolve()), modality), None)
     if entry is None:
         return None
-    asked, stamp, datasets, files, info = entry
-    if series_uid != asked and not (series_uid and series_uid == info.series_uid):
+    if series_uid != entry.asked and not (series_uid and series_uid == entry.info.series_uid):
         return None
     try:
-        if _stamp(all_files) != stamp:
+        if _stamp(all_files) != entry.stamp:
             return None
     except OSError:
         return None
-    return datasets, files, info
+    return entry.datasets, entry.files, entry.info
 
 
 def _read(path: Path, pixels: bool) -> pydicom.Dataset:
@@ -503,7 +515,7 @@ def inspect_series(
         if _transfer_syntax(ds) not in _UNCOMPRESSED:
             _decode(f)
     if keep:
-        _keep_checked((str(folder.resolve()), modality), series_uid or None, all_files, datasets, files, info)
+        _keep_checked(folder, modality, series_uid or None, all_files, datasets, files, info)
     return info
 
 
@@ -581,7 +593,7 @@ class CTSeriesReader(PydicomReader):
             files = series_files(folder)
             checked = None
             if folder == source:  # headers that inspect_series(keep=True) has just read and checked
-                checked = _take_checked((str(folder.resolve()), self.modality), self.series_uid, files)
+                checked = _take_checked(folder, self.modality, self.series_uid, files)
             if checked is not None:  # their pixel data is read from the files where it is decoded
                 datasets, files, info = checked
             else:
