@@ -105,9 +105,8 @@ def fill_holes_slicewise(classes: np.ndarray, labels: Sequence[int] = (1,), axis
         # 2D image: a piece that runs from one slice's last row into the next one's first row
         # touches the edge in both, where it is outside anyway, so no hole is joined to anything.
         n, rows, cols = sub.shape
-        pieces = cc3d.connected_components((sub != label).reshape(n * rows, cols), connectivity=4)
+        pieces, count = cc3d.connected_components((sub != label).reshape(n * rows, cols), connectivity=4, return_N=True)
         pieces = pieces.reshape(n, rows, cols)
-        count = int(pieces.max())
         outside = np.zeros(count + 1, bool)
         outside[0] = True  # the label itself
         for edge in (pieces[:, [0, -1], :], pieces[:, :, [0, -1]]):
