@@ -483,6 +483,11 @@ def _crossval_run(client, experiment: str, name: str):
     return runs[0]
 
 
+def _score(metric: str) -> str:
+    """The score of a metric name without its evaluation condition: "phase_dice" -> "dice"."""
+    return metric.rsplit("_", 1)[-1]
+
+
 def compare_crossvals(
     tracking_uri: str, experiment: str, a: str, b: str, metrics: Sequence[str] = ("dice", "iou")
 ) -> tuple[list[dict], str]:
@@ -492,13 +497,13 @@ def compare_crossvals(
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     ra, rb = _crossval_run(client, experiment, a), _crossval_run(client, experiment, b)
     ma, mb = ra.data.metrics, rb.data.metrics
-    pat = re.compile(r"^fold\.(?P<fold>.+)\.(?P<metric>(?:shifted_)?[a-z]+)_(?P<cls>[a-z]+)$")
+    # "dice_liver", or with the evaluation condition before it: "shifted_dice_liver", "phase_dice_liver"
+    pat = re.compile(r"^fold\.(?P<fold>.+)\.(?P<metric>(?:[a-z]+_)?[a-z]+)_(?P<cls>[a-z]+)$")
     keys = sorted({k for k in ma if pat.match(k)} & {k for k in mb if pat.match(k)})
     rows = []
     for k in keys:
         m = pat.match(k)
-        base = m.group("metric").replace("shifted_", "")
-        if base not in metrics:
+        if _score(m.group("metric")) not in metrics:
             continue
         rows.append(
             {
@@ -513,7 +518,7 @@ def compare_crossvals(
     for k in sorted(k for k in ma if k.startswith("cv_mean_") and k in mb):
         metric_cls = k[len("cv_mean_") :]
         metric, cls = metric_cls.rsplit("_", 1)
-        if metric.replace("shifted_", "") not in metrics:
+        if _score(metric) not in metrics:
             continue
         rows.append({"fold": "mean", "metric": metric, "class": cls, a: ma[k], b: mb[k], "difference": mb[k] - ma[k]})
     if not rows:

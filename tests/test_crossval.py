@@ -308,6 +308,31 @@ def test_a_killed_crossval_marks_its_runs_and_starts_afresh_on_request(prepared,
     assert all(c.info.status == "FINISHED" for c in children)
 
 
+def test_comparing_crossvals_keeps_every_evaluation_condition(tmp_path):
+    """Clean, scanner-shift and contrast-phase scores are all compared fold by fold and on the mean;
+    the fold's training time and other scores are left out."""
+    from liver_fcn.crossval import compare_crossvals
+
+    uri = f"sqlite:///{tmp_path / 'cmp.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("liver-fcn-crossval")
+    for name, dice in (("a", 0.5), ("b", 0.75)):
+        run = client.create_run(exp, tags={"crossval": name, "kind": "crossval"})
+        for tag in ("", "shifted_", "phase_"):
+            client.log_metric(run.info.run_id, f"fold.3Dircadb1.1.{tag}dice_kidney", dice)
+            client.log_metric(run.info.run_id, f"fold.3Dircadb1.1.{tag}rvd_kidney", dice)
+            client.log_metric(run.info.run_id, f"cv_mean_{tag}dice_kidney", dice)
+        client.log_metric(run.info.run_id, "fold.3Dircadb1.1.train_minutes", 12.0)
+        client.set_terminated(run.info.run_id)
+    rows, table = compare_crossvals(uri, "liver-fcn-crossval", "a", "b")
+    got = {(r["fold"], r["metric"], r["class"]): r["difference"] for r in rows}
+    assert got == {
+        (fold, f"{tag}dice", "kidney"): 0.25 for fold in ("3Dircadb1.1", "mean") for tag in ("", "shifted_", "phase_")
+    }
+    assert "| 3Dircadb1.1 | phase_dice | kidney | 0.5000 | 0.7500 | +0.2500 |" in table
+    assert "| mean | phase_dice | kidney |" in table
+
+
 @pytest.mark.slow
 def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_fold(prepared, synthetic, tmp_path):
     uri = f"sqlite:///{tmp_path / 'cv.db'}"
@@ -386,7 +411,7 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
     fa, fb = parents["plain"].data.metrics, parents["synthetic"].data.metrics
     a, b = fa["fold.3Dircadb1.2.dice_liver"], fb["fold.3Dircadb1.2.dice_liver"]
     row = f"| 3Dircadb1.2 | dice | liver | {a:.4f} | {b:.4f} |"
-    assert row in table and "| mean | shifted_dice | liver |" in table
+    assert row in table and "| mean | shifted_dice | liver |" in table and "| mean | phase_dice | kidney |" in table
     again = crossval(prepared, tmp_path / "cv", uri, "plain")
     assert again.returncode == 2 and "already exists; choose another --name" in again.stderr
     assert not math.isnan(fa["cv_mean_iou_liver"])
