@@ -497,30 +497,22 @@ def compare_crossvals(
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     ra, rb = _crossval_run(client, experiment, a), _crossval_run(client, experiment, b)
     ma, mb = ra.data.metrics, rb.data.metrics
-    # "dice_liver", or with the evaluation condition before it: "shifted_dice_liver", "phase_dice_liver"
-    pat = re.compile(r"^fold\.(?P<fold>.+)\.(?P<metric>(?:[a-z]+_)?[a-z]+)_(?P<cls>[a-z]+)$")
-    keys = sorted({k for k in ma if pat.match(k)} & {k for k in mb if pat.match(k)})
-    rows = []
-    for k in keys:
-        m = pat.match(k)
-        if _score(m.group("metric")) not in metrics:
-            continue
-        rows.append(
-            {
-                "fold": m.group("fold"),
-                "metric": m.group("metric"),
-                "class": m.group("cls"),
-                a: ma[k],
-                b: mb[k],
-                "difference": mb[k] - ma[k],
-            }
-        )
-    for k in sorted(k for k in ma if k.startswith("cv_mean_") and k in mb):
-        metric_cls = k[len("cv_mean_") :]
-        metric, cls = metric_cls.rsplit("_", 1)
-        if _score(metric) not in metrics:
-            continue
-        rows.append({"fold": "mean", "metric": metric, "class": cls, a: ma[k], b: mb[k], "difference": mb[k] - ma[k]})
+    # a fold's score or the mean over folds: "fold.<patient>.dice_liver", "cv_mean_dice_liver", each
+    # with the evaluation condition before the score where there is one ("shifted_dice", "phase_dice")
+    pat = re.compile(r"^(?:fold\.(?P<fold>.+)\.|cv_mean_)(?P<metric>(?:[a-z]+_)?[a-z]+)_(?P<cls>[a-z]+)$")
+    found = [(k, pat.match(k)) for k in sorted(set(ma) & set(mb))]
+    rows = [
+        {
+            "fold": m.group("fold") or "mean",
+            "metric": m.group("metric"),
+            "class": m.group("cls"),
+            a: ma[k],
+            b: mb[k],
+            "difference": mb[k] - ma[k],
+        }
+        for k, m in sorted(found, key=lambda km: km[0].startswith("cv_mean_"))  # the folds first, then the mean
+        if m and _score(m.group("metric")) in metrics
+    ]
     if not rows:
         raise InputError(f"cross-validations {a!r} and {b!r} share no fold metrics")
     lines = [f"| fold | metric | class | {a} | {b} | {b} - {a} |", "|---|---|---|---|---|---|"]
