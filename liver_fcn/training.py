@@ -131,7 +131,10 @@ def augmentation_summary(settings: dict) -> str:
 
 #: MONAI's random transforms the recipe uses: the name in the run's summary and the magnitude as set
 _AUGMENTATIONS = {
-    "RandContrastPhased": ("phase", lambda t: list(t.keep_range)),
+    "RandContrastPhased": (
+        "phase",
+        lambda t: f"{list(t.keep_range)}, coherent {t.coherent_prob:g}" if t.coherent_prob else list(t.keep_range),
+    ),
     "RandShiftIntensityd": ("hu_offset", lambda t: t.shifter.offsets[1]),
     "RandScaleIntensityd": ("contrast", lambda t: t.scaler.factors[1]),
     "RandGaussianSmoothd": ("blur", lambda t: list(t.rand_smooth.sigma_x)),

@@ -239,6 +239,55 @@ def test_contrast_phase_augmentation_moves_each_organ_by_its_own_factor():
         RandContrastPhased(keep_range=(1.2, 0.5))
 
 
+def test_contrast_phase_augmentation_can_move_the_whole_slice_together():
+    """A coherent draw scales every soft tissue's enhancement by the slice's factor: the labelled
+    organs by factors near it, unlabelled enhanced tissue (a spleen) by it, with its noise kept;
+    fat, muscle-like water density, cortical bone (labelled or not) and the class map stay."""
+    from liver_fcn.transforms import RandContrastPhased
+
+    rng = np.random.default_rng(2)
+    classes = np.zeros((120, 120), dtype=np.int64)
+    classes[5:35, 5:35], classes[50:70, 50:70], classes[5:25, 50:70] = 1, 3, 2
+    base = np.full((120, 120), -100.0, dtype=np.float32)
+    base += np.select([classes == 1, classes == 3, classes == 2], [220.0, 300.0, 800.0])
+    base[80:115, 5:40] = 150.0  # spleen, not labelled
+    base[80:115, 60:80] = 45.0  # water-like tissue at the unenhanced density
+    base[80:100, 90:110] = 800.0  # bone without a label
+    noise = rng.normal(0, 10, size=base.shape).astype(np.float32)
+    item = {
+        "image": torch.as_tensor(np.stack([base + noise, base + noise + 5])),
+        "label": torch.as_tensor(classes)[None],
+    }
+    names = ["background", "liver", "bone", "kidney"]
+    aug = RandContrastPhased(prob=1.0, keep_range=(0.3, 0.3), spacing=1.0, class_names=names, coherent_prob=1.0)
+    aug.set_random_state(0)
+    img = np.asarray(aug(item)["image"])
+    src = np.asarray(item["image"])
+    assert aug.tissue_keep == pytest.approx(0.3) and all(0.24 <= k <= 0.36 for k in aug.keep.values())
+    for c, name, unenhanced in ((1, "liver", 55.0), (3, "kidney", 32.0)):
+        expected = unenhanced + aug.keep[name] * (np.median(src[0][classes == c]) - unenhanced)
+        assert np.median(img[0][classes == c]) == pytest.approx(expected, abs=0.05)
+    spleen = (slice(None), slice(88, 107), slice(13, 32))  # away from its border
+    assert img[spleen].mean() == pytest.approx(45 + 0.3 * (src[spleen].mean() - 45), abs=2.0)
+    assert img[spleen].std() == pytest.approx(src[spleen].std(), rel=0.15)  # the mean moves, the noise stays
+    fat = np.zeros(base.shape, dtype=bool)
+    fat[40:48, :], fat[:, 42:48] = True, True  # fat a few mm from every organ
+    for unchanged in (classes == 2, base == 800.0, fat):
+        assert np.array_equal(img[:, unchanged], src[:, unchanged])
+    water = (slice(None), slice(88, 107), slice(64, 76))
+    assert abs(img[water].mean() - src[water].mean()) < 3.0
+    # a share of coherent draws: some slices move as a whole, the others organ by organ
+    mixed = RandContrastPhased(prob=1.0, class_names=names, coherent_prob=0.5)
+    kinds = set()
+    for seed in range(12):
+        mixed.set_random_state(seed)
+        mixed(item)
+        kinds.add(mixed.tissue_keep is None)
+    assert kinds == {True, False}
+    with pytest.raises(ValueError, match="coherent_prob"):
+        RandContrastPhased(coherent_prob=1.5)
+
+
 def test_bundle_evaluation_values_equal_metrics_computed_directly(tmp_path):
     """A network of known output (it marks the 100 HU block as liver) scored through the real
     ``run evaluating`` against a reference that is the block minus its top two slices and minus a

@@ -28,14 +28,15 @@
 * :mod:`~liver_fcn.transforms.simulation` - :class:`SimulateScannerd` (thicker slabs, coarser pixels,
   more noise, a HU offset) and :class:`SimulateContrastPhased` (enhancement scaled toward unenhanced
   densities), for the scanner-shift and contrast-phase evaluations; :class:`RandContrastPhased`, each
-  organ's enhancement scaled by its own random factor, as a training augmentation;
+  organ's enhancement scaled by its own random factor (or, for a share of the slices, every soft
+  tissue's by one factor), as a training augmentation;
   :class:`RandGaussianNoiseTorchd`, MONAI's ``RandGaussianNoised`` drawing its noise with torch.
 
 Each dictionary transform is a thin wrapper over a function on arrays (:func:`adjacent_slices`,
 :func:`keep_largest_components`, :func:`fill_holes_slicewise`, :func:`component_sizes_ml`,
 :func:`coarser_grid`, :func:`reimage`, :func:`class_map_by_majority`, :func:`scale_enhancement`,
-:func:`class_map_on_input_grid`), usable without MONAI's dictionaries. Everything is importable from
-``liver_fcn.transforms`` as the bundle configs name it.
+:func:`scale_tissue_enhancement`, :func:`class_map_on_input_grid`), usable without MONAI's
+dictionaries. Everything is importable from ``liver_fcn.transforms`` as the bundle configs name it.
 """
 
 from liver_fcn.data.ct import load_ct
@@ -72,6 +73,7 @@ from liver_fcn.transforms.simulation import (
     coarser_grid,
     reimage,
     scale_enhancement,
+    scale_tissue_enhancement,
 )
 from liver_fcn.transforms.utils import as_numpy, like, voxel_spacing
 
@@ -113,5 +115,6 @@ __all__ = [
     "like",
     "load_ct",
     "scale_enhancement",
+    "scale_tissue_enhancement",
     "voxel_spacing",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "coarser_grid",
     "reimage",
     "scale_enhancement",
+    "scale_tissue_enhancement",
 ]
 
 
@@ -174,6 +175,46 @@ def scale_enhancement(
     return out
 
 
+def scale_tissue_enhancement(
+    hu: np.ndarray,
+    keep: float,
+    spacing: Sequence[float],
+    exclude: np.ndarray | None = None,
+    unenhanced: float = 45.0,
+    soft_hu: Sequence[float] = (-30.0, 30.0, 250.0, 400.0),
+    sigma_mm: float = 2.0,
+    edge_mm: float = 2.0,
+) -> np.ndarray:
+    """``hu`` with the enhancement of unlabelled soft tissue (vessels, spleen, bowel wall, pancreas)
+    scaled by ``keep``: what a contrast phase does to every tissue at once, not to the labelled
+    organs alone.
+
+    A voxel is soft tissue by its density: fully between the middle two ``soft_hu`` values, not at
+    all below the first (fat, air) or above the last (cortical bone), linearly in between. The local
+    mean density of the soft tissue around it (Gaussian of ``sigma_mm``, fat and bone left out of the
+    average) above ``unenhanced`` HU is its enhancement; the voxel moves by ``keep - 1`` times that,
+    weighted by how much soft tissue it is. So noise and texture stay, fat and bone stay, and no rim
+    is drawn where tissue meets fat or bone. Voxels of ``exclude`` (a boolean map of ``hu``'s spatial
+    shape: bone and the organs :func:`scale_enhancement` moves) are left alone, the move fading in
+    over ``edge_mm`` beyond ``edge_mm`` from them. ``hu`` may have leading channels (adjacent
+    slices), each on its own.
+    """
+    out = np.asarray(hu, dtype=np.float32).copy()
+    sigma = [0.0] * (out.ndim - len(spacing)) + [sigma_mm / max(float(s), 1e-3) for s in spacing]
+    a, b, c, d = (float(v) for v in soft_hu)
+    soft = np.clip((out - a) / (b - a), 0.0, 1.0) * np.clip((d - out) / (d - c), 0.0, 1.0)
+    weight = ndimage.gaussian_filter(soft, sigma, mode="nearest")
+    mean = ndimage.gaussian_filter(out * soft, sigma, mode="nearest") / np.maximum(weight, 1e-3)
+    move = np.clip(mean - unenhanced, 0.0, None) * soft
+    if exclude is not None and np.any(exclude):
+        distance = ndimage.distance_transform_edt(
+            ~np.asarray(exclude, dtype=bool), sampling=[float(s) for s in spacing]
+        )
+        move *= np.clip(distance / edge_mm - 1.0, 0.0, 1.0)
+    out += (float(keep) - 1.0) * move
+    return out
+
+
 class SimulateContrastPhased(MapTransform):
     """Re-image a loaded CT in another contrast phase: the contrast-phase evaluation.
 
@@ -223,6 +264,13 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
     as they do between phases, so a model cannot learn an organ from its one-phase density. Every
     channel of ``keys[0]`` (adjacent slices) moves with the one class map; it runs on HU, before any
     windowing. Pixels whose class is not annotated are background in the class map and unchanged.
+
+    With ``coherent_prob`` > 0, that share of the drawn slices changes phase as a whole, as a real
+    scan of another phase does: one factor from ``keep_range`` for the slice, each organ's factor
+    within ``coherent_jitter`` (relative) of it, and the unlabelled soft tissue's enhancement
+    (vessels, spleen, bowel wall) scaled by the slice's factor too (:func:`scale_tissue_enhancement`;
+    bone, labelled or not, unchanged). The other drawn slices move the organs alone, each by its own
+    factor. ``coherent_prob`` 0 draws exactly what it drew before the option existed.
     """
 
     def __init__(
@@ -234,6 +282,8 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         class_names: Sequence[str] = CLASS_NAMES,
         unenhanced: Mapping[str, float] = UNENHANCED_HU,
         edge_mm: float = 2.0,
+        coherent_prob: float = 0.0,
+        coherent_jitter: float = 0.2,
         allow_missing_keys: bool = False,
     ) -> None:
         RandomizableTransform.__init__(self, prob)
@@ -245,10 +295,22 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         self.spacing = spacing
         self.class_names, self.unenhanced, self.edge_mm = list(class_names), dict(unenhanced), float(edge_mm)
         self.organs = [name for name in self.class_names if name in self.unenhanced]  # those it moves
+        if not 0.0 <= float(coherent_prob) <= 1.0 or not 0.0 <= float(coherent_jitter) < 1.0:
+            raise ValueError(
+                f"coherent_prob must be in [0, 1] and coherent_jitter in [0, 1), got {coherent_prob}, {coherent_jitter}"
+            )
+        self.coherent_prob, self.coherent_jitter = float(coherent_prob), float(coherent_jitter)
         self.keep: dict[str, float] = {}
+        self.tissue_keep: float | None = None  # the slice's factor when the whole slice moves
 
     def randomize(self, data: object = None) -> None:
         super().randomize(None)
+        self.tissue_keep = None
+        if self.coherent_prob > 0 and self.R.rand() < self.coherent_prob:
+            self.tissue_keep = float(self.R.uniform(*self.keep_range))
+            j = self.coherent_jitter
+            self.keep = {name: self.tissue_keep * float(self.R.uniform(1.0 - j, 1.0 + j)) for name in self.organs}
+            return
         self.keep = {name: float(self.R.uniform(*self.keep_range)) for name in self.organs}
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -261,6 +323,9 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         hu, classes = as_numpy(img, np.float32), as_numpy(lab)[0]
         spacing = [float(s) for s in np.broadcast_to(np.asarray(self.spacing, dtype=float), (classes.ndim,))]
         new = scale_enhancement(hu, classes, self.class_names, self.keep, spacing, self.unenhanced, self.edge_mm)
+        if self.tissue_keep is not None:
+            held = [c for c, name in enumerate(self.class_names) if name in self.organs or name == "bone"]
+            new = scale_tissue_enhancement(new, self.tissue_keep, spacing, np.isin(classes, held), edge_mm=self.edge_mm)
         d[image_key] = like(img, torch.as_tensor(new, device=img.device)) if isinstance(img, torch.Tensor) else new
         return d
 
