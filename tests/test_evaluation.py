@@ -284,6 +284,13 @@ def test_contrast_phase_augmentation_can_move_the_whole_slice_together():
         mixed(item)
         kinds.add(mixed.tissue_keep is None)
     assert kinds == {True, False}
+    # without coherent draws, the random stream is the organs-only one: one draw to apply, one factor an organ
+    plain = RandContrastPhased(prob=1.0, class_names=names)
+    plain.set_random_state(3)
+    plain(item)
+    stream = np.random.RandomState(3)
+    stream.rand()
+    assert plain.tissue_keep is None and plain.keep == {n: stream.uniform(0.2, 1.3) for n in ("liver", "kidney")}
     with pytest.raises(ValueError, match="coherent_prob"):
         RandContrastPhased(coherent_prob=1.5)
 
