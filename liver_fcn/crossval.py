@@ -483,11 +483,6 @@ def _crossval_run(client, experiment: str, name: str):
     return runs[0]
 
 
-def _score(metric: str) -> str:
-    """The score of a metric name without its evaluation condition: "phase_dice" -> "dice"."""
-    return metric.rsplit("_", 1)[-1]
-
-
 def compare_crossvals(
     tracking_uri: str, experiment: str, a: str, b: str, metrics: Sequence[str] = ("dice", "iou")
 ) -> tuple[list[dict], str]:
@@ -499,7 +494,7 @@ def compare_crossvals(
     ma, mb = ra.data.metrics, rb.data.metrics
     # a fold's score or the mean over folds: "fold.<patient>.dice_liver", "cv_mean_dice_liver", each
     # with the evaluation condition before the score where there is one ("shifted_dice", "phase_dice")
-    pat = re.compile(r"^(?:fold\.(?P<fold>.+)\.|cv_mean_)(?P<metric>(?:[a-z]+_)?[a-z]+)_(?P<cls>[a-z]+)$")
+    pat = re.compile(r"^(?:fold\.(?P<fold>.+)\.|cv_mean_)(?P<metric>(?:[a-z]+_)?(?P<score>[a-z]+))_(?P<cls>[a-z]+)$")
     found = [(k, pat.match(k)) for k in sorted(set(ma) & set(mb))]
     rows = [
         {
@@ -511,7 +506,7 @@ def compare_crossvals(
             "difference": mb[k] - ma[k],
         }
         for k, m in sorted(found, key=lambda km: km[0].startswith("cv_mean_"))  # the folds first, then the mean
-        if m and _score(m.group("metric")) in metrics
+        if m and m.group("score") in metrics
     ]
     if not rows:
         raise InputError(f"cross-validations {a!r} and {b!r} share no fold metrics")
