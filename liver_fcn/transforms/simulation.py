@@ -295,6 +295,8 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         self.spacing = spacing
         self.class_names, self.unenhanced, self.edge_mm = list(class_names), dict(unenhanced), float(edge_mm)
         self.organs = [name for name in self.class_names if name in self.unenhanced]  # those it moves
+        # the classes a whole-slice draw leaves to scale_enhancement (the organs) or unchanged (bone)
+        self.held = [c for c, name in enumerate(self.class_names) if name in self.organs or name == "bone"]
         if not 0.0 <= float(coherent_prob) <= 1.0 or not 0.0 <= float(coherent_jitter) < 1.0:
             raise ValueError(
                 f"coherent_prob must be in [0, 1] and coherent_jitter in [0, 1), got {coherent_prob}, {coherent_jitter}"
@@ -324,8 +326,9 @@ class RandContrastPhased(RandomizableTransform, MapTransform):
         spacing = [float(s) for s in np.broadcast_to(np.asarray(self.spacing, dtype=float), (classes.ndim,))]
         new = scale_enhancement(hu, classes, self.class_names, self.keep, spacing, self.unenhanced, self.edge_mm)
         if self.tissue_keep is not None:
-            held = [c for c, name in enumerate(self.class_names) if name in self.organs or name == "bone"]
-            new = scale_tissue_enhancement(new, self.tissue_keep, spacing, np.isin(classes, held), edge_mm=self.edge_mm)
+            new = scale_tissue_enhancement(
+                new, self.tissue_keep, spacing, np.isin(classes, self.held), edge_mm=self.edge_mm
+            )
         d[image_key] = like(img, torch.as_tensor(new, device=img.device)) if isinstance(img, torch.Tensor) else new
         return d
 
