@@ -125,6 +125,39 @@ def test_slice_dataset_visits_every_slice_without_copying_the_cache(volumes):
         SliceDataset(CacheDataset([], Compose([]), copy_cache=True))
 
 
+def test_slices_holding_an_oversampled_class_are_drawn_that_much_more_often(volumes):
+    files, ds = volumes
+    plain = SliceDataset(ds)
+    assert plain.weighted_sampler() is None  # equal volume weights, no class oversampled
+    slices = SliceDataset(ds, class_weights={"kidney": 3.0, 2: 2.0}, class_names=CLASSES)
+    held = [
+        {c for c in (2, 3) if (slices[i]["label"] == c).any()} for i in range(len(slices))
+    ]  # classes in each slice, read through the items
+    expected = torch.tensor([3.0 if 3 in h else 2.0 if 2 in h else 1.0 for h in held], dtype=torch.float64)
+    assert 0 < sum(3 in h for h in held) < len(held) and any(h == {2} for h in held)
+    assert torch.equal(slices.slice_weights(), expected)
+    sampler = slices.weighted_sampler()
+    assert sampler is not None and torch.equal(sampler.weights, expected)
+    assert SliceDataset(ds, class_weights={"kidney": 1.0}, class_names=CLASSES).weighted_sampler() is None
+    with pytest.raises(InputError, match="'spleen'"):
+        SliceDataset(ds, class_weights={"spleen": 2.0}, class_names=CLASSES)
+    with pytest.raises(InputError, match="positive"):
+        SliceDataset(ds, class_weights={"kidney": 0}, class_names=CLASSES)
+
+
+def test_the_bundle_oversamples_the_classes_slice_class_weight_names(prepared):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json"))
+    parser.update({"dataset_dir": str(prepared), "cache_workers": 0, "slice_class_weight": {"kidney": 4.0}})
+    slices = parser.get_parsed_content("train#dataset", instantiate=True)
+    weights = slices.slice_weights()
+    kidney = torch.tensor([bool((slices[i]["label"] == 3).any()) for i in range(len(slices))])
+    assert kidney.any() and torch.all(weights[kidney] == 4.0) and torch.all(weights[~kidney] == 1.0)
+    assert parser.get_parsed_content("train#sampler") is not None
+
+
 def test_slice_transforms_run_on_plain_tensors_and_the_metadata_switch_is_restored(volumes):
     """MONAI's intensity transforms would wrap every slice in a MetaTensor (most of a CPU batch's
     cost); the slices carry no geometry, so they run without, and the global switch comes back."""

@@ -194,6 +194,12 @@ class SliceDataset(Dataset):
         transform: random 2D transform applied to each slice dict.
         keys: keys of the 3D arrays to slice; other keys are passed through (the ``annotated`` vector).
         axis: spatial axis to slice along (-1: the last one, axial after RAS orientation).
+        class_weights: ``{class: factor}`` (a class index, or a name of ``class_names``): a slice
+            whose label map holds that class is drawn ``factor`` times as often as its volume's
+            weight says (the largest factor of the classes it holds; 1 for a slice with none), as
+            nnU-Net oversamples foreground. Empty (default): every slice weighs its volume's weight.
+        class_names: the names ``class_weights`` may use, in class-index order.
+        label_key: the key of the class-index map ``class_weights`` reads.
 
     The volumes' ``keys`` arrays are stored again with the slicing axis outermost in memory
     (:func:`slices_outermost`; same shapes and values, in the cache itself), so a slice is drawn by
@@ -209,6 +215,9 @@ class SliceDataset(Dataset):
         keys: Sequence[str] = ("image", "label"),
         axis: int = -1,
         pass_keys: Sequence[str] = ("annotated",),
+        class_weights: Mapping[int | str, float] | None = None,
+        class_names: Sequence[str] = (),
+        label_key: str = "label",
     ) -> None:
         self.volumes = volumes
         self.transform = transform
@@ -228,17 +237,43 @@ class SliceDataset(Dataset):
         self._volume_weights = [float(self._volume(i).get("sampling_weight", 1.0)) for i in range(len(volumes))]
         if any(w <= 0 or not np.isfinite(w) for w in self._volume_weights):
             raise InputError("sampling_weight of every training volume must be a positive number")
+        self._slice_factors = self._class_factors(class_weights or {}, list(class_names), label_key, axis)
+
+    def _class_factors(self, class_weights, class_names, label_key, axis) -> torch.Tensor | None:
+        """Each slice's factor from ``class_weights`` (None when there is none to apply)."""
+        factors = {}
+        for c, f in class_weights.items():
+            if isinstance(c, str) and c not in class_names:
+                raise InputError(f"class_weights names {c!r}, which is not one of the classes {class_names}")
+            if not (float(f) > 0 and np.isfinite(float(f))):
+                raise InputError(f"class_weights of {c!r} must be a positive number, got {f}")
+            factors[class_names.index(c) if isinstance(c, str) else int(c)] = float(f)
+        if all(f == 1.0 for f in factors.values()):
+            return None
+        out = []
+        for i in range(len(self.volumes)):
+            label = self._volume(i)[label_key]
+            label = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
+            per_slice = label.movedim(axis, 0).reshape(label.shape[axis], -1)
+            factor = torch.ones(per_slice.shape[0], dtype=torch.float64)
+            for c, f in factors.items():
+                held = (per_slice == c).any(dim=1)
+                factor[held] = torch.maximum(factor[held], torch.tensor(f, dtype=torch.float64))
+            out.append(factor)
+        return torch.cat(out)
 
     def slice_weights(self) -> torch.Tensor:
-        """The sampling weight of every slice (its volume's ``sampling_weight``, default 1)."""
-        return torch.repeat_interleave(
+        """The sampling weight of every slice: its volume's ``sampling_weight`` (default 1), times
+        its factor from ``class_weights``."""
+        weights = torch.repeat_interleave(
             torch.tensor(self._volume_weights, dtype=torch.float64), torch.as_tensor(np.diff(self._offsets))
         )
+        return weights if self._slice_factors is None else weights * self._slice_factors
 
     def weighted_sampler(self):
         """A sampler drawing slices by :meth:`slice_weights` (with replacement), or None when all
-        volumes weigh the same (then the loader simply shuffles)."""
-        if len(set(self._volume_weights)) <= 1:
+        volumes weigh the same and no class is oversampled (then the loader simply shuffles)."""
+        if len(set(self._volume_weights)) <= 1 and self._slice_factors is None:
             return None
 
         return WeightedRandomSampler(self.slice_weights(), num_samples=len(self), replacement=True)
