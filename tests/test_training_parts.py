@@ -126,7 +126,7 @@ def test_slice_dataset_visits_every_slice_without_copying_the_cache(volumes):
 
 
 def test_slices_holding_an_oversampled_class_are_drawn_that_much_more_often(volumes):
-    files, ds = volumes
+    _, ds = volumes
     plain = SliceDataset(ds)
     assert plain.weighted_sampler() is None  # equal volume weights, no class oversampled
     slices = SliceDataset(ds, class_weights={"kidney": 3.0, 2: 2.0}, class_names=CLASSES)
