@@ -185,6 +185,11 @@ def slices_outermost(x: torch.Tensor, axis: int = -1) -> torch.Tensor:
     return moved.contiguous().permute([order.index(d) for d in range(x.ndim)])
 
 
+def _plain_tensor(arr) -> torch.Tensor:
+    """A cached array as a plain tensor (a MetaTensor's data without its metadata)."""
+    return arr.as_tensor() if hasattr(arr, "as_tensor") else torch.as_tensor(arr)
+
+
 class SliceDataset(Dataset):
     """Every slice along ``axis`` of every volume of a cached 3D dataset, as a 2D item.
 
@@ -252,13 +257,12 @@ class SliceDataset(Dataset):
             return None
         out = []
         for i in range(len(self.volumes)):
-            label = self._volume(i)[label_key]
-            label = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
+            label = _plain_tensor(self._volume(i)[label_key])
             per_slice = label.movedim(axis, 0).reshape(label.shape[axis], -1)
             factor = torch.ones(per_slice.shape[0], dtype=torch.float64)
             for c, f in factors.items():
                 held = (per_slice == c).any(dim=1)
-                factor[held] = torch.maximum(factor[held], torch.tensor(f, dtype=torch.float64))
+                factor[held] = factor[held].clamp(min=f)
             out.append(factor)
         return torch.cat(out)
 
@@ -296,8 +300,7 @@ class SliceDataset(Dataset):
         vol = self._volume(v)
         item = {}
         for key in self.keys:
-            arr = vol[key]
-            arr = arr.as_tensor() if hasattr(arr, "as_tensor") else torch.as_tensor(arr)
+            arr = _plain_tensor(vol[key])
             item[key] = arr.select(self.axis if self.axis >= 0 else arr.ndim + self.axis, k).clone()
         for key in self.pass_keys:
             if key in vol:
