@@ -305,6 +305,48 @@ def test_sigterm_during_iterations_stops_at_once(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run_checkpoint_epoch=1.pt"]
 
 
+def test_sigterm_inside_an_mlflow_write_stops_the_training_after_it_and_marks_the_run_failed(tmp_path):
+    """The signal is sent from inside the tracking store's SQL (SQLAlchemy's own event hook), as it
+    is when a fold's training is stopped while it logs its loss."""
+    import os
+    import signal
+
+    import mlflow
+    import sqlalchemy
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    from liver_fcn.handlers import MLflowRunHandler, TrainingTerminated, terminate_on_signal
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    terminate_on_signal()
+    engine = Engine(lambda e, b: {"loss": torch.tensor(0.5)})
+    handler = MLflowRunHandler(
+        tracking_uri=uri, experiment_name="stop", run_name="stopped", output_transform=lambda o: o["loss"]
+    )
+    handler.attach(engine)
+    store = _get_store(uri).engine
+    sent = []
+
+    def signal_in_the_third_loss_write(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO METRICS") and engine.state.iteration == 3 and not sent:
+            sent.append(statement)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sqlalchemy.event.listen(store, "before_cursor_execute", signal_in_the_third_loss_write)
+    try:
+        with pytest.raises(TrainingTerminated, match="SIGTERM"):
+            engine.run([0] * 4, max_epochs=2)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sqlalchemy.event.remove(store, "before_cursor_execute", signal_in_the_third_loss_write)
+    assert sent and engine.state.iteration == 3
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "TrainingTerminated: terminated by signal SIGTERM"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "Loss")] == [1, 2, 3]  # the write went in
+
+
 def test_a_failed_checkpoint_write_leaves_no_file(tmp_path):
     from liver_fcn.handlers.checkpoint_saver import _AtomicDiskSaver
 

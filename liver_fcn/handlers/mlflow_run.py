@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -13,6 +14,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
 from liver_fcn.errors import root_cause
+from liver_fcn.handlers.termination import termination_held
 from liver_fcn.offline import OfflineClient
 from liver_fcn.reporting import plot_curves  # matplotlib: loaded when a run completes
 from liver_fcn.runs import (
@@ -31,8 +33,24 @@ __all__ = ["MLflowRunHandler"]
 logger = logging.getLogger(__name__)
 
 
+def _held(method):
+    """Run an MLflow-writing event handler with SIGTERM held (:func:`termination_held`): a training
+    stopped in the middle of a write stops after it, never inside the tracking store's transaction."""
+
+    @functools.wraps(method)
+    def held(self, *args, **kwargs):
+        with termination_held():
+            return method(self, *args, **kwargs)
+
+    return held
+
+
 class MLflowRunHandler(MLFlowHandler):
     """MLFlowHandler that marks a crashed run FAILED and tags the run.
+
+    Its event handlers hold SIGTERM while they write (:func:`~liver_fcn.handlers.termination_held`):
+    a training stopped mid-write raises ``TrainingTerminated`` once the write is done, and the run is
+    then marked FAILED on a store that is not left in the middle of a transaction.
 
     Every experiment it creates or writes to is tagged as model training for MLflow 3's UI
     (:data:`EXPERIMENT_KIND`).
@@ -115,6 +133,7 @@ class MLflowRunHandler(MLFlowHandler):
         if not engine.has_event_handler(self.failed, Events.EXCEPTION_RAISED):
             engine.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
 
+    @_held
     def start(self, engine: Engine) -> None:
         if self.engine_params or self.config_params:
             params = dict(self.experiment_param or {})
@@ -163,6 +182,9 @@ class MLflowRunHandler(MLFlowHandler):
         if self.system_metrics and self._monitor is None:
             self._monitor = _system_monitor(run_id, self.uri or self.client.tracking_uri)
 
+    iteration_completed = _held(MLFlowHandler.iteration_completed)
+
+    @_held
     def epoch_completed(self, engine: Engine) -> None:
         super().epoch_completed(engine)
         state = engine.state
@@ -200,6 +222,7 @@ class MLflowRunHandler(MLFlowHandler):
         if fresh:
             super()._log_params(fresh)
 
+    @_held
     def complete(self) -> None:
         """Log the artifacts, then - with ``model_checkpoint`` - the checkpoint as the run's MLflow
         model, registered as a new version of ``registered_model_name`` when one is given."""
@@ -260,6 +283,7 @@ class MLflowRunHandler(MLFlowHandler):
             )
             self.client.log_artifact(run_id, str(png), "plots")
 
+    @_held
     def close(self) -> None:
         """End the run (FINISHED); if its server is away, say where its records wait."""
         client = self.client
@@ -288,8 +312,9 @@ class MLflowRunHandler(MLFlowHandler):
             root = root_cause(e)  # MONAI wraps what a transform raises: report the original cause
             message = f"{type(root).__name__}: {root}" + (f" (in {type(e).__name__}: {e})" if root is not e else "")
             try:
-                self.client.set_tag(run_id, "error", message[:4000])
-                self.client.set_terminated(run_id, "FAILED")
+                with termination_held(raise_after=False):  # a second SIGTERM: the run is failing already
+                    self.client.set_tag(run_id, "error", message[:4000])
+                    self.client.set_terminated(run_id, "FAILED")
             finally:
                 self.cur_run = None
                 self._dispose_sqlite_store()

@@ -49,8 +49,12 @@ def _release_termination() -> None:
 
 
 @contextmanager
-def termination_held():
-    """Hold SIGTERM (see :func:`terminate_on_signal`) over a block that must not be cut short."""
+def termination_held(raise_after: bool = True):
+    """Hold SIGTERM (see :func:`terminate_on_signal`) over a block that must not be cut short.
+
+    ``raise_after``: raise a SIGTERM that came during the block when it ends; False drops it (for a
+    block that already ends the run, such as marking it FAILED, whose own error must go on).
+    """
     if _termination["held"]:  # nested in a longer hold, which releases it
         yield
         return
@@ -60,6 +64,8 @@ def termination_held():
     except BaseException:
         _termination["held"] = False
         raise
+    if not raise_after:
+        _termination["pending"] = None
     _release_termination()
 
 
