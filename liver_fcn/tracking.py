@@ -53,6 +53,7 @@ __all__ = [
     "training_datasets",
     "training_params",
     "validation_patients",
+    "describe_sampling",
     "describe_training_run",
     "latest_run",
     "run_id_of",
@@ -159,6 +160,7 @@ def training_params(engine: Engine) -> dict:
         augmentation=describe_augmentation(
             getattr(dataset, "transform", None), getattr(engine.prepare_batch, "augmentation", None)
         ),
+        sampling=describe_sampling(loader.sampler),
         train_patients=len(getattr(dataset, "volumes", ())),
         train_slices=len(dataset),
         val_patients=validation_patients(engine),
@@ -168,6 +170,17 @@ def training_params(engine: Engine) -> dict:
         monai=monai.__version__,
     )
     return params
+
+
+def describe_sampling(sampler) -> str:
+    """How a training loader draws its slices: ``shuffled`` or ``weighted`` (by the slices' sampling
+    weights), ``in order``; under torchrun ``..., each of N processes its share``."""
+    if isinstance(sampler, torch.utils.data.SequentialSampler) or getattr(sampler, "shuffle", True) is False:
+        return "in order"
+    text = "weighted" if hasattr(sampler, "weights") else "shuffled"
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        text += f", each of {sampler.num_replicas} processes its share"
+    return text
 
 
 def describe_training_run(client, run) -> str:

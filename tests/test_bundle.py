@@ -129,6 +129,7 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
     assert "phase" not in p["augmentation"]  # the contrast-phase augmentation is off by default
     assert "soft Dice" in p["loss"] and p["dataset"].endswith("datalist.json")
     assert p["train_patients"] == "3" and p["val_patients"] == "1" and int(p["train_slices"]) == 36
+    assert p["sampling"] == "shuffled"  # equal weights: the loader simply shuffles
     assert run.data.tags["variant"] == "4s"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert any(a.endswith(".json") for a in artifacts)

@@ -386,6 +386,7 @@ def test_crossval_is_one_parent_run_with_a_child_per_fold_and_compares_fold_by_f
     train_b = [r for r in runs if r.info.run_name == "cv-synthetic-3Dircadb1.1-train"][0]
     assert train_b.data.params["train_patients"] == str(4 + 2) and train_b.data.params["variant"] == "4s"
     assert train_b.data.params["extra_training"] == "synth: 2 volumes, weight 0.25"  # not the 0.5 recorded
+    assert train_b.data.params["sampling"] == "weighted"  # the extra volumes weigh 0.25 each
     inputs = train_b.inputs.dataset_inputs  # the fold's patients and the extra set, each with its digest
     assert [json.loads(i.dataset.profile)["patients"]["training"] for i in inputs] == [4, 2]
     assert (

@@ -97,6 +97,8 @@ def test_torchrun_two_processes_on_cpu_log_one_finished_run(prepared_two_val, tm
         str(tmp_path / "eval"),
         "--ckpt_dir",
         str(tmp_path / "models"),
+        "--slice_class_weight",  # each process draws its share by weight
+        "{'kidney': 2.0}",
         *tiny_overrides(),
     ]
     t0 = time.time()
@@ -109,6 +111,7 @@ def test_torchrun_two_processes_on_cpu_log_one_finished_run(prepared_two_val, tm
     assert run.info.status == "FINISHED"
     assert steps(client, run, "val_iou_liver") == [2, 4] and steps(client, run, "train_loss") == [2, 4]
     assert run.data.params["val_patients"] == "2" and run.data.params["train_slices"] == "36"
+    assert run.data.params["sampling"] == "weighted, each of 2 processes its share"
     models = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert "model.pt" in models and sum(p.endswith("_checkpoint_epoch=2.pt") for p in models) == 1
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["model"]

@@ -145,6 +145,33 @@ def test_slices_holding_an_oversampled_class_are_drawn_that_much_more_often(volu
         SliceDataset(ds, class_weights={"kidney": 0}, class_names=CLASSES)
 
 
+def test_processes_of_a_distributed_training_draw_their_shares_by_the_same_weights(volumes):
+    from torch.utils.data import DistributedSampler
+
+    _, ds = volumes
+    slices = SliceDataset(ds, class_weights={"kidney": 5.0}, class_names=CLASSES)
+    weights = slices.slice_weights()
+    heavy = weights > 1
+    assert 0 < int(heavy.sum()) < len(slices)
+    torch.manual_seed(0)
+    drawn = torch.zeros(len(slices))
+    for epoch in range(300):
+        ranks = [slices.weighted_sampler(distributed=True, num_replicas=2, rank=r) for r in (0, 1)]
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        shares = [list(sampler) for sampler in ranks]
+        assert [len(s) for s in shares] == [math.ceil(len(slices) / 2)] * 2
+        assert not set(shares[0]) & set(shares[1])  # each process draws from its own share
+        for share in shares:
+            drawn += torch.bincount(torch.tensor(share), minlength=len(slices))
+    # a kidney slice is drawn five times as often as another, as on one process
+    ratio = (drawn[heavy].mean() / drawn[~heavy].mean()).item()
+    assert ratio == pytest.approx(5.0, rel=0.1)
+    plain = SliceDataset(ds).weighted_sampler(distributed=True, num_replicas=2, rank=1)
+    assert isinstance(plain, DistributedSampler) and plain.shuffle
+    assert not hasattr(plain, "weights") and len(plain) == math.ceil(len(slices) / 2)
+
+
 def test_the_bundle_oversamples_the_classes_slice_class_weight_names(prepared):
     from monai.bundle import ConfigParser
 

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, get_track_meta, set_track_meta
+from monai.data import (
+    CacheDataset,
+    DistributedSampler,
+    DistributedWeightedRandomSampler,
+    get_track_meta,
+    set_track_meta,
+)
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from liver_fcn import CLASS_NAMES
@@ -274,12 +280,23 @@ class SliceDataset(Dataset):
         )
         return weights if self._slice_factors is None else weights * self._slice_factors
 
-    def weighted_sampler(self):
+    def weighted_sampler(self, distributed: bool = False, num_replicas: int | None = None, rank: int | None = None):
         """A sampler drawing slices by :meth:`slice_weights` (with replacement), or None when all
-        volumes weigh the same and no class is oversampled (then the loader simply shuffles)."""
-        if len(set(self._volume_weights)) <= 1 and self._slice_factors is None:
-            return None
+        volumes weigh the same and no class is oversampled (then the loader simply shuffles).
 
+        ``distributed``: for one process of several (torchrun), each drawing ``len / num_replicas``
+        slices an epoch from its own share (MONAI's ``DistributedWeightedRandomSampler``; a plain
+        shuffling ``DistributedSampler`` when nothing is weighted). ``num_replicas`` and ``rank``
+        default to the process group's.
+        """
+        weighted = len(set(self._volume_weights)) > 1 or self._slice_factors is not None
+        if distributed:
+            shard = dict(even_divisible=True, num_replicas=num_replicas, rank=rank, shuffle=True)
+            if not weighted:
+                return DistributedSampler(self, **shard)
+            return DistributedWeightedRandomSampler(self, self.slice_weights().tolist(), **shard)
+        if not weighted:
+            return None
         return WeightedRandomSampler(self.slice_weights(), num_samples=len(self), replacement=True)
 
     def _volume(self, i: int) -> dict:
