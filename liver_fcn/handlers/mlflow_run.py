@@ -306,19 +306,20 @@ class MLflowRunHandler(MLFlowHandler):
 
     def failed(self, engine: Engine, e: BaseException) -> None:
         """Mark the run FAILED (with the error as a tag), then let the exception go on."""
-        self._stop_side_logging()
-        if self.cur_run is not None:
-            run_id = self.cur_run.info.run_id
-            root = root_cause(e)  # MONAI wraps what a transform raises: report the original cause
-            message = f"{type(root).__name__}: {root}" + (f" (in {type(e).__name__}: {e})" if root is not e else "")
-            try:
-                with termination_held(raise_after=False):  # a second SIGTERM: the run is failing already
+        with termination_held(raise_after=False):  # a second SIGTERM: the run is failing already
+            self._stop_side_logging()
+            if self.cur_run is not None:
+                run_id = self.cur_run.info.run_id
+                root = root_cause(e)  # MONAI wraps what a transform raises: report the original cause
+                message = f"{type(root).__name__}: {root}"
+                message += f" (in {type(e).__name__}: {e})" if root is not e else ""
+                try:
                     self.client.set_tag(run_id, "error", message[:4000])
                     self.client.set_terminated(run_id, "FAILED")
-            finally:
-                self.cur_run = None
-                self._dispose_sqlite_store()
-                _say_where_records_wait(self.client)
+                finally:
+                    self.cur_run = None
+                    self._dispose_sqlite_store()
+                    _say_where_records_wait(self.client)
         raise e
 
 
