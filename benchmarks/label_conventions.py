@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from liver_fcn.data.ct import load_ct  # noqa: E402
 from liver_fcn.data.synth import _patient_masks, _read_masks, find_mask_patients  # noqa: E402
+from liver_fcn.transforms import fill_holes_slicewise  # noqa: E402
 
 THRESHOLDS = (100, 150, 200, 250, 300)
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)  # a 2D cross in the (X, Y) plane of (X, Y, Z) arrays
@@ -43,7 +44,7 @@ IN_PLANE[:, 1, 1] = IN_PLANE[1, :, 1] = True
 
 def filled(mask: np.ndarray) -> np.ndarray:
     """``mask`` (X, Y, Z) with its holes filled axial slice by axial slice."""
-    return np.stack([ndimage.binary_fill_holes(mask[..., k]) for k in range(mask.shape[-1])], axis=-1)
+    return fill_holes_slicewise(mask.astype(np.uint8), (1,), axis=-1) == 1
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
