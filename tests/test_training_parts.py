@@ -18,7 +18,7 @@ from liver_fcn.data import SliceDataset, load_datalist
 from liver_fcn.errors import InputError
 from liver_fcn.losses import PartialLabelCrossEntropyLoss, admissible_mask
 from liver_fcn.metrics import ClassIoU, segmentation_metrics
-from liver_fcn.transforms import AdjacentSlicesd, EncodePartialLabeld, LoadCTd, LoadOrganMasksd
+from liver_fcn.transforms import AdjacentSlicesd, BoneByDensityd, EncodePartialLabeld, LoadCTd, LoadOrganMasksd
 
 CLASSES = ["background", "liver", "bone", "kidney"]
 
@@ -183,6 +183,43 @@ def test_the_bundle_oversamples_the_classes_slice_class_weight_names(prepared):
     kidney = torch.tensor([bool((slices[i]["label"] == 3).any()) for i in range(len(slices))])
     assert kidney.any() and torch.all(weights[kidney] == 4.0) and torch.all(weights[~kidney] == 1.0)
     assert parser.get_parsed_content("train#sampler") is not None
+
+
+def test_bone_by_density_drops_only_the_bone_below_the_threshold(volumes):
+    files, ds = volumes
+    dropped = kept = 0
+    for item in ds:
+        hu, before = item["image"][0], item["label"][0].clone()
+        out = BoneByDensityd(min_hu=400.0, class_names=CLASSES)(item)["label"]
+        assert out.dtype == torch.uint8 and out.shape == item["label"].shape
+        assert torch.allclose(out.affine, item["label"].affine)
+        after, bone = out[0], before == 2
+        assert torch.equal(after[~bone], before[~bone])  # every other class and the background as they were
+        assert torch.all(after[bone & (hu >= 400)] == 2) and torch.all(after[bone & (hu < 400)] == 0)
+        dropped, kept = dropped + int((bone & (hu < 400)).sum()), kept + int((after == 2).sum())
+        assert torch.equal(item["label"][0], before)  # the cached item itself is not changed
+    assert dropped > 0 and kept > 0  # the phantoms' trabecular cores (about 230 HU) go, their rims stay
+    off = BoneByDensityd(min_hu=None, class_names=CLASSES)(ds[0])
+    assert torch.equal(off["label"], ds[0]["label"])
+    with pytest.raises(ValueError, match="no class 'bone'"):
+        BoneByDensityd(min_hu=150.0, class_names=["background", "liver"])
+    with pytest.raises(ValueError, match="not on one grid"):
+        BoneByDensityd(min_hu=150.0)({"image": ds[0]["image"], "label": ds[0]["label"][..., :-1]})
+
+
+def test_the_bundle_trains_on_bone_by_density_when_bone_min_hu_is_set(prepared):
+    from monai.bundle import ConfigParser
+
+    counts = {}
+    for min_hu in (None, 400.0):
+        parser = ConfigParser()
+        parser.read_config(str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json"))
+        parser.update({"dataset_dir": str(prepared), "cache_workers": 0, "bone_min_hu": min_hu})
+        cache = parser.get_parsed_content("train#cache", instantiate=True)
+        labels = torch.cat([cache[i]["label"].flatten() for i in range(len(cache))])
+        counts[min_hu] = torch.bincount(labels.long(), minlength=4)
+    assert 0 < counts[400.0][2] < counts[None][2]  # less bone, still bone
+    assert torch.equal(counts[400.0][[1, 3]], counts[None][[1, 3]])  # liver and kidney untouched
 
 
 def test_slice_transforms_run_on_plain_tensors_and_the_metadata_switch_is_restored(volumes):

@@ -6,7 +6,8 @@
   series merged into one class map on the CT's grid, recording which classes are annotated).
 * :mod:`~liver_fcn.transforms.labels` - :class:`EncodePartialLabeld`: "this background pixel may also
   be any class that is not annotated for this patient", packed into the label for
-  :class:`~liver_fcn.losses.PartialLabelCrossEntropyLoss`; class-map helpers.
+  :class:`~liver_fcn.losses.PartialLabelCrossEntropyLoss`; :class:`BoneByDensityd`, one definition of
+  bone for training whatever convention a patient's bone mask was drawn by; class-map helpers.
 * :mod:`~liver_fcn.transforms.geometry` - :func:`grid_size` (pixels across a field of view in mm),
   :func:`body_mask` (the body's largest air-separated region, ``CropForegroundd``'s ``select_fn``),
   :class:`InPlaneResampled` (in-plane resampling to a pixel spacing in mm with 2D anti-aliasing when
@@ -33,7 +34,7 @@
   :class:`RandGaussianNoiseTorchd`, MONAI's ``RandGaussianNoised`` drawing its noise with torch.
 
 Each dictionary transform is a thin wrapper over a function on arrays (:func:`adjacent_slices`,
-:func:`keep_largest_components`, :func:`fill_holes_slicewise`, :func:`component_sizes_ml`,
+:func:`keep_largest_components`, :func:`fill_holes_slicewise`, :func:`bone_by_density`, :func:`component_sizes_ml`,
 :func:`coarser_grid`, :func:`reimage`, :func:`class_map_by_majority`, :func:`scale_enhancement`,
 :func:`scale_tissue_enhancement`, :func:`class_map_on_input_grid`), usable without MONAI's
 dictionaries. Everything is importable from ``liver_fcn.transforms`` as the bundle configs name it.
@@ -54,7 +55,7 @@ from liver_fcn.transforms.geometry import (
 )
 from liver_fcn.transforms.inversion import ResampleToInputd, class_map_on_input_grid
 from liver_fcn.transforms.io import LoadCTd, LoadOrganMasksd
-from liver_fcn.transforms.labels import EncodePartialLabeld, class_map_array
+from liver_fcn.transforms.labels import BoneByDensityd, EncodePartialLabeld, bone_by_density, class_map_array
 from liver_fcn.transforms.postprocessing import (
     CountComponentsd,
     FillHolesSlicewised,
@@ -83,6 +84,7 @@ __all__ = [
     "BatchRandAdjustContrastd",
     "BatchRandFlipd",
     "BatchRandInPlaneAffined",
+    "BoneByDensityd",
     "ElasticWhenDrawnd",
     "CountComponentsd",
     "EncodePartialLabeld",
@@ -107,6 +109,7 @@ __all__ = [
     "coarser_grid",
     "reimage",
     "body_mask",
+    "bone_by_density",
     "class_map_array",
     "class_map_on_input_grid",
     "grid_size",
