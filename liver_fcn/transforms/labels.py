@@ -74,10 +74,10 @@ class BoneByDensityd(MapTransform):
     Bone masks are drawn by different conventions: some follow the dense bone alone (hollow bones,
     about CT > 200 HU), others a filled outline with a margin of soft tissue around it (a quarter of
     the mask below 150 HU on one 3D-IRCADb-01 patient; ``benchmarks/label_conventions.py`` prints
-    each patient's). Trained on the second, a network learns that soft tissue next to anything
-    bright is bone, and calls an enhanced kidney bone. With ``min_hu`` set, every training volume
-    teaches the same bone: its mask where the CT is at least ``min_hu``; the margin is taught as
-    background (it is fat, muscle or marrow below that density). ``None`` leaves the class map as it
+    each patient's). Trained on the second and scored on the first, a network over-segments bone.
+    With ``min_hu`` set, every training volume teaches the same bone: its mask where the CT is at
+    least ``min_hu``; the margin is taught as background (it is fat, muscle or marrow below that
+    density). ``None`` leaves the class map as it
     is. Runs on HU (``keys[0]``) and the class map (``keys[1]``) on the same grid, before any
     resampling; a patient without bone masks has no bone voxels and is unchanged. Evaluation scores
     the masks as drawn.
