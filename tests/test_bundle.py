@@ -123,6 +123,7 @@ def test_training_run_is_finished_with_metrics_params_and_artifacts(trained, pre
     assert float(p["lr"]) == 3e-4 and p["betas"] == "[0.9, 0.99]" and p["batch_size"] == "8"
     assert p["hu_window"] == "[-250, 450]" and p["iterations"] == "4" and p["seed"] == "0"
     assert p["lr_schedule"] == "cosine" and p["epoch_length"] == "2" and p["val_interval"] == "1"
+    assert p["bone_min_hu"] == "None"  # bone as the masks draw it, recorded so runs compare
     for name in ("rotate", "zoom", "translate", "hu_offset", "contrast", "noise", "blur", "lowres", "gamma"):
         assert f"{name} p=" in p["augmentation"], name
     assert "flip" not in p["augmentation"]  # no left-right flip by default: the liver is on one side
