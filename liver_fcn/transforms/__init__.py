@@ -37,7 +37,8 @@ Each dictionary transform is a thin wrapper over a function on arrays (:func:`ad
 :func:`keep_largest_components`, :func:`fill_holes_slicewise`, :func:`bone_by_density`,
 :func:`component_sizes_ml`, :func:`coarser_grid`, :func:`reimage`, :func:`class_map_by_majority`,
 :func:`scale_enhancement`, :func:`scale_tissue_enhancement`, :func:`class_map_on_input_grid`), usable
-without MONAI's dictionaries. Everything is importable from ``liver_fcn.transforms`` as the bundle configs name it.
+without MONAI's dictionaries. Everything is importable from ``liver_fcn.transforms`` as the bundle
+configs name it.
 """
 
 from liver_fcn.data.ct import load_ct

@@ -77,10 +77,9 @@ class BoneByDensityd(MapTransform):
     each patient's). Trained on the second and scored on the first, a network over-segments bone.
     With ``min_hu`` set, every training volume teaches the same bone: its mask where the CT is at
     least ``min_hu``; the margin is taught as background (it is fat, muscle or marrow below that
-    density). ``None`` leaves the class map as it
-    is. Runs on HU (``keys[0]``) and the class map (``keys[1]``) on the same grid, before any
-    resampling; a patient without bone masks has no bone voxels and is unchanged. Evaluation scores
-    the masks as drawn.
+    density). ``None`` leaves the class map as it is. Runs on HU (``keys[0]``) and the class map
+    (``keys[1]``) on the same grid, before any resampling; a patient without bone masks has no bone
+    voxels and is unchanged. Evaluation scores the masks as drawn.
     """
 
     def __init__(
