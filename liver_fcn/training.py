@@ -34,6 +34,7 @@ from monai.transforms import Randomizable, RandSpatialCropd
 from liver_fcn.checkpoint import load_model_state
 from liver_fcn.errors import InputError, reported
 from liver_fcn.options import flag
+from liver_fcn.transforms.batch import BatchRandSpatialCropd
 
 __all__ = [
     "AugmentedBatch",
@@ -169,8 +170,9 @@ def describe_augmentation(*transforms) -> str:
         if hasattr(t, "augmentation_parts"):  # one transform, several augmentations
             found.update(t.augmentation_parts())
             continue
-        if isinstance(t, RandSpatialCropd):  # a window of every sample, not drawn by a probability
-            found["crop"] = (1.0, " x ".join(map(str, t.cropper.roi_size)) + " px")
+        if isinstance(t, (RandSpatialCropd, BatchRandSpatialCropd)):  # a window of every sample, not drawn
+            roi = t.roi_size if isinstance(t, BatchRandSpatialCropd) else t.cropper.roi_size
+            found["crop"] = (1.0, " x ".join(map(str, roi)) + " px")
             continue
         if not hasattr(t, "prob"):
             continue

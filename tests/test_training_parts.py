@@ -600,6 +600,35 @@ def test_batch_augmentations_are_their_slice_transforms_sample_by_sample():
         assert 0.7 <= (g or 0.7) <= 1.5 and torch.allclose(out[i], expected, atol=1e-6)
 
 
+def test_the_batch_crop_cuts_the_windows_monais_crop_cuts_from_the_same_seed():
+    """``BatchRandSpatialCropd`` draws each sample's window as MONAI's ``RandSpatialCropd`` draws one
+    image's (same seed, same places, image and label alike); an axis asked for whole (-1) or longer
+    than the slice stays whole; slices of another rank, or keys of different sizes, are refused."""
+    from monai.transforms import RandSpatialCropd
+
+    from liver_fcn.transforms import BatchRandSpatialCropd
+
+    for roi in ([32, 24], [-1, 20], [64, 40]):
+        batch = _batch()
+        ours, theirs = (
+            BatchRandSpatialCropd(keys=["image", "label"], roi_size=roi),
+            RandSpatialCropd(keys=["image", "label"], roi_size=roi, random_size=False),
+        )
+        ours.set_random_state(5)
+        theirs.set_random_state(5)
+        cut, expected = ours(dict(batch)), _per_slice(theirs, batch)
+        assert cut["image"].shape == expected["image"].shape == (6, 1, *ours.window((48, 48)))
+        assert torch.equal(cut["image"], expected["image"]) and torch.equal(cut["label"].float(), expected["label"])
+        assert cut["label"].dtype == torch.uint8 and torch.equal(cut["annotated"], batch["annotated"])
+        if roi == [32, 24]:
+            assert len(set(ours.corners)) > 1  # each sample its own place
+    with pytest.raises(ValueError, match=r"roi_size \[32\] does not match slices of size \[48, 48\]"):
+        BatchRandSpatialCropd(keys=["image", "label"], roi_size=[32])(dict(_batch()))
+    uneven = {**_batch(), "label": torch.zeros(6, 1, 40, 48, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match=r"'label' has slices of size \[40, 48\], 'image' \[48, 48\]"):
+        BatchRandSpatialCropd(keys=["image", "label"], roi_size=[32, 24])(uneven)
+
+
 def test_partial_label_encoding_of_a_batch_is_each_samples_own():
     from liver_fcn.transforms import EncodePartialLabeld
 

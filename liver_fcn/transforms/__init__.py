@@ -18,8 +18,8 @@
   without its identity resampling of the slices it does not deform.
 * :mod:`~liver_fcn.transforms.batch` - the training batch's own augmentations, on its device, each
   sample drawn as the slice transform it stands for draws a slice: :class:`BatchRandInPlaneAffined`,
-  :class:`BatchRandFlipd`, :class:`BatchRandAdjustContrastd`, and :class:`PerSampled` (any slice
-  transform, sample by sample).
+  :class:`BatchRandFlipd`, :class:`BatchRandAdjustContrastd`, :class:`BatchRandSpatialCropd`, and
+  :class:`PerSampled` (any slice transform, sample by sample).
 * :mod:`~liver_fcn.transforms.inversion` - :func:`class_map_on_input_grid` / :class:`ResampleToInputd`:
   network logits back onto the input's own grid as a uint8 class map, chunk by chunk, from the two
   affines (what ``Invertd`` would do with full-resolution float probabilities, without holding them).
@@ -42,7 +42,13 @@ configs name it.
 """
 
 from liver_fcn.data.ct import load_ct
-from liver_fcn.transforms.batch import BatchRandAdjustContrastd, BatchRandFlipd, BatchRandInPlaneAffined, PerSampled
+from liver_fcn.transforms.batch import (
+    BatchRandAdjustContrastd,
+    BatchRandFlipd,
+    BatchRandInPlaneAffined,
+    BatchRandSpatialCropd,
+    PerSampled,
+)
 from liver_fcn.transforms.geometry import (
     AdjacentSlicesd,
     ElasticWhenDrawnd,
@@ -85,6 +91,7 @@ __all__ = [
     "BatchRandAdjustContrastd",
     "BatchRandFlipd",
     "BatchRandInPlaneAffined",
+    "BatchRandSpatialCropd",
     "BoneByDensityd",
     "ElasticWhenDrawnd",
     "CountComponentsd",

@@ -3,11 +3,11 @@
 A training batch is a dictionary of ``(B, C, H, W)`` tensors (``image``, ``label``) and the
 per-sample ``annotated`` vectors ``(B, num_classes)``. The transforms here draw their random
 parameters for every sample exactly as the slice transforms they stand for draw them for one slice
-(:class:`~liver_fcn.transforms.RandInPlaneAffined`, MONAI's ``RandFlipd`` and
-``RandAdjustContrastd``), and apply them to the whole batch at once: one ``grid_sample`` for the
-slices that move, one gamma curve over the batch. On a GPU that is where the batch already is; on a
-CPU it saves the per-slice calls. :class:`PerSampled` runs any slice transform sample by sample, for
-those without a batch form (an elastic deformation, drawn rarely).
+(:class:`~liver_fcn.transforms.RandInPlaneAffined`, MONAI's ``RandFlipd``, ``RandAdjustContrastd``
+and ``RandSpatialCropd``), and apply them to the whole batch at once: one ``grid_sample`` for the
+slices that move, one gamma curve over the batch, one gather of windows. On a GPU that is where the
+batch already is; on a CPU it saves the per-slice calls. :class:`PerSampled` runs any slice
+transform sample by sample, for those without a batch form (an elastic deformation, drawn rarely).
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from monai.utils import convert_to_tensor
 
 from liver_fcn.transforms.geometry import RandInPlaneAffined, inplane_affine
 
-__all__ = ["BatchRandAdjustContrastd", "BatchRandFlipd", "BatchRandInPlaneAffined", "PerSampled"]
+__all__ = [
+    "BatchRandAdjustContrastd",
+    "BatchRandFlipd",
+    "BatchRandInPlaneAffined",
+    "BatchRandSpatialCropd",
+    "PerSampled",
+]
 
 
 def _batch_size(d: Mapping, keys: Sequence[Hashable]) -> int:
@@ -72,6 +78,52 @@ class BatchRandFlipd(RandomizableTransform, MapTransform):
             x = d[key]
             which = torch.as_tensor(flips, device=x.device).view(-1, *([1] * (x.ndim - 1)))
             d[key] = torch.where(which, x.flip(2 + self.spatial_axis), x)
+        return d
+
+
+class BatchRandSpatialCropd(Randomizable, MapTransform):
+    """MONAI's ``RandSpatialCropd`` (fixed size, random place) for a batch: each sample keeps a window
+    of ``roi_size`` at its own place, drawn as MONAI draws it for one image (the same numbers from the
+    same seed: per sample, per axis, ``randint(0, size - roi + 1)`` where the window is smaller), and
+    the windows are cut by indexing, without MONAI's per-image metadata. An entry of ``roi_size`` that
+    is not positive, or larger than the slice, keeps that axis whole."""
+
+    def __init__(self, keys: KeysCollection, roi_size: Sequence[int], allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.roi_size = tuple(int(v) for v in roi_size)
+        self.corners: list[tuple[int, ...]] = []
+
+    def randomize(self, data: object = None) -> None:  # drawn per sample in __call__
+        pass
+
+    def window(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """The window's size on slices of ``spatial`` size (MONAI's ``fall_back_tuple`` and
+        ``get_valid_patch_size``)."""
+        if len(self.roi_size) != len(spatial):
+            raise ValueError(f"roi_size {list(self.roi_size)} does not match slices of size {list(spatial)}")
+        return tuple(n if r <= 0 else min(r, n) for r, n in zip(self.roi_size, spatial))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        spatial = tuple(d[keys[0]].shape[2:])
+        size = self.window(spatial)
+        self.corners = [
+            tuple(int(self.R.randint(0, n - r + 1)) if n > r else 0 for n, r in zip(spatial, size))
+            for _ in range(_batch_size(d, keys))
+        ]
+        for key in keys:
+            x = d[key]
+            if tuple(x.shape[2:]) != spatial:
+                raise ValueError(f"{key!r} has slices of size {list(x.shape[2:])}, {keys[0]!r} {list(spatial)}")
+            d[key] = torch.stack(
+                [
+                    x[i][(slice(None), *(slice(c, c + r) for c, r in zip(corner, size)))]
+                    for i, corner in enumerate(self.corners)
+                ]
+            )
         return d
 
 
