@@ -17,8 +17,9 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data.utils import get_random_patch, get_valid_patch_size
 from monai.transforms import MapTransform, Randomizable, RandomizableTransform
-from monai.utils import convert_to_tensor
+from monai.utils import convert_to_tensor, fall_back_tuple
 
 from liver_fcn.transforms.geometry import RandInPlaneAffined, inplane_affine
 
@@ -83,25 +84,29 @@ class BatchRandFlipd(RandomizableTransform, MapTransform):
 
 class BatchRandSpatialCropd(Randomizable, MapTransform):
     """MONAI's ``RandSpatialCropd`` (fixed size, random place) for a batch: each sample keeps a window
-    of ``roi_size`` at its own place, drawn as MONAI draws it for one image (the same numbers from the
-    same seed: per sample, per axis, ``randint(0, size - roi + 1)`` where the window is smaller), and
-    the windows are cut by indexing, without MONAI's per-image metadata. An entry of ``roi_size`` that
-    is not positive, or larger than the slice, keeps that axis whole."""
+    of ``roi_size`` at its own place, sized and drawn by the functions MONAI's crop uses for one image
+    (``fall_back_tuple``, ``get_valid_patch_size``, ``get_random_patch``: the same places from the
+    same seed), and the windows are cut by indexing, without MONAI's per-image metadata. An entry of
+    ``roi_size`` that is not positive, or larger than the slice, keeps that axis whole."""
 
     def __init__(self, keys: KeysCollection, roi_size: Sequence[int], allow_missing_keys: bool = False) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.roi_size = tuple(int(v) for v in roi_size)
-        self.corners: list[tuple[int, ...]] = []
+        self.windows: list[tuple[slice, ...]] = []  # each sample's window, as drawn by the last call
+
+    @property
+    def corners(self) -> list[tuple[int, ...]]:
+        """Each sample's window corner, as drawn by the last call."""
+        return [tuple(s.start for s in w) for w in self.windows]
 
     def randomize(self, data: object = None) -> None:  # drawn per sample in __call__
         pass
 
     def window(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        """The window's size on slices of ``spatial`` size (MONAI's ``fall_back_tuple`` and
-        ``get_valid_patch_size``)."""
+        """The window's size on slices of ``spatial`` size."""
         if len(self.roi_size) != len(spatial):
             raise ValueError(f"roi_size {list(self.roi_size)} does not match slices of size {list(spatial)}")
-        return tuple(n if r <= 0 else min(r, n) for r, n in zip(self.roi_size, spatial))
+        return get_valid_patch_size(spatial, fall_back_tuple(self.roi_size, spatial))
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -110,20 +115,12 @@ class BatchRandSpatialCropd(Randomizable, MapTransform):
             return d
         spatial = tuple(d[keys[0]].shape[2:])
         size = self.window(spatial)
-        self.corners = [
-            tuple(int(self.R.randint(0, n - r + 1)) if n > r else 0 for n, r in zip(spatial, size))
-            for _ in range(_batch_size(d, keys))
-        ]
+        self.windows = [get_random_patch(spatial, size, self.R) for _ in range(_batch_size(d, keys))]
         for key in keys:
             x = d[key]
             if tuple(x.shape[2:]) != spatial:
                 raise ValueError(f"{key!r} has slices of size {list(x.shape[2:])}, {keys[0]!r} {list(spatial)}")
-            d[key] = torch.stack(
-                [
-                    x[i][(slice(None), *(slice(c, c + r) for c, r in zip(corner, size)))]
-                    for i, corner in enumerate(self.corners)
-                ]
-            )
+            d[key] = torch.stack([x[i][(slice(None), *w)] for i, w in enumerate(self.windows)])
         return d
 
 
