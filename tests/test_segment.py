@@ -103,19 +103,37 @@ def test_progress_bar_over_the_cases_on_request_and_none_in_a_log(small_fcn, tmp
 
 def test_slice_bar_counts_the_slices_and_leaves_the_prediction_as_monai_makes_it(capsys):
     import torch
+    from monai.data import MetaTensor
     from monai.inferers import SliceInferer
 
     from liver_fcn.inference import SliceProgressInferer
 
-    net = torch.nn.Conv2d(1, 3, 3, padding=1)
-    x = torch.randn(1, 1, 16, 16, 7)
-    expected = SliceInferer(roi_size=(-1, -1), sw_batch_size=3, spatial_dim=2)(x, net)
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(2, 3, 3, padding=1)
     with torch.no_grad():
+        # whole slices batched: the same numbers, bit for bit, for every slice axis, several items
+        # (their slices share batches, as in MONAI's order), a last batch that is not full, and
+        # a MetaTensor keeps its affine
+        for items, spatial_dim in ((1, 2), (2, 0), (3, 1), (2, 2)):
+            x = MetaTensor(torch.randn(items, 2, 12, 10, 7), affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])))
+            expected = SliceInferer(roi_size=(-1, -1), sw_batch_size=3, spatial_dim=spatial_dim)(x, net)
+            got = SliceProgressInferer(roi_size=(-1, -1), sw_batch_size=3, spatial_dim=spatial_dim, progress=False)(
+                x, net
+            )
+            assert isinstance(got, MetaTensor) and torch.equal(got.affine, expected.affine)
+            assert got.shape == expected.shape and torch.equal(got.as_tensor(), expected.as_tensor())
+        x = torch.randn(1, 2, 16, 16, 7)
         for progress in (False, True):
             got = SliceProgressInferer(roi_size=(-1, -1), sw_batch_size=3, spatial_dim=2, progress=progress)(x, net)
-            assert torch.allclose(got, expected)
+            assert torch.equal(got, SliceInferer(roi_size=(-1, -1), sw_batch_size=3, spatial_dim=2)(x, net))
             err = capsys.readouterr().err
             assert ("slices:" in err and "/7 [" in err) if progress else err == ""
+        # MONAI's own path where a window is not a whole slice, or the output is not the slice's size
+        halves = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        for roi, network in (((8, 8), net), ((-1, -1), halves)):
+            expected = SliceInferer(roi_size=roi, sw_batch_size=3, spatial_dim=2)(x, network)
+            got = SliceProgressInferer(roi_size=roi, sw_batch_size=3, spatial_dim=2, progress=False)(x, network)
+            assert got.shape == expected.shape and torch.allclose(got, expected)
 
 
 def test_version_names_the_package_and_the_bundle():

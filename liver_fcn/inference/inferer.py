@@ -1,4 +1,5 @@
-"""MONAI's :class:`~monai.inferers.SliceInferer` with a progress bar over the slices of a case."""
+"""MONAI's :class:`~monai.inferers.SliceInferer`, with whole slices run as batches and a progress bar
+over the slices of a case."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import sys
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import SliceInferer
+from monai.utils import BlendMode, convert_to_dst_type, fall_back_tuple
 from tqdm import tqdm
 
 from liver_fcn.options import show_progress
@@ -15,9 +18,18 @@ __all__ = ["SliceProgressInferer"]
 
 
 class SliceProgressInferer(SliceInferer):
-    """Runs the 2D network slice by slice as :class:`~monai.inferers.SliceInferer` does and, when
-    ``progress`` is on (``"auto"``: stderr is a terminal), shows a transient bar of the case's slices
-    under the run's bar of cases. ``progress`` off leaves SliceInferer's behaviour unchanged."""
+    """Runs the 2D network slice by slice as :class:`~monai.inferers.SliceInferer` does, with the same
+    result, and when ``progress`` is on (``"auto"``: stderr is a terminal) shows a transient bar of
+    the case's slices under the run's bar of cases.
+
+    When each window is a whole slice (``roi_size`` ``(-1, -1)`` or the slice's size, blending
+    ``constant``, no ``condition``, the stitching on the input's device), the slices are handed to
+    the network ``sw_batch_size`` at a time and its outputs written straight into the output volume.
+    MONAI's sliding window would give the same numbers through its general machinery (window
+    coordinates, concatenated windows, a weighted sum and a count map over the whole output), which on
+    a CPU costs about as long as the forward passes of a small network. Anything else (overlapping
+    windows, a network whose output is not a tensor of the slice's size) takes MONAI's path.
+    """
 
     def __init__(self, spatial_dim: int = 2, *args: Any, progress: bool | str = "auto", **kwargs: Any) -> None:
         super().__init__(spatial_dim, *args, **kwargs)
@@ -25,7 +37,7 @@ class SliceProgressInferer(SliceInferer):
 
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
         if not self.show:
-            return super().__call__(inputs, network, *args, **kwargs)
+            return self._run(inputs, network, *args, **kwargs)
         slices = int(inputs.shape[2 + self.spatial_dim]) * int(inputs.shape[0])
         with tqdm(total=slices, desc="slices", unit="slice", leave=False, file=sys.stderr) as bar:
 
@@ -34,4 +46,46 @@ class SliceProgressInferer(SliceInferer):
                 bar.update(int(x.shape[0]))
                 return out
 
-            return super().__call__(inputs, counted, *args, **kwargs)
+            return self._run(inputs, counted, *args, **kwargs)
+
+    def _whole_slices(self, inputs: torch.Tensor, kwargs: dict) -> bool:
+        if inputs.ndim != 5 or self.spatial_dim > 2 or len(self.orig_roi_size) != 2 or "condition" in kwargs:
+            return False
+        plane = [int(s) for i, s in enumerate(inputs.shape[2:]) if i != self.spatial_dim]
+        device = kwargs.get("device", self.device)
+        return (
+            list(fall_back_tuple(self.orig_roi_size, plane)) == plane
+            and BlendMode(self.mode) == BlendMode.CONSTANT
+            and (self.sw_device is None or torch.device(self.sw_device) == inputs.device)
+            and (device is None or torch.device(device) == inputs.device)
+        )
+
+    def _run(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
+        out = self._by_slices(inputs, network, *args, **kwargs) if self._whole_slices(inputs, kwargs) else None
+        return super().__call__(inputs, network, *args, **kwargs) if out is None else out
+
+    def _by_slices(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """The output volume from batches of whole slices, taken in MONAI's order (the items' slices
+        one after another, ``sw_batch_size`` at a time, so the network sees the same batches); None
+        where the network's output is not a tensor with the slice's size (the caller then takes
+        MONAI's path). The slices are gathered into one stack, and the outputs put back into the
+        volume's layout, each in one copy: slice by slice, the strided copies cost several times more."""
+        data = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        axis = 2 + self.spatial_dim
+        items, per_item = data.shape[0], data.shape[axis]
+        stack = data.movedim(axis, 1).reshape(items * per_item, *data.shape[1:axis], *data.shape[axis + 1 :])
+        outputs: torch.Tensor | None = None
+        for i0 in range(0, stack.shape[0], self.sw_batch_size):
+            x = stack[i0 : i0 + self.sw_batch_size]
+            y = network(x, *args, **kwargs)
+            if not isinstance(y, torch.Tensor) or y.ndim != x.ndim or y.shape[2:] != x.shape[2:]:
+                return None
+            if outputs is None:
+                outputs = torch.empty((stack.shape[0], *y.shape[1:]), dtype=data.dtype, device=data.device)
+            outputs[i0 : i0 + x.shape[0]] = y
+        if outputs is None:  # no slices: MONAI's path says what it makes of an empty input
+            return None
+        out = outputs.view(items, per_item, *outputs.shape[1:]).movedim(1, axis).contiguous()
+        if isinstance(inputs, MetaTensor):
+            return convert_to_dst_type(out, MetaTensor([]).copy_meta_from(inputs, copy_attr=False))[0]
+        return out
