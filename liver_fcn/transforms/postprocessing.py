@@ -32,12 +32,16 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     2D and 3D masks are labelled by ``connected-components-3d``, several times faster than scipy's
     ``ndimage.label``; on a C-ordered array it numbers the components as scipy does (in raster
-    order of their first voxel), so the ranking of equal sizes is scipy's too."""
+    order of their first voxel), so the ranking of equal sizes is scipy's too. The voxels are
+    counted over the mask's own voxels only (a liver fills a fifth of its box)."""
     if mask.ndim in (2, 3):
-        components = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=3**mask.ndim - 1)
+        components, n = cc3d.connected_components(
+            np.ascontiguousarray(mask), connectivity=3**mask.ndim - 1, return_N=True
+        )
+        counts = np.bincount(components[mask], minlength=n + 1)
     else:
         components, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
-    counts = np.bincount(components.ravel())
+        counts = np.bincount(components.ravel())
     counts[0] = 0
     return components, counts
 
@@ -52,10 +56,17 @@ def _keep_largest(classes: np.ndarray, label: int, num_components: int) -> np.nd
     sub = mask[box]
     components, counts = _components(sub)
     if counts.size - 1 > num_components:
-        keep = np.zeros(counts.size, bool)
-        keep[np.argsort(counts)[::-1][:num_components]] = True  # MONAI's ranking
+        kept = np.argsort(counts)[::-1][:num_components]  # MONAI's ranking
+        if num_components <= 4:  # a comparison a kept component is cheaper than a look-up a voxel
+            drop = sub.copy()
+            for number in kept:
+                drop &= components != number
+        else:
+            keep = np.zeros(counts.size, bool)
+            keep[kept] = True
+            drop = sub & ~keep[components]
         region = classes[box]
-        region[sub & ~keep[components]] = 0
+        region[drop] = 0
     return counts[1:]
 
 
