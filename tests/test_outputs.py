@@ -56,3 +56,33 @@ def test_the_overlay_draws_contours_and_tints_in_the_class_colours_in_radiologic
     k_rows, k_cols = np.nonzero(kidney)
     assert kidney.sum() > 1000 and k_rows.mean() > PANEL / 2 and k_cols.mean() > PANEL / 2  # bottom right
     assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
+
+
+def test_tiled_transposed_copies_equal_numpys_for_every_order_and_ragged_tiles(tmp_path):
+    """The copies behind the mask's NIfTI and the hole filling: every axis order, shapes that are no
+    multiple of the tile, and a mask written from C order reads back voxel for voxel."""
+    import itertools
+
+    import nibabel as nib
+    import numpy as np
+
+    from liver_fcn.inference.outputs import fortran_ordered, write_nifti_atomic
+    from liver_fcn.transforms.utils import transposed_copy
+
+    rng = np.random.default_rng(0)
+    for shape in ((70, 130, 5), (3, 200, 9), (65, 64, 1)):
+        a = rng.integers(0, 4, shape).astype(np.uint8)
+        for axes in itertools.permutations(range(3)):
+            for tile in (1, 7, 64):
+                copied = transposed_copy(a, axes, tile)
+                assert copied.flags.c_contiguous and np.array_equal(copied, a.transpose(axes))
+        f = fortran_ordered(a)
+        assert f.flags.f_contiguous and np.array_equal(f, a)
+        assert fortran_ordered(f) is f  # already in order: no copy
+    assert np.array_equal(
+        transposed_copy(np.arange(24).reshape(2, 3, 4, 1), (3, 0, 1, 2)), np.arange(24).reshape(1, 2, 3, 4)
+    )
+    affine = np.diag([0.7, 0.7, 2.5, 1.0])
+    path = write_nifti_atomic(a, affine, tmp_path / "mask.nii.gz")
+    back = nib.load(path)
+    assert np.array_equal(np.asanyarray(back.dataobj), a) and np.allclose(back.affine, affine)

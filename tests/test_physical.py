@@ -412,8 +412,7 @@ def test_one_preprocessing_file_serves_training_evaluation_and_inference():
     assert names(pipeline["inference"]) == [
         "CopyItemsd",
         "LoadCTd",
-        "CopyItemsd",
-        "CastToTyped",
+        "CopyAsTyped",
         "Orientationd",
         "InPlaneResampled",
         "CropForegroundd",
@@ -571,3 +570,25 @@ def test_class_map_is_the_argmax_of_the_interpolated_probabilities_where_foregro
     expected = expected.reshape(in_shape)
     assert {1, 2, 3} <= set(np.unique(ours)) and (ours == 0).mean() > 0.9
     assert (ours == expected).mean() > 0.9999, np.argwhere(ours != expected)[:5]
+
+
+def test_a_typed_copy_is_monais_copy_then_cast_with_its_own_metadata():
+    from monai.data import MetaTensor
+    from monai.transforms import CastToTyped, CopyItemsd
+
+    from liver_fcn.transforms import CopyAsTyped
+
+    hu = MetaTensor(torch.randn(1, 6, 5, 4) * 400, affine=torch.diag(torch.tensor([0.7, 0.7, 2.5, 1.0])))
+    hu.meta["filename_or_obj"] = "series"
+    ours = CopyAsTyped("image", names="ct", dtype=torch.int16)({"image": hu})
+    theirs = CastToTyped("ct", dtype=torch.int16)(CopyItemsd("image", names="ct")({"image": hu}))
+    assert ours["ct"].dtype == torch.int16 and torch.equal(ours["ct"].as_tensor(), theirs["ct"].as_tensor())
+    assert torch.equal(ours["ct"].affine, hu.affine) and ours["ct"].meta["filename_or_obj"] == "series"
+    assert ours["image"] is hu  # the source is left as it is
+    ours["ct"].meta["filename_or_obj"] = "changed"
+    ours["ct"].affine[0, 0] = 9.0
+    assert hu.meta["filename_or_obj"] == "series" and float(hu.affine[0, 0]) == pytest.approx(0.7)  # nothing shared
+    plain = CopyAsTyped(["a", "b"], names=["a16", "b16"])({"a": np.array([1.6, -2.4]), "b": torch.tensor([3.7])})
+    assert plain["a16"].dtype == np.int16 and plain["a16"].tolist() == [1, -2] and plain["b16"].dtype == torch.int16
+    with pytest.raises(ValueError, match="one name a key"):
+        CopyAsTyped(["a", "b"], names="c")

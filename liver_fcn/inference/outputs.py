@@ -29,6 +29,7 @@ from liver_fcn.options import flag
 from liver_fcn.outputs import atomic_path, naming_the_file, write_json_atomic
 from liver_fcn.rtstruct import write_rtstruct
 from liver_fcn.transforms import as_numpy, class_map_array
+from liver_fcn.transforms.utils import transposed_copy
 from liver_fcn.visualize import overlay_montage
 
 logger = logging.getLogger("liver_fcn.inference")
@@ -48,25 +49,12 @@ __all__ = [
 ]
 
 
-def fortran_ordered(array: np.ndarray, tile: int = 64) -> np.ndarray:
-    """``array`` in Fortran order (a NIfTI file's order on disk), the same values; an array that is
-    already in that order is returned as it is.
-
-    A C-ordered 3D volume is copied in tiles of ``tile`` x ``tile`` voxels across its first two
-    axes, each tile with its whole third axis: each tile's reads and writes stay within the caches.
-    On a 512 x 512 x 129 uint8 class map that takes 0.05 s, against 0.23 s for NumPy's
-    ``asfortranarray`` (which nibabel's writer amounts to), whose one pass over the volume writes a
-    cache line for every voxel it reads."""
+def fortran_ordered(array: np.ndarray) -> np.ndarray:
+    """``array`` in Fortran order, a NIfTI file's order on disk, so nibabel writes it as it is (its own
+    transpose of a C-ordered 512 x 512 x 129 class map takes 0.23 s; :func:`transposed_copy` 0.05 s).
+    An array already in that order is returned as it is."""
     array = np.asarray(array)
-    if array.flags.f_contiguous:
-        return array
-    if array.ndim != 3:
-        return np.asfortranarray(array)
-    out = np.empty(array.shape, array.dtype, order="F")
-    for i in range(0, array.shape[0], tile):
-        for j in range(0, array.shape[1], tile):
-            out[i : i + tile, j : j + tile] = array[i : i + tile, j : j + tile]
-    return out
+    return array if array.flags.f_contiguous else transposed_copy(array, range(array.ndim)[::-1]).T
 
 
 def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:

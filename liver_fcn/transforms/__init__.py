@@ -3,7 +3,8 @@
 * :mod:`~liver_fcn.transforms.io` - :class:`LoadCTd` (``LoadImaged`` restricted to the one reader
   that fits the input, through :func:`liver_fcn.data.ct.load_ct`, so that a bad series is reported
   instead of being read by a fallback reader) and :class:`LoadOrganMasksd` (a patient's organ mask
-  series merged into one class map on the CT's grid, recording which classes are annotated).
+  series merged into one class map on the CT's grid, recording which classes are annotated);
+  :class:`CopyAsTyped` (``CopyItemsd`` and ``CastToTyped`` in one conversion).
 * :mod:`~liver_fcn.transforms.labels` - :class:`EncodePartialLabeld`: "this background pixel may also
   be any class that is not annotated for this patient", packed into the label for
   :class:`~liver_fcn.losses.PartialLabelCrossEntropyLoss`; :class:`BoneByDensityd`, one definition of
@@ -61,7 +62,7 @@ from liver_fcn.transforms.geometry import (
     inplane_affine_matrix,
 )
 from liver_fcn.transforms.inversion import ResampleToInputd, class_map_on_input_grid
-from liver_fcn.transforms.io import LoadCTd, LoadOrganMasksd
+from liver_fcn.transforms.io import CopyAsTyped, LoadCTd, LoadOrganMasksd
 from liver_fcn.transforms.labels import BoneByDensityd, EncodePartialLabeld, bone_by_density, class_map_array
 from liver_fcn.transforms.postprocessing import (
     CountComponentsd,
@@ -99,6 +100,7 @@ __all__ = [
     "FillHolesSlicewised",
     "InPlaneResampled",
     "KeepLargestComponentsd",
+    "CopyAsTyped",
     "LoadCTd",
     "LoadOrganMasksd",
     "PerSampled",

@@ -14,7 +14,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from liver_fcn.transforms.labels import _like_class_map, class_map_array
-from liver_fcn.transforms.utils import bounding_box, voxel_spacing
+from liver_fcn.transforms.utils import bounding_box, transposed_copy, voxel_spacing
 
 __all__ = [
     "CountComponentsd",
@@ -110,7 +110,7 @@ def fill_holes_slicewise(classes: np.ndarray, labels: Sequence[int] = (1,), axis
         box = bounding_box(classes == label, margin=1)  # a hole lies inside its label's box
         if box is None:
             continue
-        sub = np.ascontiguousarray(np.moveaxis(classes[box], axis, 0))
+        sub = transposed_copy(classes[box], [axis] + [a for a in range(classes.ndim) if a != axis])
         # scipy's binary_fill_holes of each slice at once: the 4-connected pieces of each slice's
         # outside that do not reach the box's edge are holes. The slices are labelled stacked as one
         # 2D image: a piece that runs from one slice's last row into the next one's first row
