@@ -7,7 +7,7 @@ import json
 import sysconfig
 from pathlib import Path
 
-__version__ = "0.14.1"  # the package and the bundle (configs/metadata.json) share it
+__version__ = "0.15.0"  # the package and the bundle (configs/metadata.json) share it
 
 #: the classes of the shipped recipe, background first: the one definition the code defaults to
 #: (a prepared datalist records its own, and train.json reads them from it)
