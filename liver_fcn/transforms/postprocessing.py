@@ -38,7 +38,7 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         components, n = cc3d.connected_components(
             np.ascontiguousarray(mask), connectivity=3**mask.ndim - 1, return_N=True
         )
-        counts = np.bincount(components[mask], minlength=n + 1)
+        counts = np.bincount(components[mask.astype(bool, copy=False)], minlength=n + 1)
     else:
         components, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
         counts = np.bincount(components.ravel())
